@@ -1,0 +1,8 @@
+"""Backbones: networks that honour timm's contract, plus ``extract`` for diffusion features."""
+
+from . import timm_models  # noqa: F401  (registers the timm model names)
+from .ddae import UNET_PRESETS, DDAEBackbone, unet_block_modules
+from .pooling import pool_features, pooled_dim
+from .raw import RawPixels
+
+__all__ = ["UNET_PRESETS", "DDAEBackbone", "unet_block_modules", "pool_features", "pooled_dim", "RawPixels"]

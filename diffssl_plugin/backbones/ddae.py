@@ -1,0 +1,320 @@
+"""DDAE backbone: features of an unconditional diffusion U-Net (diffusers ``UNet2DModel``) at any block and
+timestep, honouring timm's backbone contract.
+
+DDAE (Xiang et al., ICCV 2023) treats a trained denoiser as an autoencoder: noise the clean image to a small
+timestep, run the network once, read an intermediate decoder activation and pool it.
+
+**Block names**, in forward order: ``down{i}`` (output of ``down_blocks[i]``, after its downsampler), ``mid``,
+``up{i}.{j}`` (the j-th residual block of ``up_blocks[i]``, after its attention if it has one, before the
+upsampler) and ``up{i}`` (output of ``up_blocks[i]``, after its upsampler). DDAE's hook names count the up-path
+residual blocks from 1: ``out_k`` is ``up{i}.{j}`` with ``k = i·(layers_per_block + 1) + j + 1``. For the DDPM
+CIFAR-10 U-Net (``google/ddpm-cifar10-32``), DDAE's chosen ``out_6`` at DDAE ``t = 11`` is our ``up1.2`` at
+``t = 10`` (timesteps here are 0-indexed diffusers timesteps, see :mod:`diffssl_plugin.diffusion.schedule`).
+
+**One forward per timestep.** Features are captured by forward hooks on the real diffusers forward, and the
+forward stops right after the last block needed; there is no second copy of the U-Net's forward.
+
+**Noise.** With ``noise_seed`` set (default 0) every image is noised with the same fixed ε drawn from that seed
+(DDPM-seg's "shared noise"), so features do not depend on batch composition and evaluations repeat exactly.
+``noise_seed=None`` draws fresh noise at each call, as DDAE's code does.
+
+Inputs are images normalised to [-1, 1] (mean = std = 0.5).
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+
+import torch
+from diffusers import UNet2DModel
+from torch import nn
+
+from ..diffusion.schedule import DDPM_DEFAULTS, add_noise, check_timesteps, ddpm_scheduler
+from ..errors import InputError, check_name
+from .checks import check_images
+from .pooling import pool_cells, pool_features, pooled_dim
+
+UNET_PRESETS: dict[str, dict] = {
+    # Small CPU U-Net for 28×28 grey images, chosen by measurement (benchmarks/throughput.py, README):
+    # three levels 28→14→7, one residual block per level, self-attention only in the 7×7 middle block,
+    # where it costs little (49 tokens).
+    "fmnist_small": dict(
+        sample_size=28, in_channels=1, out_channels=1, block_out_channels=(32, 64, 64), layers_per_block=1,
+        down_block_types=("DownBlock2D", "DownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "UpBlock2D", "UpBlock2D"), norm_num_groups=32, add_attention=True,
+    ),
+    # The DDPM paper's 35.7M CIFAR-10 U-Net, i.e. the config of diffusers' google/ddpm-cifar10-32 and
+    # DDAE's DDPM_ddpm network.
+    "cifar10_ddpm": dict(
+        sample_size=32, in_channels=3, out_channels=3, block_out_channels=(128, 256, 256, 256),
+        layers_per_block=2, down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D"), downsample_padding=0,
+        flip_sin_to_cos=False, freq_shift=1, norm_eps=1e-6, norm_num_groups=32, attention_head_dim=None,
+        time_embedding_type="positional", dropout=0.1,
+    ),
+}
+
+
+class _StopForward(Exception):
+    """Raised by the capture hook of the last block needed, to end the U-Net forward early."""
+
+
+def unet_block_modules(unet: UNet2DModel) -> dict[str, nn.Module]:
+    """Readable block names → modules of a diffusers ``UNet2DModel``, in forward order."""
+    blocks: dict[str, nn.Module] = {}
+    for i, block in enumerate(unet.down_blocks):
+        blocks[f"down{i}"] = block
+    if unet.mid_block is not None:
+        blocks["mid"] = unet.mid_block
+    for i, block in enumerate(unet.up_blocks):
+        attentions = getattr(block, "attentions", None)
+        for j, resnet in enumerate(block.resnets):
+            blocks[f"up{i}.{j}"] = attentions[j] if attentions is not None and attentions[j] is not None else resnet
+        blocks[f"up{i}"] = block
+    return blocks
+
+
+def default_data_cfg(in_chans: int, image_size: int) -> dict:
+    """The timm ``pretrained_cfg`` fields the harness reads: input size and [-1, 1] normalisation."""
+    return dict(input_size=(in_chans, image_size, image_size), mean=(0.5,) * in_chans, std=(0.5,) * in_chans,
+                interpolation="bilinear", crop_pct=1.0, crop_mode="center", num_classes=0,
+                first_conv="unet.conv_in", classifier="head")
+
+
+class DDAEBackbone(nn.Module):
+    """A diffusers U-Net read as a feature extractor at ``block`` and ``timestep``, pooled by ``pool``.
+
+    Args:
+        unet_config: ``UNet2DModel`` config dict, or the name of a preset in :data:`UNET_PRESETS`.
+        timestep: 0-indexed diffusers timestep the image is noised to before the forward.
+        block: block read by ``forward_features`` (see the module docstring for names).
+        pool: ``"avg"`` (DDAE's global average pool), ``"avgKxK"`` or ``"none"``.
+        noise_seed: seed of the shared noise; ``None`` draws fresh noise at each call.
+        scheduler_config: overrides of the DDPM schedule (``num_train_timesteps``, ``beta_*``).
+        num_classes: 0 for a feature extractor (timm convention), else a linear classifier is added.
+        in_chans: timm's channel argument; overrides the U-Net's input/output channels.
+        global_pool: timm's pooling argument; an alias of ``pool`` ('' means 'none').
+        dynamic_img_size: accept sizes other than the U-Net's ``sample_size`` (multiples of its total stride).
+        unet: an existing ``UNet2DModel`` to wrap (its weights are shared, not copied).
+    """
+
+    def __init__(self, unet_config: dict | str = "fmnist_small", timestep: int = 10, block: str = "mid",
+                 pool: str = "avg", noise_seed: int | None = 0, scheduler_config: dict | None = None,
+                 num_classes: int = 0, in_chans: int | None = None, global_pool: str | None = None,
+                 dynamic_img_size: bool = False, drop_rate: float = 0.0, unet: UNet2DModel | None = None,
+                 **kwargs):
+        super().__init__()
+        kwargs.pop("pretrained_cfg", None)
+        if kwargs:
+            raise TypeError(f"DDAEBackbone got unexpected arguments: {sorted(kwargs)}")
+        if unet is None:
+            if isinstance(unet_config, str):
+                check_name("U-Net preset", unet_config, UNET_PRESETS)
+                unet_config = UNET_PRESETS[unet_config]
+            config = dict(unet_config)
+            if in_chans is not None:
+                config["in_channels"] = config["out_channels"] = in_chans
+            unet = UNet2DModel(**config)
+        self.unet = unet
+        self.unet_config = {k: (list(v) if isinstance(v, tuple) else v) for k, v in dict(unet.config).items()
+                            if not k.startswith("_")}
+        self.scheduler_config = {**DDPM_DEFAULTS, **(scheduler_config or {})}
+        self.scheduler = ddpm_scheduler(**self.scheduler_config)
+        self.in_chans = int(unet.config.in_channels)
+        self.image_size = int(unet.config.sample_size)
+        self.dynamic_img_size = dynamic_img_size
+        self.noise_seed = noise_seed
+        self._blocks = unet_block_modules(unet)
+        self._order = {name: i for i, name in enumerate(self._blocks)}
+        self.block_shapes = self._probe_shapes()
+        self.timestep = check_timesteps([timestep], self.num_train_timesteps)[0]
+        self.block = check_name("block", block, self._blocks)
+        if global_pool is not None:
+            pool = global_pool or "none"
+        self.drop_rate = drop_rate
+        self.pretrained_cfg = default_data_cfg(self.in_chans, self.image_size)
+        self.feature_info = self._feature_info()
+        self.reset_classifier(num_classes, pool)
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def num_train_timesteps(self) -> int:
+        return int(self.scheduler_config["num_train_timesteps"])
+
+    @property
+    def block_names(self) -> list[str]:
+        """Every block that ``extract`` can read, in forward order."""
+        return list(self._blocks)
+
+    def block_module(self, name: str) -> nn.Module:
+        """The module whose output is block ``name`` (for hooks, e.g. DifFeed's feedback)."""
+        return self._blocks[check_name("block", name, self._blocks)]
+
+    # ------------------------------------------------------------------ core: one forward, early exit
+    def _noise(self, x: torch.Tensor) -> torch.Tensor:
+        if self.noise_seed is None:
+            return torch.randn_like(x)
+        gen = torch.Generator().manual_seed(self.noise_seed)
+        noise = torch.randn((1, *x.shape[1:]), generator=gen).to(device=x.device, dtype=x.dtype)
+        return noise.expand_as(x)
+
+    def _capture(self, x_t: torch.Tensor, timestep: int, wanted: Sequence[str]) -> dict[str, torch.Tensor]:
+        """Run the U-Net once on ``x_t`` and return the outputs of ``wanted`` blocks, stopping after the last."""
+        feats: dict[str, torch.Tensor] = {}
+        last = max(wanted, key=self._order.__getitem__)
+
+        def hook_for(name: str):
+            def hook(module, args, output):
+                feats[name] = output[0] if isinstance(output, tuple) else output
+                if name == last:
+                    raise _StopForward
+
+            return hook
+
+        handles = [self._blocks[n].register_forward_hook(hook_for(n)) for n in set(wanted)]
+        t = torch.full((x_t.shape[0],), timestep, dtype=torch.long, device=x_t.device)
+        try:
+            self.unet(x_t, t)
+        except _StopForward:
+            pass
+        finally:
+            for h in handles:
+                h.remove()
+        return feats
+
+    def _check(self, x: torch.Tensor) -> None:
+        size = None if self.dynamic_img_size else self.image_size
+        check_images(x, self.in_chans, size, value_range=(-1.0, 1.0), name=type(self).__name__)
+
+    def extract(self, x: torch.Tensor, timesteps: Sequence[int], blocks: Sequence[str],
+                pool: str | None = "avg") -> dict[tuple[int, str], torch.Tensor]:
+        """Features of ``blocks`` at each of ``timesteps``: ``{(t, block): tensor}``, one U-Net forward per timestep.
+
+        ``x`` is a batch in [-1, 1]. ``pool`` is ``"avg"``, ``"avgKxK"`` or ``None``/``"none"`` (NCHW maps).
+        """
+        self._check(x)
+        timesteps = check_timesteps(timesteps, self.num_train_timesteps)
+        for b in blocks:
+            check_name("block", b, self._blocks)
+        pool = pool or "none"
+        pool_cells(pool)
+        noise = self._noise(x)
+        out: dict[tuple[int, str], torch.Tensor] = {}
+        for t in timesteps:
+            x_t = add_noise(self.scheduler, x, noise, torch.full((x.shape[0],), t, device=x.device))
+            feats = self._capture(x_t, t, blocks)
+            for b in blocks:
+                out[(t, b)] = pool_features(feats[b], pool)
+        return out
+
+    def _probe_shapes(self) -> dict[str, tuple[int, int, int]]:
+        size = int(self.unet.config.sample_size)
+        x = torch.zeros(1, self.unet.config.in_channels, size, size,
+                        device=next(self.unet.parameters()).device)
+        was_training = self.unet.training
+        with torch.no_grad():
+            self.unet.eval()
+            feats = self._capture(x, 0, list(self._blocks))
+        self.unet.train(was_training)
+        return {name: tuple(f.shape[1:]) for name, f in feats.items()}
+
+    # ------------------------------------------------------------------ timm contract
+    def _feature_info(self) -> list[dict]:
+        """Decoder block outputs and the middle block, ordered by non-decreasing reduction (timm's rule)."""
+        names = [n for n in self._blocks if n.startswith("up") and "." not in n][::-1]
+        names += ["mid"] if "mid" in self._blocks else []
+        info = []
+        for n in names:
+            c, h, _ = self.block_shapes[n]
+            module = "unet.mid_block" if n == "mid" else f"unet.up_blocks.{n[2:]}"
+            info.append(dict(num_chs=c, reduction=self.image_size // h, module=module, block=n))
+        return info
+
+    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
+        if global_pool is not None:
+            self.pool = global_pool or "none"
+            pool_cells(self.pool)
+        self.num_classes = num_classes
+        channels = self.block_shapes[self.block][0]
+        self.num_features = pooled_dim(channels, self.pool) if self.pool != "none" else channels
+        self.head_drop = nn.Dropout(self.drop_rate)
+        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+
+    def get_classifier(self) -> nn.Module:
+        return self.head
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """The NCHW map of ``self.block`` at ``self.timestep``."""
+        return self.extract(x, [self.timestep], [self.block], pool=None)[(self.timestep, self.block)]
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        x = pool_features(x, self.pool)
+        return x if pre_logits else self.head(self.head_drop(x))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+    def forward_intermediates(self, x: torch.Tensor, indices: int | list[int] | None = None, norm: bool = False,
+                              stop_early: bool = False, output_fmt: str = "NCHW",
+                              intermediates_only: bool = False):
+        """timm's intermediate-feature API over :attr:`feature_info`, in one forward at ``self.timestep``."""
+        from timm.models._features import feature_take_indices
+
+        if output_fmt != "NCHW":
+            raise InputError(f"output_fmt {output_fmt!r} is not supported; DDAEBackbone gives NCHW maps")
+        take, _ = feature_take_indices(len(self.feature_info), indices)
+        names = [self.feature_info[i]["block"] for i in take]
+        wanted = names if intermediates_only else names + [self.block]
+        feats = self.extract(x, [self.timestep], wanted, pool=None)
+        intermediates = [feats[(self.timestep, n)] for n in names]
+        if intermediates_only:
+            return intermediates
+        return feats[(self.timestep, self.block)], intermediates
+
+    def prune_intermediate_layers(self, indices: int | list[int] = 1, prune_norm: bool = False,
+                                  prune_head: bool = True) -> list[int]:
+        """Nothing to delete: the forward already stops after the last block requested."""
+        from timm.models._features import feature_take_indices
+
+        take, _ = feature_take_indices(len(self.feature_info), indices)
+        if prune_head:
+            self.reset_classifier(0, "")
+        return take
+
+    # ------------------------------------------------------------------ construction helpers
+    def model_args(self) -> dict:
+        """Arguments that rebuild this backbone (written to timm's ``config.json`` on export)."""
+        return dict(unet_config=self.unet_config, timestep=self.timestep, block=self.block, pool=self.pool,
+                    noise_seed=self.noise_seed, scheduler_config=self.scheduler_config)
+
+    def with_settings(self, **changes) -> DDAEBackbone:
+        """A backbone sharing this U-Net's weights with other ``timestep``/``block``/``pool``/... settings."""
+        args = {**self.model_args(), **changes}
+        args.pop("unet_config")
+        return DDAEBackbone(unet=self.unet, **args)
+
+    @classmethod
+    def from_diffusers(cls, folder: str, **kwargs) -> DDAEBackbone:
+        """Load a diffusers DDPM folder (``unet/`` + ``scheduler/``, e.g. the google/ddpm-cifar10-32 layout)."""
+        from pathlib import Path
+
+        from diffusers import DDPMScheduler
+
+        from ..errors import CheckpointError
+
+        root = Path(folder)
+        sub = "unet" if (root / "unet").is_dir() else None
+        try:
+            unet = UNet2DModel.from_pretrained(str(root), subfolder=sub, local_files_only=True,
+                                               low_cpu_mem_usage=False)
+        except (OSError, ValueError, EnvironmentError) as e:
+            raise CheckpointError(f"cannot load a diffusers UNet2DModel from {root}: {e}") from e
+        sched = {}
+        if (root / "scheduler").is_dir():
+            cfg = DDPMScheduler.load_config(str(root), subfolder="scheduler", local_files_only=True)
+            sched = {k: cfg[k] for k in DDPM_DEFAULTS if k in cfg}
+        return cls(unet=unet, scheduler_config=sched, **kwargs)
+
+    def export_unet(self) -> UNet2DModel:
+        return copy.deepcopy(self.unet)
