@@ -1,0 +1,7 @@
+"""Learners (one file each, reading like the paper) and the lightly-style method registry."""
+
+from .base import SSLMethod, StepBatches
+from .ddae import DDAE
+from .registry import METHODS, get_method, load_entry_point_methods
+
+__all__ = ["SSLMethod", "StepBatches", "DDAE", "METHODS", "get_method", "load_entry_point_methods"]

@@ -1,0 +1,78 @@
+"""DDAE: Denoising Diffusion Autoencoders are unified self-supervised learners (Xiang et al., ICCV 2023).
+
+Pretraining is plain unconditional DDPM (Ho et al. 2020, Algorithm 1):
+
+    repeat
+        x0 ~ data, randomly flipped;  x0 ∈ [-1, 1]
+        t ~ Uniform{0, …, T-1};  ε ~ N(0, I)
+        take a gradient step on ‖ε − ε_θ(√ᾱ_t x0 + √(1-ᾱ_t) ε, t)‖²
+        update the EMA of θ
+    until the budget is spent
+
+Representation: the EMA network read as an autoencoder (:class:`~diffssl_plugin.backbones.DDAEBackbone`):
+noise to a small timestep, one forward, an intermediate decoder block, pooled.
+
+Choices the paper leaves to us (CPU scale): AdamW with lr 5e-4 and 100 warm-up steps (DDAE: Adam 1e-4 per
+128 images per GPU, 13 warm-up epochs: too slow for minutes of CPU); EMA decay 0.9999 with diffusers' warm-up
+``(1+s)/(10+s)`` so short runs average over recent steps; gradient-norm clip 1.0 as in DDAE.
+"""
+
+from __future__ import annotations
+
+import torch
+from diffusers import UNet2DModel
+
+from ..backbones.ddae import UNET_PRESETS, DDAEBackbone
+from ..diffusion import EMA, ddpm_scheduler, epsilon_loss
+from ..errors import check_name
+from .base import SSLMethod, hflip, to_unit_range
+
+
+def ddae_transform(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """DDAE's training augmentation: random horizontal flip, then [0, 1] → [-1, 1]."""
+    return to_unit_range(hflip(images, generator))
+
+
+class DDAE(SSLMethod):
+    """Unconditional DDPM pretraining whose EMA U-Net is read as a DDAE feature backbone."""
+
+    transform = staticmethod(ddae_transform)
+    gradient_clip_val = 1.0
+    timm_architecture = "ddae_unet_fmnist"  # its model_args carry the full U-Net config
+
+    def __init__(self, batch_size_per_device: int = 128, num_classes: int = 10, knn_k: int | None = None,
+                 knn_t: float | None = None, unet_config: dict | str = "fmnist_small", lr: float = 5e-4,
+                 warmup_steps: int = 100, ema_decay: float = 0.9999, readout: dict | None = None,
+                 seed: int = 0, in_chans: int | None = None):
+        super().__init__(batch_size_per_device, num_classes, knn_k, knn_t, lr=lr, warmup_steps=warmup_steps,
+                         seed=seed)
+        self.save_hyperparameters()
+        if isinstance(unet_config, str):
+            unet_config = UNET_PRESETS[check_name("U-Net preset", unet_config, UNET_PRESETS)]
+        config = dict(unet_config)
+        if in_chans is not None:
+            config["in_channels"] = config["out_channels"] = in_chans
+        self.unet = UNet2DModel(**config)
+        self.scheduler = ddpm_scheduler()
+        self.ema = EMA(self.unet, decay=ema_decay)
+        self.readout = dict(timestep=10, block="mid", pool="avg2x2", **(readout or {}))
+        self._backbone_cache: dict[str, DDAEBackbone] = {}  # a dict, so Lightning does not save it twice
+
+    def training_loss(self, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        x0 = self.transform(images, generator)
+        return epsilon_loss(lambda x_t, t: self.unet(x_t, t).sample, x0, self.scheduler, generator)
+
+    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
+        self.ema.update(self.unet)
+
+    @property
+    def backbone(self) -> DDAEBackbone:
+        """The EMA U-Net as a DDAE backbone (shares the EMA weights; not a registered sub-module)."""
+        cached = self._backbone_cache.get("backbone")
+        if cached is None or cached.unet is not self.ema.module:
+            cached = self._backbone_cache["backbone"] = DDAEBackbone(unet=self.ema.module, **self.readout)
+        return cached
+
+    @property
+    def generative_unet(self) -> UNet2DModel:
+        return self.ema.module

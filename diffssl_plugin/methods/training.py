@@ -1,0 +1,227 @@
+"""Pretraining any registered learner with Lightning, under a stated compute budget.
+
+``pretrain(method, dataset, budget, ...)`` trains with bf16 autocast (CPU or GPU), a progress bar,
+checkpoints written atomically every few steps (``last.ckpt``, resumed exactly after an interruption), and
+passes ``devices``/``strategy``/``num_nodes`` to Lightning so DDP across GPUs and nodes works. It returns a
+:class:`PretrainResult` with the budget actually spent (steps, images, wall time, training FLOPs).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.callbacks import Callback, ModelCheckpoint
+
+from ..data import load_split
+from ..io import atomic_path, write_json
+from .base import SSLMethod, StartAt, StepBatches
+from .registry import get_method
+
+
+@dataclass(frozen=True)
+class Budget:
+    """Pretraining compute: wall-clock ``minutes``, training ``flops``, or optimisation ``steps`` (any mix;
+    training stops at the first limit reached)."""
+
+    minutes: float | None = None
+    flops: float | None = None
+    steps: int | None = None
+
+    _UNITS = {"min": "minutes", "m": "minutes", "s": "seconds", "flops": "flops", "steps": "steps"}
+
+    @classmethod
+    def parse(cls, text: str) -> Budget:
+        """``"4min"``, ``"90s"``, ``"2e13flops"``, ``"500steps"``, or several joined by ``,``."""
+        kw: dict = {}
+        for part in text.replace(" ", "").lower().split(","):
+            m = re.fullmatch(r"([0-9.]+(?:e[+-]?[0-9]+)?)(min|m|s|flops|steps)", part)
+            if not m:
+                raise ValueError(f"cannot read budget {part!r}; use e.g. '4min', '90s', '2e13flops', '500steps'")
+            value, unit = float(m.group(1)), cls._UNITS[m.group(2)]
+            if unit == "seconds":
+                unit, value = "minutes", value / 60
+            kw[unit] = int(value) if unit == "steps" else value
+        return cls(**kw)
+
+    def max_steps(self, flops_per_step: float) -> int:
+        limits = [self.steps] if self.steps is not None else []
+        if self.flops is not None:
+            limits.append(max(1, int(self.flops // flops_per_step)))
+        return min(limits) if limits else -1
+
+    def __str__(self) -> str:
+        parts = [f"{self.minutes:g}min" if self.minutes is not None else "",
+                 f"{self.flops:.3g}flops" if self.flops is not None else "",
+                 f"{self.steps}steps" if self.steps is not None else ""]
+        return ",".join(p for p in parts if p) or "unlimited"
+
+
+@dataclass
+class PretrainResult:
+    """What a pretraining run produced and spent."""
+
+    method: str
+    dataset: str
+    out_dir: str
+    checkpoint: str
+    budget: str
+    steps: int
+    images_seen: int
+    wall_seconds: float
+    flops_per_image: float
+    train_flops: float
+    global_batch_size: int
+    final_loss: float | None
+    method_kwargs: dict = field(default_factory=dict)
+
+    def as_record(self) -> dict:
+        return asdict(self)
+
+
+class AtomicCheckpoint(ModelCheckpoint):
+    """``ModelCheckpoint`` that writes to a temporary name and renames, so no half-written file is resumed."""
+
+    def _save_checkpoint(self, trainer: pl.Trainer, filepath: str) -> None:
+        partial = filepath + ".partial"
+        super()._save_checkpoint(trainer, partial)
+        if trainer.is_global_zero:
+            os.replace(partial, filepath)
+        self._last_checkpoint_saved = filepath
+
+
+class WallClock(Callback):
+    """Training wall time, carried across resumes in the checkpoint."""
+
+    def __init__(self):
+        self.elapsed, self._start = 0.0, None
+
+    def on_train_start(self, trainer, pl_module):
+        self._start = time.perf_counter()
+
+    def on_train_end(self, trainer, pl_module):
+        self.elapsed += time.perf_counter() - self._start
+        self._start = None
+
+    def seconds(self) -> float:
+        return self.elapsed + (time.perf_counter() - self._start if self._start else 0.0)
+
+    def state_dict(self):
+        return {"elapsed": self.seconds()}
+
+    def load_state_dict(self, state_dict):
+        self.elapsed = float(state_dict["elapsed"])
+
+
+class StepDataModule(pl.LightningDataModule):
+    """Feeds :class:`StepBatches` from the current global step, so a resumed run continues the same stream."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, global_batch_size: int, seed: int,
+                 max_steps: int):
+        super().__init__()
+        self.images, self.labels, self.batch, self.seed = images, labels, global_batch_size, seed
+        self.max_steps = max_steps if max_steps > 0 else 10 ** 9
+
+    def train_dataloader(self):
+        trainer = self.trainer
+        data = StepBatches(self.images, self.labels, self.batch, self.seed, trainer.global_rank,
+                           trainer.world_size, self.max_steps)
+        sampler = StartAt(trainer.global_step, self.max_steps)
+        return torch.utils.data.DataLoader(data, batch_size=None, sampler=sampler, num_workers=0)
+
+
+def build_model(method: str, num_classes: int, batch_size_per_device: int, in_chans: int,
+                **method_kwargs) -> SSLMethod:
+    entry = get_method(method)
+    return entry["model"](batch_size_per_device=batch_size_per_device, num_classes=num_classes,
+                          in_chans=in_chans, **method_kwargs)
+
+
+def pretrain(method: str, dataset: str = "fashion_mnist", budget: Budget = Budget(minutes=4),
+             out_dir: str | os.PathLike = "runs/pretrain", batch_size: int = 128, data_root: str | None = None,
+             accelerator: str = "auto", devices: int | str = 1, strategy: str = "auto", num_nodes: int = 1,
+             precision: str = "bf16-mixed", resume: bool = True, progress: bool = True, seed: int = 0,
+             checkpoint_every: int = 200, method_kwargs: dict | None = None,
+             max_images: int | None = None) -> PretrainResult:
+    """Pretrain ``method`` on the ``trainval`` split of ``dataset`` (labels unused) within ``budget``.
+
+    ``batch_size`` is the global batch; each of the ``devices × num_nodes`` processes takes its share.
+    """
+    out = Path(out_dir)
+    method_kwargs = dict(method_kwargs or {})
+    data = load_split(dataset, "trainval", root=data_root)
+    if max_images:
+        data = data.balanced_subset(total=max_images, seed=seed)
+    pl.seed_everything(seed, workers=True, verbose=False)
+    trainer = pl.Trainer(
+        accelerator=accelerator, devices=devices, strategy=strategy, num_nodes=num_nodes, precision=precision,
+        max_steps=-1, max_epochs=-1, logger=pl.loggers.CSVLogger(str(out), name="logs"),
+        callbacks=[AtomicCheckpoint(dirpath=str(out / "checkpoints"), save_last=True, save_top_k=0,
+                                    every_n_train_steps=checkpoint_every, enable_version_counter=False),
+                   WallClock()],
+        enable_progress_bar=progress, enable_model_summary=False, use_distributed_sampler=False,
+        num_sanity_val_steps=0, log_every_n_steps=10, default_root_dir=str(out))
+    per_device, rem = divmod(batch_size, trainer.world_size)
+    if rem:
+        raise ValueError(f"batch size {batch_size} is not divisible by {trainer.world_size} processes")
+    model = build_model(method, data.num_classes, per_device, data.channels, seed=seed, **method_kwargs)
+    flops_per_image = model.flops_per_image(data.take(torch.arange(min(8, len(data)))).floats())
+    max_steps = budget.max_steps(flops_per_image * batch_size)
+    trainer.fit_loop.epoch_loop.max_steps = max_steps
+    trainer.gradient_clip_val = getattr(model, "gradient_clip_val", None)
+    if budget.minutes is not None:
+        from pytorch_lightning.callbacks import Timer
+
+        timer = Timer(duration=dict(seconds=budget.minutes * 60), interval="step")
+        trainer.callbacks.append(timer)
+    datamodule = StepDataModule(data.images, data.labels, batch_size, seed, max_steps)
+    last = out / "checkpoints" / "last.ckpt"
+    trainer.fit(model, datamodule=datamodule, ckpt_path=str(last) if resume and last.is_file() else None)
+    if trainer.is_global_zero and trainer.global_step > 0:
+        with atomic_path(last) as tmp:
+            trainer.save_checkpoint(str(tmp))
+    steps = trainer.global_step
+    wall = next(c for c in trainer.callbacks if isinstance(c, WallClock)).seconds()
+    loss = trainer.callback_metrics.get("train_loss")
+    result = PretrainResult(
+        method=method, dataset=dataset, out_dir=str(out), checkpoint=str(last), budget=str(budget), steps=steps,
+        images_seen=steps * batch_size, wall_seconds=round(wall, 2), flops_per_image=flops_per_image,
+        train_flops=flops_per_image * batch_size * steps, global_batch_size=batch_size,
+        final_loss=float(loss) if loss is not None else None, method_kwargs=method_kwargs)
+    if trainer.is_global_zero:
+        export(model, out / "export", result)
+    return result
+
+
+def export(model: SSLMethod, folder: str | os.PathLike, result: PretrainResult | None = None) -> Path:
+    """Write ``backbone/`` (safetensors + timm ``config.json``, loadable with ``timm.create_model('local-dir:…')``)
+    and, for generative learners, ``diffusers/`` (a ``DDPMPipeline`` folder), atomically as a whole."""
+    from timm.models._hub import save_for_hf
+
+    folder = Path(folder)
+    staging = folder.with_name(folder.name + ".partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    backbone = model.backbone
+    backbone.pretrained_cfg = {**backbone.pretrained_cfg, "architecture": model.timm_architecture}
+    save_for_hf(backbone, str(staging / "backbone"), model_args=backbone.model_args(), safe_serialization=True)
+    unet = getattr(model, "generative_unet", None)
+    if unet is not None:
+        from diffusers import DDPMPipeline
+
+        DDPMPipeline(unet=unet, scheduler=model.scheduler).save_pretrained(str(staging / "diffusers"))
+    if result is not None:
+        write_json(staging / "pretrain.json", result.as_record())
+    old = folder.with_name(folder.name + ".old")
+    shutil.rmtree(old, ignore_errors=True)
+    if folder.exists():
+        os.replace(folder, old)
+    os.replace(staging, folder)
+    shutil.rmtree(old, ignore_errors=True)
+    return folder
+
