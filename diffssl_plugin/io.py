@@ -79,7 +79,7 @@ def state_dict_sha256(state_dict: dict[str, torch.Tensor]) -> str:
         v = state_dict[k].detach().cpu().contiguous()
         h.update(k.encode())
         h.update(str(tuple(v.shape)).encode())
-        h.update(v.view(torch.uint8).numpy().tobytes() if v.numel() else b"")
+        h.update(v.reshape(-1).view(torch.uint8).numpy().tobytes() if v.numel() else b"")
     return h.hexdigest()
 
 
@@ -115,6 +115,8 @@ def load_weights(path: str | os.PathLike) -> dict[str, Any]:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
+        if "weights only load failed" not in str(e).lower():
+            raise CheckpointError(f"cannot read checkpoint {path} (truncated or corrupted?): {e}") from e
         raise CheckpointError(
             f"refusing to load {path}: it is a pickle that needs code to load (untrusted checkpoints are never "
             f"unpickled). Convert it to safetensors on a machine you trust. Detail: {str(e).splitlines()[0]}") from e

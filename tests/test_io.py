@@ -124,9 +124,6 @@ def test_state_dict_sha256_changes_with_one_value():
     assert state_dict_sha256(dict(reversed(list(sd.items())))) == h
 
 
-@pytest.mark.xfail(strict=True, raises=RuntimeError,
-                   reason="BUG io.state_dict_sha256: Tensor.view(torch.uint8) fails on 0-dim tensors "
-                          "(BatchNorm's num_batches_tracked, EMA.num_updates)")
 def test_state_dict_sha256_handles_scalar_tensors():
     sd = torch.nn.BatchNorm1d(3).state_dict()  # holds the 0-dim num_batches_tracked
     h = state_dict_sha256(sd)

@@ -7,6 +7,7 @@ from pathlib import Path
 import torch
 from diffusers import DDIMPipeline, DDIMScheduler, DDPMPipeline, DDPMScheduler, UNet2DModel
 
+from ..errors import check_name
 from ..io import atomic_path
 
 
@@ -14,14 +15,13 @@ from ..io import atomic_path
 def sample_images(unet: UNet2DModel, scheduler: DDPMScheduler, num_images: int = 64, steps: int = 50,
                   sampler: str = "ddim", seed: int = 0, progress: bool = True) -> torch.Tensor:
     """Draw ``num_images`` samples in [0, 1], shape (N, C, H, W). ``sampler``: ``"ddim"`` (η=0) or ``"ddpm"``."""
+    check_name("sampler", sampler, ("ddim", "ddpm"))
     if sampler == "ddim":
         pipe = DDIMPipeline(unet=unet, scheduler=DDIMScheduler.from_config(scheduler.config))
         kwargs = dict(num_inference_steps=steps, eta=0.0)
-    elif sampler == "ddpm":
+    else:
         pipe = DDPMPipeline(unet=unet, scheduler=DDPMScheduler.from_config(scheduler.config))
         kwargs = dict(num_inference_steps=steps)
-    else:
-        raise ValueError(f"unknown sampler {sampler!r}; valid samplers: ddim, ddpm")
     pipe.set_progress_bar_config(disable=not progress, desc="sampling")
     gen = torch.Generator(device="cpu").manual_seed(seed)
     out = pipe(batch_size=num_images, generator=gen, output_type="np", **kwargs).images  # (N, H, W, C) in [0,1]

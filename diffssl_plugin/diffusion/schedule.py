@@ -27,8 +27,13 @@ def check_timesteps(timesteps: Iterable[int], num_train_timesteps: int) -> list[
     """Validate 0-indexed timesteps; an out-of-range one raises an error that states the valid range."""
     out = []
     for t in timesteps:
-        if isinstance(t, bool) or not float(t).is_integer():
-            raise InputError(f"timestep {t!r} is not an integer; use 0-indexed diffusers timesteps")
+        try:
+            is_integer = not isinstance(t, (bool, str)) and float(t).is_integer()
+        except (TypeError, ValueError):
+            is_integer = False
+        if not is_integer:
+            raise InputError(f"timestep {t!r} is not an integer; valid timesteps are integers "
+                             f"0..{num_train_timesteps - 1} (0-indexed diffusers timesteps)")
         if not 0 <= int(t) < num_train_timesteps:
             raise InputError(f"timestep {t} out of range: valid timesteps are 0..{num_train_timesteps - 1} "
                              "(0-indexed; DDAE's t=11 is our 10)")

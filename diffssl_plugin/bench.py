@@ -1,0 +1,95 @@
+"""``diffssl bench``: the main job. Pretrain every benchmarked learner under one budget on one dataset,
+evaluate each (and the raw-pixel floor) with the same harness, and write records, a leaderboard, sweep
+heatmaps and a sample grid."""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import torch
+
+from .errors import check_name
+from .eval import EvalConfig, evaluate, write_leaderboard, write_records
+from .io import file_sha256, write_json
+from .methods.training import Budget, pretrain
+
+
+@dataclass
+class BenchPreset:
+    """Everything a bench run fixes: learners, the shared budget, batch, and the evaluation protocol."""
+
+    methods: tuple[str, ...] = ("ddae",)
+    budget: Budget = Budget(minutes=4)
+    batch_size: int = 128
+    max_pretrain_images: int | None = None
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    sample_images: int = 64
+    sample_steps: int = 50
+
+
+PRESETS: dict[str, BenchPreset] = {
+    "default": BenchPreset(),
+    # the same code path in about a minute, for tests and quick checks
+    "smoke": BenchPreset(budget=Budget(steps=15), batch_size=32, max_pretrain_images=1000,
+                         eval=EvalConfig(train_images=500, val_images=300, test_images=500, timesteps=(0, 10),
+                                         blocks=("mid", "up0"), pools=("avg",), final_cs=(0.1, 1.0)),
+                         sample_images=16, sample_steps=5),
+}
+
+
+def run_bench(preset: str = "default", out_dir: str | os.PathLike = "runs/bench", dataset: str | None = None,
+              budget: Budget | None = None, methods: tuple[str, ...] | None = None, data_root: str | None = None,
+              accelerator: str = "auto", devices: int | str = 1, progress: bool = True,
+              resume: bool = True) -> tuple[str, list[dict]]:
+    """Run the benchmark and return (leaderboard Markdown, records)."""
+    import timm
+
+    from .diffusion.sampling import sample_images, save_grid
+
+    cfg = PRESETS[check_name("bench preset", preset, PRESETS)]
+    cfg = replace(cfg, budget=budget or cfg.budget, methods=methods or cfg.methods)
+    eval_cfg = replace(cfg.eval, dataset=dataset or cfg.eval.dataset, data_root=data_root)
+    out = Path(out_dir)
+    started = time.perf_counter()
+    device = "cuda" if accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available() else "cpu"
+    common = dict(config=eval_cfg, cache_dir=out / "feature_cache", out_dir=out, device=device, progress=progress)
+
+    records = evaluate(timm.create_model("raw_pixels", in_chans=_channels(eval_cfg), img_size=_size(eval_cfg)),
+                       "raw_pixels", "raw_pixels", **common)
+    for method in cfg.methods:
+        result = pretrain(method, eval_cfg.dataset, cfg.budget, out / method, batch_size=cfg.batch_size,
+                          data_root=data_root, accelerator=accelerator, devices=devices, progress=progress,
+                          resume=resume, max_images=cfg.max_pretrain_images)
+        export_dir = Path(result.out_dir) / "export"
+        backbone = timm.create_model(f"local-dir:{export_dir / 'backbone'}", pretrained=True)
+        budget_spent = {k: getattr(result, k) for k in ("budget", "steps", "images_seen", "wall_seconds",
+                                                        "train_flops", "flops_per_image", "global_batch_size")}
+        records += evaluate(backbone, method, backbone.pretrained_cfg.get("architecture", method),
+                            budget=budget_spent, checkpoint_hash=file_sha256(export_dir / "backbone")[:16],
+                            **common)
+        if (export_dir / "diffusers").is_dir():
+            from diffusers import DDPMPipeline
+
+            pipe = DDPMPipeline.from_pretrained(str(export_dir / "diffusers"), local_files_only=True)
+            grid = sample_images(pipe.unet, pipe.scheduler, cfg.sample_images, cfg.sample_steps, progress=progress)
+            save_grid(grid, out / f"samples_{method}.png")
+    write_records(out / "records.jsonl", records)
+    markdown = write_leaderboard(records, out, dataset=eval_cfg.dataset)
+    write_json(out / "bench.json", {"preset": preset, "dataset": eval_cfg.dataset, "budget": str(cfg.budget),
+                                    "methods": list(cfg.methods), "wall_seconds": time.perf_counter() - started})
+    return markdown, records
+
+
+def _channels(cfg: EvalConfig) -> int:
+    from .data import DATASETS
+
+    return DATASETS[cfg.dataset].channels
+
+
+def _size(cfg: EvalConfig) -> int:
+    from .data import DATASETS
+
+    return DATASETS[cfg.dataset].image_size

@@ -1,0 +1,214 @@
+"""The ``diffssl`` command: ``pretrain``, ``eval``, ``bench``, ``leaderboard``, ``export``.
+
+``diffssl bench`` with no arguments is the main job (Fashion-MNIST on the CPU, under 20 minutes on 2 cores).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from .errors import DiffSSLError
+
+
+def _add_hardware(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--accelerator", default="auto", help="cpu, gpu or auto (Lightning)")
+    p.add_argument("--devices", default="1", help="devices per node (Lightning), e.g. 2 or auto")
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+
+
+def _devices(text: str):
+    return int(text) if text.isdigit() else text
+
+
+def _budget(text: str):
+    from .methods.training import Budget
+
+    try:
+        return Budget.parse(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from e
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="diffssl", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("pretrain", help="pretrain one learner under a budget")
+    p.add_argument("--method", default="ddae", help="registered method name (see `diffssl pretrain --list`)")
+    p.add_argument("--list", action="store_true", help="list the registered methods and exit")
+    p.add_argument("--dataset", default="fashion_mnist")
+    p.add_argument("--data-root", default=None, help="folder with the dataset files (else the installed copy)")
+    p.add_argument("--budget", type=_budget, default="4min", help="e.g. 4min, 90s, 2e13flops, 500steps")
+    p.add_argument("--batch-size", type=int, default=128, help="global batch size")
+    p.add_argument("--out", default="runs/pretrain")
+    p.add_argument("--strategy", default="auto", help="Lightning strategy, e.g. ddp")
+    p.add_argument("--num-nodes", type=int, default=1)
+    p.add_argument("--precision", default="bf16-mixed")
+    p.add_argument("--no-resume", action="store_true", help="start over even if OUT has a checkpoint")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-images", type=int, default=None, help="pretrain on a class-balanced subset")
+    p.add_argument("--method-args", default="{}", help="JSON dict of extra method arguments")
+    _add_hardware(p)
+
+    p = sub.add_parser("eval", help="evaluate a backbone with the harness (linear probe, kNN, sweep)")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--checkpoint", help="an export folder (from pretrain/export) or its backbone/ folder")
+    src.add_argument("--model", help="a timm model name (after `import diffssl_plugin`), e.g. raw_pixels")
+    p.add_argument("--weights", default=None, help="weights file for --model (safetensors or weights-only)")
+    p.add_argument("--method", default=None, help="name for the records (default: from the checkpoint)")
+    p.add_argument("--dataset", default="fashion_mnist")
+    p.add_argument("--data-root", default=None)
+    p.add_argument("--timesteps", default=None, help="comma-separated sweep timesteps, e.g. 0,10,50")
+    p.add_argument("--blocks", default=None, help="comma-separated sweep blocks, e.g. mid,up0")
+    p.add_argument("--pools", default=None, help="comma-separated poolings, e.g. avg,avg2x2")
+    p.add_argument("--train-images", type=int, default=10000)
+    p.add_argument("--out", default="runs/eval")
+    _add_hardware(p)
+
+    p = sub.add_parser("bench", help="the main job: pretrain all learners, evaluate, print a leaderboard")
+    p.add_argument("--preset", default="default", help="default (≈15 min on 2 CPU cores) or smoke (≈1 min)")
+    p.add_argument("--dataset", default=None)
+    p.add_argument("--data-root", default=None)
+    p.add_argument("--budget", type=_budget, default=None, help="per-learner budget (default: the preset's)")
+    p.add_argument("--methods", default=None, help="comma-separated learners (default: the preset's)")
+    p.add_argument("--out", default="runs/bench")
+    p.add_argument("--no-resume", action="store_true")
+    _add_hardware(p)
+
+    p = sub.add_parser("leaderboard", help="render Markdown and CSV from a records file")
+    p.add_argument("records", help="records.jsonl")
+    p.add_argument("--dataset", default=None)
+    p.add_argument("--out", default=None, help="folder for leaderboard.md/.csv (default: beside the records)")
+
+    p = sub.add_parser("export", help="turn a Lightning checkpoint into backbone safetensors (+ diffusers folder)")
+    p.add_argument("checkpoint", help="a .ckpt written by `diffssl pretrain`")
+    p.add_argument("out", help="export folder")
+    p.add_argument("--method", default="ddae")
+    return parser
+
+
+def _split(text: str | None, cast=str):
+    return tuple(cast(t) for t in text.split(",") if t) if text else None
+
+
+def cmd_pretrain(args) -> int:
+    from .methods import METHODS, load_entry_point_methods
+    from .methods.training import pretrain
+
+    if args.list:
+        load_entry_point_methods()
+        print("\n".join(sorted(METHODS)))
+        return 0
+    result = pretrain(args.method, args.dataset, args.budget, args.out, batch_size=args.batch_size,
+                      data_root=args.data_root, accelerator=args.accelerator, devices=_devices(args.devices),
+                      strategy=args.strategy, num_nodes=args.num_nodes, precision=args.precision,
+                      resume=not args.no_resume, progress=not args.no_progress, seed=args.seed,
+                      method_kwargs=json.loads(args.method_args), max_images=args.max_images)
+    if int(os.environ.get("LOCAL_RANK", "0")) == 0 and int(os.environ.get("NODE_RANK", "0")) == 0:
+        print(json.dumps(result.as_record(), indent=2))
+    return 0
+
+
+def load_backbone(checkpoint: str | None = None, model: str | None = None, weights: str | None = None):
+    """A backbone from an export folder, or a timm name with an optional weights file."""
+    import timm
+
+    from .errors import CheckpointError
+    from .io import load_weights
+
+    if checkpoint:
+        folder = Path(checkpoint)
+        folder = folder / "backbone" if (folder / "backbone").is_dir() else folder
+        if not (folder / "config.json").is_file():
+            raise CheckpointError(f"{folder} is not an exported backbone folder (no config.json); "
+                                  "run `diffssl export` on a training checkpoint first")
+        try:
+            return timm.create_model(f"local-dir:{folder}", pretrained=True)
+        except (RuntimeError, OSError, ValueError) as e:
+            raise CheckpointError(f"cannot load the backbone in {folder}: {e}") from e
+    net = timm.create_model(model, num_classes=0)
+    if weights:
+        state = load_weights(weights)
+        try:
+            net.load_state_dict(state, strict=True)
+        except RuntimeError as e:
+            raise CheckpointError(f"{weights} does not fit {model}: {str(e).splitlines()[0]}") from e
+    return net
+
+
+def cmd_eval(args) -> int:
+    from .eval import EvalConfig, evaluate, write_leaderboard, write_records
+
+    backbone = load_backbone(args.checkpoint, args.model, args.weights)
+    name = backbone.pretrained_cfg.get("architecture") or args.model or "backbone"
+    config = EvalConfig(dataset=args.dataset, data_root=args.data_root, train_images=args.train_images)
+    for field_name, text, cast in (("timesteps", args.timesteps, int), ("blocks", args.blocks, str),
+                                   ("pools", args.pools, str)):
+        if text:
+            setattr(config, field_name, _split(text, cast))
+    out = Path(args.out)
+    records = evaluate(backbone, args.method or name, name, config, cache_dir=out / "feature_cache", out_dir=out,
+                       progress=not args.no_progress)
+    write_records(out / "records.jsonl", records)
+    print(write_leaderboard(records, out, dataset=args.dataset))
+    return 0
+
+
+def cmd_bench(args) -> int:
+    from .bench import run_bench
+
+    markdown, _ = run_bench(args.preset, args.out, dataset=args.dataset, budget=args.budget,
+                            methods=_split(args.methods), data_root=args.data_root, accelerator=args.accelerator,
+                            devices=_devices(args.devices), progress=not args.no_progress,
+                            resume=not args.no_resume)
+    print(markdown)
+    print(f"records, leaderboard, heatmaps and samples in {args.out}/")
+    return 0
+
+
+def cmd_leaderboard(args) -> int:
+    from .eval import read_records, write_leaderboard
+
+    records = read_records(args.records)
+    print(write_leaderboard(records, args.out or Path(args.records).parent, dataset=args.dataset))
+    return 0
+
+
+def cmd_export(args) -> int:
+    from .errors import CheckpointError
+    from .methods import get_method
+    from .methods.training import export
+
+    cls = get_method(args.method)["model"]
+    path = Path(args.checkpoint)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    try:
+        model = cls.load_from_checkpoint(str(path), map_location="cpu", weights_only=True)
+    except Exception as e:  # torch/Lightning raise many types for damaged or untrusted files
+        raise CheckpointError(f"cannot load {path} as a {args.method} checkpoint (truncated, corrupted, "
+                              f"or it needs untrusted code): {str(e).splitlines()[0]}") from e
+    print(export(model, args.out))
+    return 0
+
+
+COMMANDS = {"pretrain": cmd_pretrain, "eval": cmd_eval, "bench": cmd_bench, "leaderboard": cmd_leaderboard,
+            "export": cmd_export}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    try:
+        return COMMANDS[args.command](args)
+    except (DiffSSLError, FileNotFoundError) as e:
+        print(f"diffssl {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
