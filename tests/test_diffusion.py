@@ -232,7 +232,9 @@ def test_sample_images_ddpm_and_unknown_sampler(tiny_unet):
 
     out = sample_images(tiny_unet, ddpm_scheduler(), num_images=2, steps=2, sampler="ddpm", progress=False)
     assert out.shape == (2, 1, 8, 8) and 0 <= float(out.min()) and float(out.max()) <= 1
-    with pytest.raises(ValueError, match="ddim"):
+    from diffssl_plugin.errors import UnknownNameError
+
+    with pytest.raises(UnknownNameError, match="ddim"):
         sample_images(tiny_unet, ddpm_scheduler(), num_images=2, steps=2, sampler="euler", progress=False)
 
 
