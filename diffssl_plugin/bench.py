@@ -22,6 +22,7 @@ class BenchPreset:
     """Everything a bench run fixes: learners, the shared budget, batch, and the evaluation protocol."""
 
     methods: tuple[str, ...] = ("ddae",)
+    protocols: tuple[str, ...] = ("linear",)
     budget: Budget = Budget(minutes=4)
     batch_size: int = 128
     max_pretrain_images: int | None = None
@@ -55,7 +56,8 @@ def run_bench(preset: str = "default", out_dir: str | os.PathLike = "runs/bench"
     out = Path(out_dir)
     started = time.perf_counter()
     device = "cuda" if accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available() else "cpu"
-    common = dict(config=eval_cfg, cache_dir=out / "feature_cache", out_dir=out, device=device, progress=progress)
+    common = dict(config=eval_cfg, protocols=cfg.protocols, cache_dir=out / "feature_cache", out_dir=out,
+                  device=device, progress=progress)
 
     records = evaluate(timm.create_model("raw_pixels", in_chans=_channels(eval_cfg), img_size=_size(eval_cfg)),
                        "raw_pixels", "raw_pixels", **common)

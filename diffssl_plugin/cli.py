@@ -65,6 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timesteps", default=None, help="comma-separated sweep timesteps, e.g. 0,10,50")
     p.add_argument("--blocks", default=None, help="comma-separated sweep blocks, e.g. mid,up0")
     p.add_argument("--pools", default=None, help="comma-separated poolings, e.g. avg,avg2x2")
+    p.add_argument("--protocol", default="linear",
+                   help="comma-separated protocols (see diffssl_plugin.eval.PROTOCOLS); default: linear")
     p.add_argument("--train-images", type=int, default=10000)
     p.add_argument("--out", default="runs/eval")
     _add_hardware(p)
@@ -151,8 +153,8 @@ def cmd_eval(args) -> int:
         if text:
             setattr(config, field_name, _split(text, cast))
     out = Path(args.out)
-    records = evaluate(backbone, args.method or name, name, config, cache_dir=out / "feature_cache", out_dir=out,
-                       progress=not args.no_progress)
+    records = evaluate(backbone, args.method or name, name, config, protocols=_split(args.protocol),
+                       cache_dir=out / "feature_cache", out_dir=out, progress=not args.no_progress)
     write_records(out / "records.jsonl", records)
     print(write_leaderboard(records, out, dataset=args.dataset))
     return 0

@@ -1,11 +1,11 @@
 """Evaluation harness: frozen-feature extraction and caching, probes, sweeps, records and leaderboards."""
 
 from .features import OUTPUT, FeatureCache, Readout, extract_features, model_fingerprint, normalise
-from .harness import EvalConfig, evaluate, plot_sweep
+from .harness import PROTOCOLS, EvalConfig, EvalContext, evaluate, plot_sweep, register_protocol
 from .leaderboard import render_markdown, write_leaderboard
 from .probes import knn_accuracy, knn_probe, linear_probe
 from .records import environment, make_record, read_records, write_records
 
 __all__ = ["OUTPUT", "FeatureCache", "Readout", "extract_features", "model_fingerprint", "normalise",
-           "EvalConfig", "evaluate", "plot_sweep", "render_markdown", "write_leaderboard", "knn_accuracy",
+           "EvalConfig", "EvalContext", "PROTOCOLS", "register_protocol", "evaluate", "plot_sweep", "render_markdown", "write_leaderboard", "knn_accuracy",
            "knn_probe", "linear_probe", "environment", "make_record", "read_records", "write_records"]

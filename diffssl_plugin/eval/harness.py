@@ -1,6 +1,8 @@
 """The harness: any backbone in, records out.
 
-``evaluate(model, ...)`` extracts frozen features once (cached), sweeps block × timestep (× pooling) for
+Protocols are functions ``fn(ctx: EvalContext) -> list[record]`` registered by name in :data:`PROTOCOLS`
+(``@register_protocol("name")``); ``diffssl eval --protocol NAME`` and ``diffssl bench`` run them by name.
+The base protocol ``linear`` extracts frozen features once (cached), sweeps block × timestep (× pooling) for
 diffusion backbones with a linear probe scored on the validation split, keeps the best setting, and reports
 its linear-probe and kNN (k = 20, 200; T = 0.1) test accuracies as records. Backbones without ``extract``
 have one readout: their pooled output. The sweep's validation accuracies are records too, and a heatmap PNG.
@@ -9,13 +11,15 @@ have one readout: their pooled output. The sweep's validation accuracies are rec
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import torch
 from torch import nn
 
 from ..data import load_split
+from ..errors import check_name
 from .features import OUTPUT, Readout, extract_features, model_fingerprint
 from .probes import DEFAULT_CS, knn_probe, linear_probe
 from .records import make_record
@@ -58,44 +62,119 @@ def load_eval_splits(config: EvalConfig):
             test.balanced_subset(total=config.test_images, seed=config.seed))
 
 
-def evaluate(model: nn.Module, method: str, backbone_name: str, config: EvalConfig | None = None,
-             budget: dict | None = None, checkpoint_hash: str | None = None,
-             cache_dir: str | os.PathLike | None = None, out_dir: str | os.PathLike | None = None,
-             device: str = "cpu", progress: bool = True) -> list[dict]:
-    """Run the frozen-feature protocols on ``model`` and return the records (sweep, linear, kNN)."""
-    config = config or EvalConfig()
-    model_hash = model_fingerprint(model)
-    checkpoint_hash = checkpoint_hash or model_hash
-    train, val, test = load_eval_splits(config)
-    readouts = config.readouts(model)
-    kw = dict(readouts=readouts, batch_size=config.batch_size, cache_dir=cache_dir, model_hash=model_hash,
-              device=device, progress=progress)
-    f_train, f_val, f_test = (extract_features(model, d, **kw) for d in (train, val, test))
-    common = dict(method=method, backbone=backbone_name, dataset=config.dataset, checkpoint_hash=checkpoint_hash,
-                  budget=budget, seed=config.seed, eval_config=asdict(config),
-                  images={"train": len(train), "val": len(val), "test": len(test)})
+@dataclass
+class EvalContext:
+    """What a protocol needs: the model, the protocol settings, the evaluation splits, the feature cache, and
+    a record factory that fills in every common field (method, backbone, hash, budget, config, versions)."""
+
+    model: nn.Module
+    method: str
+    backbone_name: str
+    config: EvalConfig
+    budget: dict | None = None
+    checkpoint_hash: str | None = None
+    cache_dir: str | os.PathLike | None = None
+    out_dir: str | os.PathLike | None = None
+    device: str = "cpu"
+    progress: bool = True
+    #: the readout the linear sweep chose on validation (other protocols reuse it); None until it ran
+    best_readout: Readout | None = None
+    _splits: tuple | None = field(default=None, repr=False)
+    _hash: str | None = field(default=None, repr=False)
+
+    @property
+    def model_hash(self) -> str:
+        if self._hash is None:
+            self._hash = model_fingerprint(self.model)
+        return self._hash
+
+    def splits(self):
+        """(train, val, test) :class:`ImageSet` of ``config.dataset``, loaded once."""
+        if self._splits is None:
+            self._splits = load_eval_splits(self.config)
+        return self._splits
+
+    def features(self, data, readouts: Sequence[Readout]) -> dict[Readout, torch.Tensor]:
+        """Cached frozen features of ``data`` at ``readouts`` (see :func:`extract_features`)."""
+        return extract_features(self.model, data, readouts, batch_size=self.config.batch_size,
+                                cache_dir=self.cache_dir, model_hash=self.model_hash, device=self.device,
+                                progress=self.progress)
+
+    def readout(self) -> Readout:
+        """The readout protocols use: the sweep's choice if it ran, else the model's own output."""
+        return self.best_readout or OUTPUT
+
+    def record(self, *, split: str, protocol: dict, value: float, metric: str = "top1",
+               readout: Readout | None = None, dataset: str | None = None, **extra) -> dict:
+        train, val, test = self.splits()
+        return make_record(method=self.method, backbone=self.backbone_name, dataset=dataset or self.config.dataset,
+                           split=split, protocol=protocol, metric=metric, value=value,
+                           checkpoint_hash=self.checkpoint_hash or self.model_hash, budget=self.budget,
+                           readout=asdict(readout or self.readout()), seed=self.config.seed,
+                           eval_config=asdict(self.config),
+                           images={"train": len(train), "val": len(val), "test": len(test)}, **extra)
+
+
+Protocol = Callable[[EvalContext], list[dict]]
+PROTOCOLS: dict[str, Protocol] = {}
+
+
+def register_protocol(name: str) -> Callable[[Protocol], Protocol]:
+    """Decorator: make ``fn(ctx) -> records`` available as ``diffssl eval --protocol NAME`` and in the bench."""
+
+    def add(fn: Protocol) -> Protocol:
+        PROTOCOLS[name] = fn
+        return fn
+
+    return add
+
+
+@register_protocol("linear")
+def linear_and_knn(ctx: EvalContext) -> list[dict]:
+    """Block × timestep (× pool) sweep by validation linear accuracy, then linear probe and kNN on test."""
+    config = ctx.config
+    train, val, test = ctx.splits()
+    readouts = config.readouts(ctx.model)
+    f_train, f_val, f_test = (ctx.features(d, readouts) for d in (train, val, test))
     records = []
-    sweep: dict[Readout, float] = {}
     if len(readouts) > 1:
+        sweep: dict[Readout, float] = {}
         for r in readouts:
             res = linear_probe(f_train[r], train.labels, f_val[r], val.labels, cs=config.sweep_cs, seed=config.seed)
             sweep[r] = res.val_acc
-            records.append(make_record(split="val", protocol={"name": "sweep_linear", **res.params},
-                                       metric="top1", value=res.val_acc, readout=asdict(r), **common))
-        best = max(readouts, key=lambda r: (sweep[r], -readouts.index(r)))
-        if out_dir is not None:
-            plot_sweep(sweep, Path(out_dir) / f"sweep_{backbone_name}.png", title=f"{method}: val linear acc")
+            records.append(ctx.record(split="val", protocol={"name": "sweep_linear", **res.params},
+                                      value=res.val_acc, readout=r))
+        ctx.best_readout = max(readouts, key=lambda r: (sweep[r], -readouts.index(r)))
+        if ctx.out_dir is not None:
+            plot_sweep(sweep, Path(ctx.out_dir) / f"sweep_{ctx.backbone_name}.png",
+                       title=f"{ctx.method}: validation linear accuracy")
     else:
-        best = readouts[0]
+        ctx.best_readout = readouts[0]
+    best = ctx.best_readout
     lin = linear_probe(f_train[best], train.labels, f_val[best], val.labels, f_test[best], test.labels,
                        cs=config.final_cs, seed=config.seed)
-    records.append(make_record(split="test", protocol={"name": "linear", **lin.params}, metric="top1",
-                               value=lin.test_acc, readout=asdict(best), val_acc=lin.val_acc, **common))
+    records.append(ctx.record(split="test", protocol={"name": "linear", **lin.params}, value=lin.test_acc,
+                              val_acc=lin.val_acc))
     for k in config.knn_ks:
         res = knn_probe(f_train[best], train.labels, f_val[best], val.labels, f_test[best], test.labels,
                         k=k, t=config.knn_t, num_classes=train.num_classes)
-        records.append(make_record(split="test", protocol={"name": f"knn{k}", **res.params}, metric="top1",
-                                   value=res.test_acc, readout=asdict(best), val_acc=res.val_acc, **common))
+        records.append(ctx.record(split="test", protocol={"name": f"knn{k}", **res.params}, value=res.test_acc,
+                                  val_acc=res.val_acc))
+    return records
+
+
+def evaluate(model: nn.Module, method: str, backbone_name: str, config: EvalConfig | None = None,
+             protocols: Sequence[str] = ("linear",), budget: dict | None = None,
+             checkpoint_hash: str | None = None, cache_dir: str | os.PathLike | None = None,
+             out_dir: str | os.PathLike | None = None, device: str = "cpu", progress: bool = True) -> list[dict]:
+    """Run ``protocols`` (names in :data:`PROTOCOLS`) on ``model``, in order, and return their records."""
+    for name in protocols:
+        check_name("protocol", name, PROTOCOLS)
+    ctx = EvalContext(model, method, backbone_name, config or EvalConfig(), budget, checkpoint_hash, cache_dir,
+                      out_dir, device, progress)
+    records = []
+    for name in protocols:
+        records += PROTOCOLS[name](ctx)
     return records
 
 

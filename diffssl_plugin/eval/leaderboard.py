@@ -9,25 +9,34 @@ from pathlib import Path
 
 from ..io import atomic_path
 
-COLUMNS = [("linear", "linear"), ("knn20", "kNN k=20"), ("knn200", "kNN k=200")]
+#: preferred column order and titles; protocols not listed here follow, in alphabetical order
+COLUMN_TITLES = {"linear": "linear", "knn20": "kNN k=20", "knn200": "kNN k=200", "finetune": "fine-tune"}
+
+
+def columns(rows: list[dict]) -> list[tuple[str, str]]:
+    """(protocol, title) for every protocol with a test value in ``rows``."""
+    seen = {k for row in rows for k in row.get("values", {})}
+    known = [(k, t) for k, t in COLUMN_TITLES.items() if k in seen]
+    return known + [(k, k) for k in sorted(seen - set(COLUMN_TITLES))]
 
 
 def leaderboard_rows(records: list[dict], dataset: str | None = None) -> list[dict]:
-    """One row per (method, backbone): the latest test-split value of each protocol, with readout and budget."""
+    """One row per (method, backbone): the latest test-split value (and ``std`` if the record has one) of each
+    protocol, with the readout and budget."""
     rows: dict[tuple[str, str], dict] = {}
     for r in records:
         if r.get("split") != "test" or (dataset and r.get("dataset") != dataset):
             continue
         key = (r["method"], r["backbone"])
         row = rows.setdefault(key, {"method": r["method"], "backbone": r["backbone"], "dataset": r["dataset"]})
-        row[r["protocol"]["name"]] = r["value"]
+        row.setdefault("values", {})[r["protocol"]["name"]] = (r["value"], r.get("std"))
         readout = r.get("readout") or {}
         if readout.get("block"):
             row["readout"] = f"{readout['block']} @ t={readout['timestep']} ({readout['pool']})"
         budget = r.get("budget") or {}
         if budget:
             row["budget"] = budget
-    return sorted(rows.values(), key=lambda row: -(row.get("linear") or 0.0))
+    return sorted(rows.values(), key=lambda row: -(row.get("values", {}).get("linear", (0.0,))[0] or 0.0))
 
 
 def _budget_text(b: dict | None) -> str:
@@ -43,15 +52,20 @@ def _budget_text(b: dict | None) -> str:
     return ", ".join(parts)
 
 
-def _pct(v) -> str:
-    return f"{100 * v:.1f}" if isinstance(v, (int, float)) else "-"
+def _pct(entry) -> str:
+    """A value (and optional std over seeds) in percent."""
+    if not entry or not isinstance(entry[0], (int, float)):
+        return "-"
+    value, std = entry
+    return f"{100 * value:.1f} ± {100 * std:.1f}" if std is not None else f"{100 * value:.1f}"
 
 
 def render_markdown(rows: list[dict]) -> str:
-    head = ["method", "backbone"] + [title for _, title in COLUMNS] + ["readout (chosen on val)", "budget spent"]
+    cols = columns(rows)
+    head = ["method", "backbone"] + [title for _, title in cols] + ["readout (chosen on val)", "budget spent"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in rows:
-        cells = [row["method"], row["backbone"]] + [_pct(row.get(k)) for k, _ in COLUMNS]
+        cells = [row["method"], row["backbone"]] + [_pct(row.get("values", {}).get(k)) for k, _ in cols]
         cells += [row.get("readout", "-"), _budget_text(row.get("budget"))]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
@@ -59,11 +73,15 @@ def render_markdown(rows: list[dict]) -> str:
 
 def render_csv(rows: list[dict]) -> str:
     buf = io.StringIO()
-    fields = ["method", "backbone", "dataset"] + [k for k, _ in COLUMNS] + ["readout", "budget"]
+    cols = [k for k, _ in columns(rows)]
+    fields = ["method", "backbone", "dataset"] + cols + [f"{k}_std" for k in cols] + ["readout", "budget"]
     writer = csv.DictWriter(buf, fieldnames=fields, extrasaction="ignore")
     writer.writeheader()
     for row in rows:
-        writer.writerow({**row, "budget": _budget_text(row.get("budget"))})
+        values = row.get("values", {})
+        flat = {k: values[k][0] for k in cols if k in values}
+        flat.update({f"{k}_std": values[k][1] for k in cols if k in values and values[k][1] is not None})
+        writer.writerow({**row, **flat, "budget": _budget_text(row.get("budget"))})
     return buf.getvalue()
 
 
