@@ -119,6 +119,14 @@ class SSLMethod(pl.LightningModule):
         self.log("train_loss", loss, prog_bar=True, sync_dist=False)
         return loss
 
+    def optimizer_step(self, *args, **kwargs) -> None:
+        super().optimizer_step(*args, **kwargs)
+        self.after_optimizer_step()
+
+    def after_optimizer_step(self) -> None:
+        """Per-step bookkeeping after the weights change (e.g. an EMA update). It runs before any callback's
+        ``on_train_batch_end``, so a checkpoint written at step s holds exactly s updates."""
+
     def configure_optimizers(self):
         params = [p for p in self.parameters() if p.requires_grad]
         opt = torch.optim.AdamW(params, lr=self.lr, weight_decay=self.weight_decay)

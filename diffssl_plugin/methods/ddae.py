@@ -62,7 +62,7 @@ class DDAE(SSLMethod):
         x0 = self.transform(images, generator)
         return epsilon_loss(lambda x_t, t: self.unet(x_t, t).sample, x0, self.scheduler, generator)
 
-    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
+    def after_optimizer_step(self) -> None:
         self.ema.update(self.unet)
 
     @property

@@ -20,7 +20,7 @@ import torch
 from pytorch_lightning.callbacks import Callback, ModelCheckpoint
 
 from ..data import load_split
-from ..io import atomic_path, write_json
+from ..io import write_json
 from .base import SSLMethod, StartAt, StepBatches
 from .registry import get_method
 
@@ -148,10 +148,12 @@ def pretrain(method: str, dataset: str = "fashion_mnist", budget: Budget = Budge
              accelerator: str = "auto", devices: int | str = 1, strategy: str = "auto", num_nodes: int = 1,
              precision: str = "bf16-mixed", resume: bool = True, progress: bool = True, seed: int = 0,
              checkpoint_every: int = 200, method_kwargs: dict | None = None,
-             max_images: int | None = None) -> PretrainResult:
+             max_images: int | None = None, callbacks: list[Callback] | None = None,
+             logger: pl.loggers.Logger | bool | None = None) -> PretrainResult:
     """Pretrain ``method`` on the ``trainval`` split of ``dataset`` (labels unused) within ``budget``.
 
     ``batch_size`` is the global batch; each of the ``devices × num_nodes`` processes takes its share.
+    ``callbacks`` and ``logger`` are passed to Lightning (default logger: CSV files under ``out_dir/logs``).
     """
     out = Path(out_dir)
     method_kwargs = dict(method_kwargs or {})
@@ -161,10 +163,11 @@ def pretrain(method: str, dataset: str = "fashion_mnist", budget: Budget = Budge
     pl.seed_everything(seed, workers=True, verbose=False)
     trainer = pl.Trainer(
         accelerator=accelerator, devices=devices, strategy=strategy, num_nodes=num_nodes, precision=precision,
-        max_steps=-1, max_epochs=-1, logger=pl.loggers.CSVLogger(str(out), name="logs"),
+        max_steps=-1, max_epochs=-1,
+        logger=pl.loggers.CSVLogger(str(out), name="logs") if logger is None else logger,
         callbacks=[AtomicCheckpoint(dirpath=str(out / "checkpoints"), save_last=True, save_top_k=0,
                                     every_n_train_steps=checkpoint_every, enable_version_counter=False),
-                   WallClock()],
+                   WallClock(), *(callbacks or [])],
         enable_progress_bar=progress, enable_model_summary=False, use_distributed_sampler=False,
         num_sanity_val_steps=0, log_every_n_steps=10, default_root_dir=str(out))
     per_device, rem = divmod(batch_size, trainer.world_size)
@@ -182,10 +185,13 @@ def pretrain(method: str, dataset: str = "fashion_mnist", budget: Budget = Budge
         trainer.callbacks.append(timer)
     datamodule = StepDataModule(data.images, data.labels, batch_size, seed, max_steps)
     last = out / "checkpoints" / "last.ckpt"
-    trainer.fit(model, datamodule=datamodule, ckpt_path=str(last) if resume and last.is_file() else None)
-    if trainer.is_global_zero and trainer.global_step > 0:
-        with atomic_path(last) as tmp:
-            trainer.save_checkpoint(str(tmp))
+    trainer.fit(model, datamodule=datamodule, ckpt_path=str(last) if resume and last.is_file() else None,
+                weights_only=True)
+    if trainer.global_step > 0:  # every rank takes part (a barrier); only rank 0 writes, then renames
+        partial = str(last) + ".partial"
+        trainer.save_checkpoint(partial, weights_only=False)
+        if trainer.is_global_zero:
+            os.replace(partial, last)
     steps = trainer.global_step
     wall = next(c for c in trainer.callbacks if isinstance(c, WallClock)).seconds()
     loss = trainer.callback_metrics.get("train_loss")
