@@ -93,6 +93,10 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _first_line(error: BaseException) -> str:
+    return (str(error).splitlines() or [type(error).__name__])[0]
+
+
 def _split(text: str | None, cast=str):
     return tuple(cast(t) for t in text.split(",") if t) if text else None
 
@@ -138,7 +142,7 @@ def load_backbone(checkpoint: str | None = None, model: str | None = None, weigh
         try:
             net.load_state_dict(state, strict=True)
         except RuntimeError as e:
-            raise CheckpointError(f"{weights} does not fit {model}: {str(e).splitlines()[0]}") from e
+            raise CheckpointError(f"{weights} does not fit {model}: {_first_line(e)}") from e
     return net
 
 
@@ -192,8 +196,11 @@ def cmd_export(args) -> int:
     try:
         model = cls.load_from_checkpoint(str(path), map_location="cpu", weights_only=True)
     except Exception as e:  # torch/Lightning raise many types for damaged or untrusted files
-        raise CheckpointError(f"cannot load {path} as a {args.method} checkpoint (truncated, corrupted, "
-                              f"or it needs untrusted code): {str(e).splitlines()[0]}") from e
+        if "weights only load failed" in str(e).lower():
+            raise CheckpointError(f"refusing to load {path}: it is a pickle that needs code to load "
+                                  "(untrusted checkpoints are never unpickled)") from e
+        raise CheckpointError(f"cannot load {path} as a {args.method} checkpoint (truncated or corrupted?): "
+                              f"{_first_line(e)}") from e
     print(export(model, args.out))
     return 0
 

@@ -1,0 +1,163 @@
+"""The harness: feature caching, probes, protocols, records and leaderboards, on real data and any backbone."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import timm
+import torch
+from torch import nn
+
+import diffssl_plugin  # noqa: F401
+from diffssl_plugin.data import load_split
+from diffssl_plugin.eval import (EvalConfig, Readout, evaluate, extract_features, knn_accuracy, linear_probe,
+                                 read_records, render_markdown, write_leaderboard, write_records)
+from diffssl_plugin.eval.features import FeatureCache, model_fingerprint
+from diffssl_plugin.eval.leaderboard import leaderboard_rows
+from diffssl_plugin.errors import UnknownNameError
+
+SMALL = EvalConfig(train_images=200, val_images=100, test_images=200, timesteps=(0, 10), blocks=("mid", "up0"),
+                   pools=("avg",), final_cs=(0.1, 1.0), knn_ks=(20,))
+
+
+@pytest.fixture
+def tiny_fmnist_backbone():
+    """A tiny untrained 28×28 grey DDAE backbone (3 levels, like the fmnist_small preset but narrow)."""
+    from diffssl_plugin.backbones import DDAEBackbone
+
+    torch.manual_seed(0)
+    cfg = dict(sample_size=28, in_channels=1, out_channels=1, block_out_channels=(8, 16, 16), layers_per_block=1,
+               down_block_types=("DownBlock2D",) * 3, up_block_types=("UpBlock2D",) * 3, norm_num_groups=8)
+    return DDAEBackbone(unet_config=cfg, timestep=10, block="mid", pool="avg")
+
+
+@pytest.fixture(scope="module")
+def fmnist_small():
+    return load_split("fashion_mnist", "train").balanced_subset(total=64, seed=1)
+
+
+def _count_forwards(model):
+    calls = []
+    handle = model.register_forward_pre_hook(lambda m, a: calls.append(1)) if not hasattr(model, "unet") else \
+        model.unet.conv_in.register_forward_pre_hook(lambda m, a: calls.append(1))
+    return calls, handle
+
+
+def test_features_are_cached_and_not_recomputed(tmp_path, tiny_fmnist_backbone, fmnist_small):
+    readouts = [Readout(0, "mid", "avg"), Readout(10, "mid", "avg2x2"), Readout(10, "up0", "avg")]
+    calls, handle = _count_forwards(tiny_fmnist_backbone)
+    first = extract_features(tiny_fmnist_backbone, fmnist_small, readouts, batch_size=32, cache_dir=tmp_path,
+                             progress=False)
+    n_batches = 2
+    assert len(calls) == n_batches * 2  # one U-Net forward per (batch, timestep), all blocks at once
+    again = extract_features(tiny_fmnist_backbone, fmnist_small, readouts, batch_size=32, cache_dir=tmp_path,
+                             progress=False)
+    assert len(calls) == n_batches * 2  # nothing recomputed
+    handle.remove()
+    for r in readouts:
+        torch.testing.assert_close(first[r], again[r])
+    assert first[readouts[1]].shape == (len(fmnist_small), 4 * first[readouts[0]].shape[1])
+    assert not list(tmp_path.rglob("*.tmp"))
+
+
+def test_damaged_cache_entry_is_recomputed(tmp_path, tiny_fmnist_backbone, fmnist_small):
+    r = Readout(0, "mid", "avg")
+    good = extract_features(tiny_fmnist_backbone, fmnist_small, [r], cache_dir=tmp_path, progress=False)[r]
+    cache = FeatureCache(tmp_path)
+    path = cache.path(model_fingerprint(tiny_fmnist_backbone), fmnist_small, r)
+    path.write_bytes(path.read_bytes()[: 40])  # a truncated file, as after a crash mid-write
+    again = extract_features(tiny_fmnist_backbone, fmnist_small, [r], cache_dir=tmp_path, progress=False)[r]
+    torch.testing.assert_close(good, again)
+
+
+def test_cache_key_changes_with_weights(tmp_path, tiny_fmnist_backbone):
+    h = model_fingerprint(tiny_fmnist_backbone)
+    with torch.no_grad():
+        next(tiny_fmnist_backbone.parameters()).add_(1.0)
+    assert model_fingerprint(tiny_fmnist_backbone) != h
+
+
+def test_linear_probe_chooses_c_on_validation_and_scores_test():
+    gen = torch.Generator().manual_seed(0)
+    centers = torch.randn(3, 16, generator=gen) * 4
+    y = torch.arange(300) % 3
+    x = centers[y] + torch.randn(300, 16, generator=gen)
+    res = linear_probe(x[:150], y[:150], x[150:225], y[150:225], x[225:], y[225:], cs=(1e-4, 1.0))
+    assert res.test_acc > 0.95 and res.val_acc > 0.95
+    assert res.params["C"] in (1e-4, 1.0)
+    noise = linear_probe(torch.randn(150, 16, generator=gen), y[:150], torch.randn(75, 16, generator=gen),
+                         y[150:225], cs=(1.0,))
+    assert noise.val_acc < 0.6 and noise.test_acc is None
+
+
+def test_knn_accuracy_on_clusters_and_labels_matter():
+    gen = torch.Generator().manual_seed(0)
+    y = torch.arange(200) % 4
+    x = torch.nn.functional.one_hot(y, 4).float() * 5 + 0.1 * torch.randn(200, 4, generator=gen)
+    assert knn_accuracy(x[:100], y[:100], x[100:], y[100:], k=20, t=0.1) == 1.0
+    assert knn_accuracy(x[:100], y[:100].roll(1), x[100:], y[100:], k=20, t=0.1) < 0.1
+
+
+def test_evaluate_raw_pixels_records_carry_the_protocol(tmp_path):
+    model = timm.create_model("raw_pixels")
+    records = evaluate(model, "raw_pixels", "raw_pixels", SMALL, budget={"steps": 0}, cache_dir=tmp_path,
+                       progress=False)
+    names = [r["protocol"]["name"] for r in records]
+    assert names == ["linear", "knn20"]
+    lin = records[0]
+    assert lin["split"] == "test" and 0.5 < lin["value"] <= 1.0  # well above chance (0.1) on Fashion-MNIST
+    assert lin["protocol"]["C"] in SMALL.final_cs and lin["images"] == {"train": 200, "val": 100, "test": 200}
+    assert lin["versions"]["torch"] and lin["machine"]["cpu_count"] and lin["budget"] == {"steps": 0}
+    assert records[1]["protocol"]["k"] == 20 and records[1]["protocol"]["T"] == 0.1
+
+
+def test_evaluate_sweeps_blocks_and_timesteps_and_draws_heatmap(tmp_path, tiny_fmnist_backbone):
+    records = evaluate(tiny_fmnist_backbone, "ddae", "tiny", SMALL, cache_dir=tmp_path / "c", out_dir=tmp_path,
+                       progress=False)
+    sweep = [r for r in records if r["protocol"]["name"] == "sweep_linear"]
+    assert len(sweep) == 4 and all(r["split"] == "val" for r in sweep)
+    best = max(sweep, key=lambda r: r["value"])
+    final = next(r for r in records if r["protocol"]["name"] == "linear")
+    assert final["readout"] == best["readout"]  # chosen on validation
+    assert (tmp_path / "sweep_tiny.png").stat().st_size > 1000
+
+
+def test_any_timm_or_lightly_style_backbone_works(tmp_path):
+    timm_model = timm.create_model("resnet18", in_chans=1, num_classes=0, pretrained=False)
+    lightly_style = nn.Sequential(nn.Conv2d(1, 8, 3, stride=2), nn.ReLU(), nn.AdaptiveAvgPool2d(2), nn.Flatten())
+    config = EvalConfig(train_images=100, val_images=50, test_images=100, final_cs=(1.0,), knn_ks=(20,))
+    accuracy = {}
+    for name, model in (("resnet18", timm_model), ("conv", lightly_style)):
+        recs = evaluate(model, name, name, config, progress=False)
+        assert [r["protocol"]["name"] for r in recs] == ["linear", "knn20"]
+        accuracy[name] = recs[0]["value"]
+    assert 0.0 <= accuracy["resnet18"] <= 1.0  # untrained and deep: only the plumbing is checked
+    assert accuracy["conv"] > 0.3  # random conv features of real images beat chance (0.1)
+
+
+def test_unknown_protocol_lists_valid_ones():
+    with pytest.raises(UnknownNameError, match="linear"):
+        evaluate(timm.create_model("raw_pixels"), "x", "x", SMALL, protocols=("segmentation-v9",), progress=False)
+
+
+def test_leaderboard_from_records(tmp_path):
+    base = {"dataset": "fashion_mnist", "split": "test", "readout": {}, "budget": {}}
+    records = [
+        {**base, "method": "a", "backbone": "A", "protocol": {"name": "linear"}, "value": 0.8},
+        {**base, "method": "a", "backbone": "A", "protocol": {"name": "semisup_1pct"}, "value": 0.5, "std": 0.02},
+        {**base, "method": "b", "backbone": "B", "protocol": {"name": "linear"}, "value": 0.9,
+         "readout": {"block": "mid", "timestep": 10, "pool": "avg"}, "budget": {"steps": 5, "wall_seconds": 60}},
+        {**base, "method": "b", "backbone": "B", "protocol": {"name": "sweep_linear"}, "value": 0.99, "split": "val"},
+    ]
+    rows = leaderboard_rows(records)
+    assert [r["method"] for r in rows] == ["b", "a"]  # sorted by linear accuracy
+    md = render_markdown(rows)
+    assert "50.0 ± 2.0" in md and "90.0" in md and "mid @ t=10 (avg)" in md and "99.0" not in md
+    write_records(tmp_path / "records.jsonl", records)
+    assert read_records(tmp_path / "records.jsonl") == json.loads(json.dumps(records))
+    write_leaderboard(records, tmp_path)
+    csv_text = (tmp_path / "leaderboard.csv").read_text()
+    assert csv_text.splitlines()[0].startswith("method,backbone,dataset,linear")
+    with pytest.raises(FileNotFoundError, match="diffssl"):
+        read_records(tmp_path / "missing.jsonl")
