@@ -1,6 +1,9 @@
 """Backbones: networks that honour timm's contract, plus ``extract`` for diffusion features."""
 
 from . import timm_models  # noqa: F401  (registers the timm model names)
+from . import drl  # noqa: F401
+from . import ebm  # noqa: F401
+from . import baselines  # noqa: F401
 from .ddae import UNET_PRESETS, DDAEBackbone, unet_block_modules
 from .pooling import pool_features, pooled_dim
 from .raw import RawPixels

@@ -14,6 +14,17 @@ CIFAR-10 U-Net (``google/ddpm-cifar10-32``), DDAE's chosen ``out_6`` at DDAE ``t
 **One forward per timestep.** Features are captured by forward hooks on the real diffusers forward, and the
 forward stops right after the last block needed; there is no second copy of the U-Net's forward.
 
+**Edits (DifFeed's feedback).** The same hooks can *replace* outputs: ``extract(..., edits={unit: fn})``
+makes the named unit's output ``fn(output)`` before anything downstream reads it. Units are the blocks above
+plus the modules whose outputs the U-Net stores as skip connections: ``conv_in`` and ``down{i}.{j}`` (the j-th
+residual block of ``down_blocks[i]``, after its attention if any). A down block returns ``(hidden, skips)``
+where ``hidden`` *is* ``skips[-1]`` (its downsampler's output, or its last residual block's when it has none),
+so an edit of ``down{i}`` replaces both: the next block and the decoder block that reads that skip see the
+edited tensor (diffssl adds feedback "before the output is stored as a skip"); the block's other skips are
+edited through their ``down{i}.{j}`` names. :meth:`DDAEBackbone.mirror_block` names, for each decoder unit,
+the encoder unit whose skip it consumes (its mirror in the U; diffssl's pairs ``b → 38 − b`` in ADM's
+block numbering).
+
 **Noise.** With ``noise_seed`` set (default 0) every image is noised with the same fixed ε drawn from that seed
 (DDPM-seg's "shared noise"), so features do not depend on batch composition and evaluations repeat exactly.
 ``noise_seed=None`` draws fresh noise at each call, as DDAE's code does.
@@ -24,7 +35,7 @@ Inputs are images normalised to [-1, 1] (mean = std = 0.5).
 from __future__ import annotations
 
 import copy
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 from diffusers import UNet2DModel
@@ -73,6 +84,68 @@ def unet_block_modules(unet: UNet2DModel) -> dict[str, nn.Module]:
             blocks[f"up{i}.{j}"] = attentions[j] if attentions is not None and attentions[j] is not None else resnet
         blocks[f"up{i}"] = block
     return blocks
+
+
+def unet_encoder_units(unet: UNet2DModel) -> dict[str, nn.Module]:
+    """The modules whose outputs a ``UNet2DModel`` stores as skip connections, in forward order: ``conv_in``,
+    ``down{i}.{j}`` (residual block j of ``down_blocks[i]``, after its attention if any) and ``down{i}``."""
+    units: dict[str, nn.Module] = {"conv_in": unet.conv_in}
+    for i, block in enumerate(unet.down_blocks):
+        attentions = getattr(block, "attentions", None)
+        for j, resnet in enumerate(block.resnets):
+            attention = attentions[j] if attentions is not None else None
+            units[f"down{i}.{j}"] = attention if attention is not None else resnet
+        units[f"down{i}"] = block
+    return units
+
+
+def unet_skip_mirrors(unet: UNet2DModel) -> dict[str, str]:
+    """Decoder unit → the encoder unit whose skip connection it consumes (its mirror).
+
+    Skips form a stack: ``conv_in``, then per down block its residual blocks and its downsampler; each up
+    block pops one per residual block. A down block's last skip is named by the block (``down{i}``), its
+    others by their residual blocks (``down{i}.{j}``). ``up{i}`` (after the upsampler) mirrors what
+    ``up{i}``'s last residual block mirrors, like ADM's output block that ends with the upsampler.
+    """
+    stack = ["conv_in"]
+    for i, block in enumerate(unet.down_blocks):
+        names = [f"down{i}.{j}" for j in range(len(block.resnets))]
+        if getattr(block, "downsamplers", None) is not None:
+            names.append(f"down{i}")
+        elif names:
+            names[-1] = f"down{i}"
+        stack += names
+    mirrors: dict[str, str] = {}
+    for i, block in enumerate(unet.up_blocks):
+        for j in range(len(block.resnets)):
+            if stack:
+                mirrors[f"up{i}.{j}"] = stack.pop()
+        last = f"up{i}.{len(block.resnets) - 1}"
+        if last in mirrors:
+            mirrors[f"up{i}"] = mirrors[last]
+    return mirrors
+
+
+def _edited(name: str, output, edit: Callable[[torch.Tensor], torch.Tensor]):
+    """``output`` with ``edit`` applied; for a down block's ``(hidden, skips)``, to ``hidden`` and
+    ``skips[-1]`` (the same tensor)."""
+    if isinstance(output, tuple):
+        if len(output) != 2 or not output[1] or output[1][-1] is not output[0]:
+            raise InputError(f"cannot edit {name!r}: its output is not (hidden, skips) with hidden as the "
+                             "last skip")
+        hidden, skips = output
+        new = edit(hidden)
+        _check_edit(name, hidden, new)
+        return new, skips[:-1] + (new,)
+    new = edit(output)
+    _check_edit(name, output, new)
+    return new
+
+
+def _check_edit(name: str, old: torch.Tensor, new) -> None:
+    if not isinstance(new, torch.Tensor) or new.shape != old.shape:
+        got = tuple(new.shape) if isinstance(new, torch.Tensor) else type(new).__name__
+        raise InputError(f"the edit of {name!r} must return a tensor of shape {tuple(old.shape)}, got {got}")
 
 
 def default_data_cfg(in_chans: int, image_size: int) -> dict:
@@ -126,8 +199,12 @@ class DDAEBackbone(nn.Module):
         self.dynamic_img_size = dynamic_img_size
         self.noise_seed = noise_seed
         self._blocks = unet_block_modules(unet)
-        self._order = {name: i for i, name in enumerate(self._blocks)}
-        self.block_shapes = self._probe_shapes()
+        encoder = unet_encoder_units(unet)
+        self._units = {**encoder, **{n: m for n, m in self._blocks.items() if n not in encoder}}
+        self._order = {name: i for i, name in enumerate(self._units)}
+        self._mirrors = unet_skip_mirrors(unet)
+        self.unit_shapes = self._probe_shapes()
+        self.block_shapes = {n: self.unit_shapes[n] for n in self._blocks}
         self.timestep = check_timesteps([timestep], self.num_train_timesteps)[0]
         self.block = check_name("block", block, self._blocks)
         if global_pool is not None:
@@ -151,6 +228,19 @@ class DDAEBackbone(nn.Module):
         """The module whose output is block ``name`` (for hooks, e.g. DifFeed's feedback)."""
         return self._blocks[check_name("block", name, self._blocks)]
 
+    @property
+    def unit_names(self) -> list[str]:
+        """Every unit ``extract`` can edit (the blocks, ``conv_in`` and ``down{i}.{j}``), in forward order."""
+        return list(self._units)
+
+    def mirror_block(self, decoder_block: str) -> str:
+        """The encoder unit whose skip connection ``decoder_block`` (``up{i}.{j}`` or ``up{i}``) consumes."""
+        return self._mirrors[check_name("decoder block", decoder_block, self._mirrors)]
+
+    def draw_noise(self, x: torch.Tensor) -> torch.Tensor:
+        """The ε ``extract`` would use for ``x`` (shared seeded noise, or fresh if ``noise_seed`` is None)."""
+        return self._noise(x)
+
     # ------------------------------------------------------------------ core: one forward, early exit
     def _noise(self, x: torch.Tensor) -> torch.Tensor:
         if self.noise_seed is None:
@@ -159,20 +249,33 @@ class DDAEBackbone(nn.Module):
         noise = torch.randn((1, *x.shape[1:]), generator=gen).to(device=x.device, dtype=x.dtype)
         return noise.expand_as(x)
 
-    def _capture(self, x_t: torch.Tensor, timestep: int, wanted: Sequence[str]) -> dict[str, torch.Tensor]:
-        """Run the U-Net once on ``x_t`` and return the outputs of ``wanted`` blocks, stopping after the last."""
+    def _capture(self, x_t: torch.Tensor, timestep: int, wanted: Sequence[str],
+                 edits: Mapping[str, Callable[[torch.Tensor], torch.Tensor]] | None = None
+                 ) -> dict[str, torch.Tensor]:
+        """Run the U-Net once on ``x_t`` and return the outputs of ``wanted`` units, stopping after the last.
+
+        ``edits`` replace unit outputs during the forward (see the module docstring); a unit that is both
+        edited and wanted is returned edited. Edits of units after the last wanted one never run.
+        """
         feats: dict[str, torch.Tensor] = {}
+        edits = dict(edits or {})
+        wanted = set(wanted)
         last = max(wanted, key=self._order.__getitem__)
 
         def hook_for(name: str):
             def hook(module, args, output):
-                feats[name] = output[0] if isinstance(output, tuple) else output
+                if name in edits:
+                    output = _edited(name, output, edits[name])
+                if name in wanted:
+                    feats[name] = output[0] if isinstance(output, tuple) else output
                 if name == last:
                     raise _StopForward
+                return output if name in edits else None
 
             return hook
 
-        handles = [self._blocks[n].register_forward_hook(hook_for(n)) for n in set(wanted)]
+        hooked = wanted | {n for n in edits if self._order[n] < self._order[last]}
+        handles = [self._units[n].register_forward_hook(hook_for(n)) for n in hooked]
         t = torch.full((x_t.shape[0],), timestep, dtype=torch.long, device=x_t.device)
         try:
             self.unet(x_t, t)
@@ -188,22 +291,36 @@ class DDAEBackbone(nn.Module):
         check_images(x, self.in_chans, size, value_range=(-1.0, 1.0), name=type(self).__name__)
 
     def extract(self, x: torch.Tensor, timesteps: Sequence[int], blocks: Sequence[str],
-                pool: str | None = "avg") -> dict[tuple[int, str], torch.Tensor]:
+                pool: str | None = "avg", *, noise: torch.Tensor | None = None,
+                edits: Mapping[str, Callable[[torch.Tensor], torch.Tensor]] | None = None
+                ) -> dict[tuple[int, str], torch.Tensor]:
         """Features of ``blocks`` at each of ``timesteps``: ``{(t, block): tensor}``, one U-Net forward per timestep.
 
         ``x`` is a batch in [-1, 1]. ``pool`` is ``"avg"``, ``"avgKxK"`` or ``None``/``"none"`` (NCHW maps).
+        ``noise``: the ε that noises ``x`` (default :meth:`draw_noise`); two calls with the same ``noise`` see
+        the same ``x_t``. ``edits``: ``{unit: fn}`` replaces each named unit's output (a name of
+        :attr:`unit_names`) by ``fn(output)`` during every forward, before anything downstream reads it (see
+        the module docstring).
         """
         self._check(x)
         timesteps = check_timesteps(timesteps, self.num_train_timesteps)
         for b in blocks:
             check_name("block", b, self._blocks)
+        for name, fn in (edits or {}).items():
+            check_name("edit target", name, self._units)
+            if not callable(fn):
+                raise InputError(f"the edit of {name!r} must be a function of the unit's output, got {fn!r}")
         pool = pool or "none"
         pool_cells(pool)
-        noise = self._noise(x)
+        if noise is None:
+            noise = self._noise(x)
+        elif not isinstance(noise, torch.Tensor) or noise.shape != x.shape:
+            got = tuple(noise.shape) if isinstance(noise, torch.Tensor) else type(noise).__name__
+            raise InputError(f"noise must be a tensor of the images' shape {tuple(x.shape)}, got {got}")
         out: dict[tuple[int, str], torch.Tensor] = {}
         for t in timesteps:
             x_t = add_noise(self.scheduler, x, noise, torch.full((x.shape[0],), t, device=x.device))
-            feats = self._capture(x_t, t, blocks)
+            feats = self._capture(x_t, t, blocks, edits)
             for b in blocks:
                 out[(t, b)] = pool_features(feats[b], pool)
         return out
@@ -215,7 +332,7 @@ class DDAEBackbone(nn.Module):
         was_training = self.unet.training
         with torch.no_grad():
             self.unet.eval()
-            feats = self._capture(x, 0, list(self._blocks))
+            feats = self._capture(x, 0, list(self._units))
         self.unet.train(was_training)
         return {name: tuple(f.shape[1:]) for name, f in feats.items()}
 

@@ -5,6 +5,9 @@ from .harness import PROTOCOLS, EvalConfig, EvalContext, evaluate, plot_sweep, r
 from .leaderboard import render_markdown, write_leaderboard
 from .probes import knn_accuracy, knn_probe, linear_probe
 from .records import environment, make_record, read_records, write_records
+from . import finetune  # noqa: F401
+from . import ood  # noqa: F401
+from . import heads_protocols  # noqa: F401  (registers the attention, difformer and diffeed protocols)
 
 __all__ = ["OUTPUT", "FeatureCache", "Readout", "extract_features", "model_fingerprint", "normalise",
            "EvalConfig", "EvalContext", "PROTOCOLS", "register_protocol", "evaluate", "plot_sweep", "render_markdown", "write_leaderboard", "knn_accuracy",

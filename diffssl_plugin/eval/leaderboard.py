@@ -10,7 +10,8 @@ from pathlib import Path
 from ..io import atomic_path
 
 #: preferred column order and titles; protocols not listed here follow, in alphabetical order
-COLUMN_TITLES = {"linear": "linear", "knn20": "kNN k=20", "knn200": "kNN k=200", "finetune": "fine-tune"}
+COLUMN_TITLES = {"linear": "linear", "knn20": "kNN k=20", "knn200": "kNN k=200", "finetune": "fine-tune",
+                 "attention": "attention head", "difformer": "DifFormer", "diffeed": "DifFeed"}
 
 
 def columns(rows: list[dict]) -> list[tuple[str, str]]:

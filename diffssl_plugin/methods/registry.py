@@ -13,11 +13,20 @@ from importlib.metadata import entry_points
 
 from ..errors import check_name
 from .ddae import DDAE
+from .drl import DRL, VDRL
+from .mae import MAE
+from .simclr import SimCLR
+from .mdsm import MDSM
 
 ENTRY_POINT_GROUP = "diffssl_plugin.methods"
 
 METHODS: dict[str, dict] = {
     "ddae": {"model": DDAE, "transform": DDAE.transform},
+    "drl": {"model": DRL, "transform": DRL.transform},
+    "vdrl": {"model": VDRL, "transform": VDRL.transform},
+    "simclr": {"model": SimCLR, "transform": SimCLR.transform},
+    "mae": {"model": MAE, "transform": MAE.transform},
+    "mdsm": {"model": MDSM, "transform": MDSM.transform},
 }
 
 

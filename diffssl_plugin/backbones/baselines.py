@@ -1,0 +1,176 @@
+"""Backbones of the non-diffusion baselines, registered with timm (after ``import diffssl_plugin``):
+
+* ``simclr_resnet18_cifar``: ResNet-18 with the CIFAR stem (3×3 first conv, stride 1, no max-pool), as in
+  lightly's CIFAR-10 benchmark; ``num_features`` 512 (global average pool of ``layer4``). Built from timm's
+  own :class:`~timm.models.resnet.ResNet`, so it has timm's whole contract (``forward_intermediates``
+  included).
+* ``mae_vit_tiny_p4``: a ViT-Tiny (192-d, 12 blocks, 3 heads) with 4-pixel patches, so a 28×28 image is
+  7×7 tokens (32×32: 8×8). It is a plain timm :class:`~timm.models.vision_transformer.VisionTransformer`;
+  during MAE pretraining lightly's ``MaskedVisionTransformerTIMM`` wraps it, and what is exported is this ViT
+  alone. Its pooled feature is the **mean of the patch tokens after the final LayerNorm**
+  (``global_pool="avg"``, ``fc_norm=False``), MAE's fine-tuning feature. CLS_NOTE
+
+Normalisation (``pretrained_cfg`` mean/std, also used by the training augmentations): ImageNet statistics, as
+lightly's transforms use; for grey images their channel average, mean 0.449 and std 0.226.
+
+Tags: ``.fmnist`` (1×28×28, the default) and ``.cifar10`` (3×32×32). Any ``in_chans`` works; the factory then
+sets the matching mean/std.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Sequence
+
+import torch
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models.resnet import BasicBlock, ResNet
+from timm.models.vision_transformer import VisionTransformer
+from torch import nn
+
+from ..errors import InputError, check_name
+
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+GREY_MEAN, GREY_STD = (0.449,), (0.226,)  # channel averages of the ImageNet statistics
+
+
+def norm_stats(in_chans: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """(mean, std) for ``in_chans`` channels: ImageNet's for RGB, their channel average otherwise."""
+    if in_chans == 3:
+        return IMAGENET_MEAN, IMAGENET_STD
+    return GREY_MEAN * in_chans, GREY_STD * in_chans
+
+
+def cpu_math_attention(device: torch.device | str):
+    """On the CPU, compute attention with plain matrix products: for the short token sequences here (13-65
+    tokens) PyTorch's fused CPU attention kernel made a bf16 MAE training step ~30% slower (its backward
+    dominated the profile). Elsewhere, leave PyTorch's choice alone."""
+    if torch.device(device).type != "cpu":
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel(SDPBackend.MATH)
+
+
+def _cfg(in_chans: int, size: int, **kw) -> dict:
+    mean, std = norm_stats(in_chans)
+    return dict(input_size=(in_chans, size, size), mean=mean, std=std, interpolation="bilinear", crop_pct=1.0,
+                crop_mode="center", num_classes=0, **kw)
+
+
+_RESNET = dict(first_conv="conv1", classifier="fc", paper_ids="arXiv:2002.05709")
+_VIT = dict(first_conv="patch_embed.proj", classifier="head", fixed_input_size=True,
+            paper_ids="arXiv:2111.06377")
+
+default_cfgs = generate_default_cfgs({
+    "simclr_resnet18_cifar.fmnist": _cfg(1, 28, **_RESNET, description="SimCLR ResNet-18, 28×28 grey"),
+    "simclr_resnet18_cifar.cifar10": _cfg(3, 32, **_RESNET, description="SimCLR ResNet-18, 32×32 RGB"),
+    "mae_vit_tiny_p4.fmnist": _cfg(1, 28, **_VIT, description="MAE ViT-Tiny/4, 28×28 grey"),
+    "mae_vit_tiny_p4.cifar10": _cfg(3, 32, **_VIT, description="MAE ViT-Tiny/4, 32×32 RGB"),
+})
+
+
+class CifarResNet(ResNet):
+    """timm's ResNet with the CIFAR stem: ``conv1`` is a 3×3 stride-1 convolution and there is no max-pool, so
+    a 28/32-pixel image reaches ``layer4`` at 4×4 (not 1×1). ``layers``/``channels`` default to ResNet-18."""
+
+    def __init__(self, layers: Sequence[int] = (2, 2, 2, 2), channels: Sequence[int] = (64, 128, 256, 512),
+                 in_chans: int = 3, num_classes: int = 0, global_pool: str = "avg", **kwargs):
+        kwargs.pop("pretrained_cfg", None)
+        super().__init__(BasicBlock, tuple(layers), num_classes=num_classes, in_chans=in_chans,
+                         global_pool=global_pool, channels=tuple(channels), **kwargs)
+        self.in_chans, self.layers, self.channels = in_chans, list(layers), list(channels)
+        stem = self.bn1.num_features  # timm's plain stem is 64 channels wide, whatever ``channels`` is
+        self.conv1 = nn.Conv2d(in_chans, stem, kernel_size=3, stride=1, padding=1, bias=False)
+        nn.init.kaiming_normal_(self.conv1.weight, mode="fan_out", nonlinearity="relu")
+        self.maxpool = nn.Identity()
+        # the stem no longer downsamples: every reduction is 4× smaller than timm's ImageNet ResNet's
+        self.feature_info = [{**f, "reduction": max(1, f["reduction"] // 4)} for f in self.feature_info]
+
+    def model_args(self) -> dict:
+        """Arguments that rebuild this backbone through ``simclr_resnet18_cifar`` (written on export)."""
+        return dict(layers=self.layers, channels=self.channels)
+
+
+class MAEViT(VisionTransformer):
+    """timm's VisionTransformer plus what the harness sweeps over: ``block_names`` and
+    ``extract(x, timesteps, blocks, pool)``, the patch tokens after block ``blocks.i`` as an NCHW map.
+
+    ``timesteps`` is accepted for the harness's interface (a ViT has no noise level): every timestep asked for
+    gets the same features, from one forward.
+    """
+
+    def __init__(self, **kwargs):
+        kwargs.pop("pretrained_cfg", None)
+        self._arch = {k: kwargs[k] for k in ("patch_size", "embed_dim", "depth", "num_heads", "mlp_ratio",
+                                              "fc_norm", "class_token") if k in kwargs}
+        super().__init__(**kwargs)
+        self.in_chans = kwargs.get("in_chans", 3)
+        self.block = self.block_names[-1]
+
+    def forward_features(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        with cpu_math_attention(x.device):
+            return super().forward_features(x, *args, **kwargs)
+
+    def forward_intermediates(self, x: torch.Tensor, *args, **kwargs):
+        with cpu_math_attention(x.device):
+            return super().forward_intermediates(x, *args, **kwargs)
+
+    @property
+    def block_names(self) -> list[str]:
+        return [f"blocks.{i}" for i in range(len(self.blocks))]
+
+    def extract(self, x: torch.Tensor, timesteps: Sequence, blocks: Sequence[str],
+                pool: str | None = "avg") -> dict[tuple, torch.Tensor]:
+        """``{(t, block): features}`` for every ``t`` in ``timesteps``, from one forward that stops at the
+        last block asked for. ``pool``: ``"avg"``, ``"avgKxK"`` or ``None``/``"none"`` (NCHW token maps)."""
+        from .pooling import pool_cells, pool_features
+
+        pool = pool or "none"
+        pool_cells(pool)
+        for b in blocks:
+            check_name("block", b, self.block_names)
+        if x.dim() != 4 or x.shape[1] != self.in_chans:
+            raise InputError(f"MAEViT expects images of shape (B, {self.in_chans}, H, W), "
+                             f"got {tuple(x.shape)}")
+        indices = sorted({self.block_names.index(b) for b in blocks})
+        maps = self.forward_intermediates(x, indices=indices, stop_early=True, output_fmt="NCHW",
+                                          intermediates_only=True)
+        by_block = {f"blocks.{i}": pool_features(m, pool) for i, m in zip(indices, maps)}
+        return {(t, b): by_block[b] for t in (timesteps or [None]) for b in blocks}
+
+    def model_args(self) -> dict:
+        """Arguments that rebuild this backbone through ``mae_vit_tiny_p4`` (written on export)."""
+        size = self.patch_embed.img_size
+        return dict(self._arch, img_size=list(size) if isinstance(size, tuple) else size,
+                    global_pool=self.global_pool)
+
+
+def _set_norm(model: nn.Module, in_chans: int) -> nn.Module:
+    """Make ``pretrained_cfg`` agree with the model's channel count (a cfg tag fixes one count)."""
+    cfg = dict(model.pretrained_cfg)
+    if len(cfg.get("mean", ())) != in_chans:
+        mean, std = norm_stats(in_chans)
+        cfg.update(mean=mean, std=std, input_size=(in_chans, *cfg["input_size"][1:]))
+        model.pretrained_cfg = model.default_cfg = cfg
+    return model
+
+
+@register_model
+def simclr_resnet18_cifar(pretrained: bool = False, **kwargs) -> CifarResNet:
+    """ResNet-18 with the CIFAR stem (lightly's CIFAR-10 SimCLR backbone); 512-d average-pooled features."""
+    model = build_model_with_cfg(CifarResNet, "simclr_resnet18_cifar", pretrained,
+                                 feature_cfg=dict(feature_cls="getter"), **kwargs)
+    return _set_norm(model, model.in_chans)
+
+
+@register_model
+def mae_vit_tiny_p4(pretrained: bool = False, **kwargs) -> MAEViT:
+    """ViT-Tiny with 4×4 patches (MAE's encoder); features are the mean of the normed patch tokens (192-d)."""
+    args = dict(patch_size=4, embed_dim=192, depth=12, num_heads=3, global_pool="avg", fc_norm=False)
+    model = build_model_with_cfg(MAEViT, "mae_vit_tiny_p4", pretrained,
+                                 feature_cfg=dict(feature_cls="getter", out_indices=3), **{**args, **kwargs})
+    return _set_norm(model, model.in_chans)
+
+
+__all__ = ["CifarResNet", "MAEViT", "mae_vit_tiny_p4", "norm_stats", "simclr_resnet18_cifar"]

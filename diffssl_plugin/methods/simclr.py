@@ -1,0 +1,95 @@
+"""SimCLR: a simple framework for contrastive learning of visual representations (Chen et al., ICML 2020),
+built from lightly's blocks at lightly's CIFAR-10 benchmark settings.
+
+    repeat
+        x ~ data;  two augmented views v₀ = aug(x), v₁ = aug(x)
+        h = f(v)        ResNet-18, CIFAR stem (backbone, kept)
+        z = g(h)        SimCLRProjectionHead(512, 512, 128) (thrown away after pretraining)
+        take a gradient step on NT-Xent(z₀, z₁), temperature τ
+    until the budget is spent
+
+Settings from lightly's CIFAR-10 benchmark: ``NTXentLoss()`` (its default τ = 0.5), SGD with momentum 0.9,
+lr 0.06·batch/128, weight decay 5e-4, cosine schedule (over the step budget when it is known; constant when
+the budget is wall-clock minutes), no warm-up.
+
+Augmentations (``SimCLRTransform(input_size=32, cj_strength=0.5, gaussian_blur=0.0)``, made batch-wise, see
+:mod:`~diffssl_plugin.methods.augment`): random-resized crop to the input size with area in [0.08, 1] and a
+horizontal flip; with probability 0.8 colour jitter of strength 0.5 (brightness 0.4, contrast 0.4,
+saturation 0.4, hue 0.1); random greyscale with probability 0.2. **On grey images** (Fashion-MNIST) only
+brightness and contrast jitter remain: saturation, hue and greyscale conversion do nothing to a single
+channel, so they are left out, not approximated. **No Gaussian blur**: lightly switches it off for 32-pixel
+CIFAR images, where a blur removes most of the little detail there is; 28-pixel images are smaller still.
+
+Our choice where lightly gives none: both views go through the backbone in one batch (one forward of 2B
+images: larger matrix products on the CPU; batch norm then normalises over both views together, as SimCLR's
+global batch norm does).
+"""
+
+from __future__ import annotations
+
+import timm
+import torch
+from lightly.loss import NTXentLoss
+from lightly.models.modules import SimCLRProjectionHead
+
+from ..backbones.baselines import CifarResNet, norm_stats
+from .augment import color_jitter, normalize, random_grayscale, random_resized_crop
+from .base import SSLMethod
+from .optim import warmup_cosine
+
+
+def simclr_view(images: torch.Tensor, generator: torch.Generator, min_scale: float = 0.08,
+                cj_strength: float = 0.5, cj_prob: float = 0.8, gray_prob: float = 0.2) -> torch.Tensor:
+    """One SimCLR view of a batch in [0, 1], normalised with the backbone's mean/std."""
+    s = cj_strength
+    x = random_resized_crop(images, generator, scale=(min_scale, 1.0))
+    x = color_jitter(x, generator, brightness=0.8 * s, contrast=0.8 * s, saturation=0.8 * s, hue=0.2 * s,
+                     prob=cj_prob)
+    x = random_grayscale(x, generator, prob=gray_prob)
+    return normalize(x, *norm_stats(images.shape[1]))
+
+
+def simclr_transform(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Two independent SimCLR views of a batch in [0, 1], stacked: (2, B, C, H, W)."""
+    return torch.stack([simclr_view(images, generator), simclr_view(images, generator)])
+
+
+class SimCLR(SSLMethod):
+    """SimCLR: a CIFAR-stem ResNet-18 (``simclr_resnet18_cifar``), lightly's projection head and NT-Xent."""
+
+    transform = staticmethod(simclr_transform)
+    timm_architecture = "simclr_resnet18_cifar"
+
+    def __init__(self, batch_size_per_device: int = 128, num_classes: int = 10, knn_k: int | None = None,
+                 knn_t: float | None = None, temperature: float = 0.5, lr: float | None = None,
+                 momentum: float = 0.9, weight_decay: float = 5e-4, warmup_steps: int = 0,
+                 projection_dim: int = 128, backbone_args: dict | None = None, seed: int = 0,
+                 in_chans: int = 1):
+        super().__init__(batch_size_per_device, num_classes, knn_k, knn_t, lr=lr, weight_decay=weight_decay,
+                         warmup_steps=warmup_steps, seed=seed)
+        self.save_hyperparameters()
+        self.momentum = momentum
+        self.resnet: CifarResNet = timm.create_model(self.timm_architecture, in_chans=in_chans, num_classes=0,
+                                                     **(backbone_args or {}))
+        width = self.resnet.num_features
+        self.projection_head = SimCLRProjectionHead(width, width, projection_dim)
+        self.criterion = NTXentLoss(temperature=temperature)
+
+    @property
+    def backbone(self) -> CifarResNet:
+        return self.resnet
+
+    def training_loss(self, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        views = self.transform(images, generator)                 # (2, B, C, H, W)
+        h = self.resnet(views.flatten(0, 1))                      # representations of both views
+        z0, z1 = self.projection_head(h).chunk(2)                 # projections
+        return self.criterion(z0, z1)                             # NT-Xent
+
+    def configure_optimizers(self):
+        world = self.trainer.world_size if self._trainer is not None else 1
+        lr = self.lr if self.lr is not None else 0.06 * self.batch_size_per_device * world / 128
+        opt = torch.optim.SGD(self.parameters(), lr=lr, momentum=self.momentum,
+                              weight_decay=self.weight_decay)
+        total = self.trainer.max_steps if self._trainer is not None else -1
+        sched = warmup_cosine(opt, self.warmup_steps, total if total > 0 else None)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
