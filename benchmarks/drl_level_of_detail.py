@@ -56,7 +56,7 @@ def train_drl(sampler: str, data, steps: int | None, minutes: float, max_steps: 
         torch.nn.utils.clip_grad_norm_(model.parameters(), model.gradient_clip_val)
         opt.step()
         sched.step()
-        model.ema.update(model.encoder)
+        model.after_optimizer_step()  # the encoder's EMA
         losses.append(loss.item())
         step += 1
         if step % log_every == 0:

@@ -17,26 +17,40 @@ from .io import file_sha256, write_json
 from .methods.training import Budget, pretrain
 
 
+ALL_LEARNERS = ("ddae", "simclr", "mae", "drl", "vdrl", "mdsm")
+#: the default bench's protocols; the head protocols (attention, difformer, diffeed) cost several CPU-minutes
+#: each per diffusion backbone, so they run in the "heads" preset (or `diffssl eval --protocol ...`)
+ALL_PROTOCOLS = ("linear", "finetune", "ood")
+HEAD_PROTOCOLS = ("attention", "difformer", "diffeed")
+
+
 @dataclass
 class BenchPreset:
     """Everything a bench run fixes: learners, the shared budget, batch, and the evaluation protocol."""
 
-    methods: tuple[str, ...] = ("ddae",)
-    protocols: tuple[str, ...] = ("linear",)
-    budget: Budget = Budget(minutes=4)
+    methods: tuple[str, ...] = ALL_LEARNERS
+    protocols: tuple[str, ...] = ALL_PROTOCOLS
+    budget: Budget = Budget(minutes=1.5)
     batch_size: int = 128
     max_pretrain_images: int | None = None
-    eval: EvalConfig = field(default_factory=EvalConfig)
+    eval: EvalConfig = field(default_factory=lambda: EvalConfig(extra={"finetune": {"train_images": 2000}}))
     sample_images: int = 64
     sample_steps: int = 50
 
 
+_SMOKE_EXTRA = {"finetune": {"train_images": 200, "epochs": 1}}
+
 PRESETS: dict[str, BenchPreset] = {
     "default": BenchPreset(),
+    # DDAE with GAP-linear beside the attention, DifFormer and DifFeed heads on the same checkpoint
+    "heads": BenchPreset(methods=("ddae",), protocols=("linear",) + HEAD_PROTOCOLS, budget=Budget(minutes=3),
+                         eval=EvalConfig(extra={"difformer": {"train_images": 5000, "val_images": 2000,
+                                                              "training_kwargs": {"epochs": 8}}})),
     # the same code path in about a minute, for tests and quick checks
     "smoke": BenchPreset(budget=Budget(steps=15), batch_size=32, max_pretrain_images=1000,
                          eval=EvalConfig(train_images=500, val_images=300, test_images=500, timesteps=(0, 10),
-                                         blocks=("mid", "up0"), pools=("avg",), final_cs=(0.1, 1.0)),
+                                         blocks=("mid", "up0"), pools=("avg",), final_cs=(0.1, 1.0),
+                                         extra=_SMOKE_EXTRA),
                          sample_images=16, sample_steps=5),
 }
 

@@ -345,6 +345,8 @@ def test_pretrain_with_lightning_exports_a_loadable_encoder(tmp_path, x28):
     result = pretrain("vdrl", budget=Budget(steps=2), out_dir=tmp_path, batch_size=16, max_images=64,
                       progress=False, accelerator="cpu", method_kwargs=kwargs)
     assert result.steps == 2 and math.isfinite(result.final_loss)
+    state = torch.load(result.checkpoint, map_location="cpu", weights_only=True)["state_dict"]
+    assert int(state["ema.num_updates"]) == 2  # one encoder-EMA update per optimiser step
     loaded = timm.create_model(f"local-dir:{tmp_path / 'export' / 'backbone'}", pretrained=True).eval()
     assert isinstance(loaded, TimeDRLBackbone) and loaded.variational and loaded.num_features == 8
     with torch.no_grad():

@@ -14,7 +14,7 @@ from diffssl_plugin.eval.finetune import FinetuneRecipe, finetune
 from diffssl_plugin.eval.harness import load_eval_splits
 
 SMALL = dict(train_images=600, val_images=200, test_images=400)
-RECIPE = {"epochs": 2, "batch_size": 50}
+RECIPE = {"epochs": 2, "batch_size": 50, "probe_cs": (0.1,)}
 
 
 def _state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -46,7 +46,8 @@ def test_raw_pixels_record_carries_recipe_and_budget():
     r = records[0]
     assert r["protocol"]["name"] == "finetune" and r["split"] == "test" and r["budget"] == budget
     assert r["protocol"]["epochs"] == 3 and r["protocol"]["optimizer"] == "AdamW" and r["protocol"]["lr"] > 0
-    assert len(r["protocol"]["val_curve"]) == 3 and 1 <= r["protocol"]["best_epoch"] <= 3
+    assert len(r["protocol"]["val_curve"]) == 4 and 0 <= r["protocol"]["best_epoch"] <= 3  # 0: the probe
+    assert r["val_acc"] == max(r["protocol"]["val_curve"])
     assert r["images"] == {"train": 600, "val": 200, "test": 400}
     assert r["value"] > 0.5 and r["val_acc"] > 0.5
 
@@ -57,16 +58,17 @@ def test_cnn_is_fine_tuned_on_a_copy(splits):
     model = timm.create_model("simclr_resnet18_cifar", layers=(1, 1, 1, 1), channels=(8, 16, 32, 64))
     before = _state(model)
     # 60 steps, so the batch-norm running statistics of a randomly initialised network settle
-    res = finetune(model, *splits, recipe=FinetuneRecipe(epochs=2, batch_size=20))
+    recipe = FinetuneRecipe(epochs=2, batch_size=20, probe_cs=(0.1,), select_best=False)
+    res = finetune(model, *splits, recipe=recipe)
     assert _same(model, before)
     tuned = res.model.backbone.state_dict()
     assert not torch.equal(tuned["conv1.weight"], before["conv1.weight"])  # gradients reached the first layer
     assert not torch.equal(tuned["layer4.0.conv2.weight"], before["layer4.0.conv2.weight"])
-    assert res.test_acc > 0.25 and len(res.val_curve) == 2 and res.train_images == 600
+    assert res.test_acc > 0.25 and len(res.val_curve) == 3 and res.train_images == 600
 
 
-def test_ddae_backbone_fine_tunes_its_unet_at_the_swept_readout(tiny_unet_config):
-    """The DDAE backbone (noise → U-Net at t → pooled block) is fine-tuned through the U-Net, at the readout
+def test_ddae_backbone_fine_tunes_its_unet_at_the_swept_readout(tiny_unet_config, splits):
+    """The DDAE backbone (noise → U-Net at t → pooled block) is fine-tuned through its U-Net, at the readout
     the linear sweep chose; the input backbone is unchanged."""
     torch.manual_seed(0)
     unet = {**tiny_unet_config, "sample_size": 28}
@@ -75,14 +77,15 @@ def test_ddae_backbone_fine_tunes_its_unet_at_the_swept_readout(tiny_unet_config
     cfg = EvalConfig(**SMALL, timesteps=(10,), blocks=("mid",), pools=("avg2x2",), final_cs=(1.0,),
                      knn_ks=(20,), extra={"finetune": RECIPE})
     records = evaluate(model, "ddae", "tiny", cfg, protocols=("linear", "finetune"), progress=False)
+    linear = next(r for r in records if r["protocol"]["name"] == "linear")
     ft = [r for r in records if r["protocol"]["name"] == "finetune"]
     assert len(ft) == 1 and ft[0]["readout"] == {"timestep": 10, "block": "mid", "pool": "avg2x2"}
-    assert ft[0]["value"] > 0.3
+    assert ft[0]["value"] > 0.3 and ft[0]["val_acc"] >= linear["val_acc"] - 0.05  # starts from the probe
     assert _same(model, before)
 
-    train, val, test = load_eval_splits(EvalConfig(**SMALL))
-    res = finetune(model, train, val, test, Readout(10, "mid", "avg2x2"),
-                   FinetuneRecipe(epochs=1, batch_size=50))
+    train, val, test = splits
+    recipe = FinetuneRecipe(epochs=1, batch_size=50, train_images=100, probe_cs=(0.1,), select_best=False)
+    res = finetune(model, train, val, test, Readout(10, "mid", "avg2x2"), recipe)
     tuned = res.model.backbone.unet.state_dict()
-    assert not torch.equal(tuned["conv_in.weight"], before["unet.conv_in.weight"])
+    assert not torch.equal(tuned["conv_in.weight"], before["unet.conv_in.weight"])  # gradients reached it
     assert _same(model, before)

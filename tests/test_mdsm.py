@@ -23,7 +23,7 @@ from diffssl_plugin.diffusion import (
     temperature_schedule,
 )
 from diffssl_plugin.errors import InputError, UnknownNameError
-from diffssl_plugin.eval import EvalConfig, EvalContext
+from diffssl_plugin.eval import PROTOCOLS, EvalConfig, EvalContext
 from diffssl_plugin.eval.ood import auroc, energy_scores, ood_aurocs, ood_protocol
 from diffssl_plugin.methods import get_method
 from diffssl_plugin.methods.mdsm import MDSM
@@ -229,6 +229,7 @@ def test_ood_protocol_emits_records_only_for_energy_models(monkeypatch):
         "digits" if name == "mnist5k" else name, split, root=root))
     config = EvalConfig(train_images=20, val_images=20, test_images=40)
     net = EnergyResNet(width=2, img_size=28).eval()
+    assert PROTOCOLS["ood"] is ood_protocol  # ``diffssl eval --protocol ood`` and the bench find it by name
     records = ood_protocol(EvalContext(net, "mdsm", "mdsm_ebm_fmnist", config))
     assert [r["protocol"]["name"] for r in records] == ["ood_mnist5k", "ood_uniform", "ood_vflip"]
     for r in records:

@@ -6,13 +6,18 @@ Recipe (all of it written into each record; override any field with ``EvalConfig
 
 * a deep copy of the backbone (the caller's model is never changed), every parameter trainable, read at the
   readout the ``linear`` sweep chose (if it ran first) or at the backbone's own pooled output;
-* head: ``BatchNorm1d(affine=False)`` then a zero-initialised ``Linear`` (MAE's linear-probe head): the
-  normalisation lets one learning rate fit features of any scale (raw pixels, U-Net maps, ViT tokens), and
-  the zero start sends no random gradients into the pretrained weights;
-* AdamW (weight decay 0.05), backbone lr 1e-4, head lr 3e-3, linear warm-up over the first 10% of the steps
-  then cosine to zero, batch 128 (full batches only), bf16 autocast, random horizontal flips;
-* ``epochs`` (default 2) over the evaluation train subset (10k class-balanced images by default); after each
-  epoch the validation accuracy is measured, and the best epoch's weights are scored once on the test split.
+* head: ``BatchNorm1d(affine=False)`` then ``Linear`` (MAE's linear-probe head), the normalisation so that
+  one learning rate fits features of any scale (raw pixels, U-Net maps, ViT tokens);
+* LP-FT (Kumar et al., ICLR 2022): the head starts as the linear probe on the frozen features (the
+  normalisation set to the train features' mean and variance, the weights to the L2-regularised logistic
+  regression, C chosen on validation), so fine-tuning starts from the probe's accuracy and sends no random
+  gradients into the pretrained weights; with a few CPU epochs a zero-started head scored far below the probe;
+* AdamW (weight decay 0.05), backbone lr 1e-4, head lr 1e-3, linear warm-up over the first 10% of the steps
+  then cosine to zero, batch 128 (full batches only), bf16 autocast, random horizontal flips; on the CPU,
+  attention layers use PyTorch's plain-matmul kernel (faster there for these short token sequences);
+* ``epochs`` (default 2) over the evaluation train subset (10k class-balanced images by default); the
+  validation accuracy is measured before fine-tuning (epoch 0: the probe) and after each epoch, and the best
+  epoch's weights are scored once on the test split.
 
 For a backbone without parameters (raw pixels) this is a linear classifier on its features.
 """
@@ -27,10 +32,12 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..backbones.baselines import cpu_math_attention
 from ..data import ImageSet
 from ..errors import InputError
-from .features import OUTPUT, Readout, normalise, pooled_output
+from .features import OUTPUT, Readout, extract_features, normalise, pooled_output
 from .harness import EvalContext, register_protocol
+from .probes import fit_logistic_regression
 
 
 @dataclass(frozen=True)
@@ -40,12 +47,14 @@ class FinetuneRecipe:
     epochs: int = 2
     batch_size: int = 128
     lr: float = 1e-4
-    head_lr: float = 3e-3
+    head_lr: float = 1e-3
     weight_decay: float = 0.05
+    probe_cs: tuple[float, ...] = (0.01, 0.1, 1.0)  # C grid of the linear-probe start
     warmup_fraction: float = 0.1
     train_images: int | None = None  # None: the whole evaluation train subset
     hflip: bool = True
     amp: bool = True
+    select_best: bool = True  # score the best validation epoch (else the last)
     seed: int = 0
 
     @classmethod
@@ -80,7 +89,7 @@ def read_features(backbone: nn.Module, readout: Readout, x: torch.Tensor) -> tor
 
 
 class Classifier(nn.Module):
-    """A backbone read at ``readout``, then ``BatchNorm1d(affine=False)`` and a zero-initialised ``Linear``."""
+    """A backbone read at ``readout``, then ``BatchNorm1d(affine=False)`` and ``Linear``."""
 
     def __init__(self, backbone: nn.Module, readout: Readout, num_features: int, num_classes: int):
         super().__init__()
@@ -92,6 +101,28 @@ class Classifier(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.norm(read_features(self.backbone, self.readout, x).float()))
+
+    @torch.no_grad()
+    def init_from_probe(self, f_train: torch.Tensor, y_train: torch.Tensor, f_val: torch.Tensor,
+                        y_val: torch.Tensor, cs: tuple[float, ...]) -> float:
+        """LP step of LP-FT: the normalisation takes the frozen train features' mean and variance, the linear
+        layer the logistic regression on them with C chosen on validation. Returns that validation
+        accuracy. Features and labels are CPU tensors."""
+        mean, var = f_train.float().mean(0), f_train.float().var(0)
+        self.norm.running_mean.copy_(mean)
+        self.norm.running_var.copy_(var)
+        std = (var + self.norm.eps).sqrt()
+        x_train, x_val = (f_train.float() - mean) / std, (f_val.float() - mean) / std
+        best, params = None, None
+        for c in sorted(cs):
+            params = fit_logistic_regression(x_train, y_train, c, self.head.out_features, init=params)
+            acc = float(((x_val @ params[0] + params[1]).argmax(1) == y_val).float().mean())
+            if best is None or acc > best[0]:
+                best = (acc, params)
+        acc, (w, b) = best
+        self.head.weight.copy_(w.t())
+        self.head.bias.copy_(b)
+        return acc
 
 
 def _schedule(step: int, warmup: int, total: int) -> float:
@@ -122,16 +153,17 @@ def accuracy(model: Classifier, data: ImageSet, batch_size: int = 256, device: s
     correct = 0
     for x, y in _batches(data, batch_size):
         x = normalise(model.backbone, x).to(dev)
-        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=amp):
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=amp), cpu_math_attention(dev):
             correct += int((model(x).argmax(1).cpu() == y).sum())
     return correct / max(1, len(data))
 
 
 def finetune(backbone: nn.Module, train: ImageSet, val: ImageSet, test: ImageSet, readout: Readout = OUTPUT,
-             recipe: FinetuneRecipe = FinetuneRecipe(), device: str = "cpu",
-             progress: bool = False) -> FinetuneResult:
+             recipe: FinetuneRecipe = FinetuneRecipe(), device: str = "cpu", progress: bool = False,
+             frozen: tuple[torch.Tensor, torch.Tensor] | None = None) -> FinetuneResult:
     """Fine-tune a deep copy of ``backbone`` with a new head on ``train``, choose the epoch on ``val``, score
-    it on ``test``. ``backbone`` itself is left untouched."""
+    it on ``test``. ``backbone`` itself is left untouched. ``frozen``: the backbone's features of ``train``
+    and ``val`` at ``readout``, if already computed (else they are extracted here) for the probe start."""
     dev = torch.device(device)
     net = copy.deepcopy(backbone).to(dev)
     for p in net.parameters():
@@ -144,6 +176,11 @@ def finetune(backbone: nn.Module, train: ImageSet, val: ImageSet, test: ImageSet
         probe = normalise(net, train.images[:2].float().div(255.0)).to(dev)
         dim = read_features(net, readout, probe).shape[1]
     model = Classifier(net, readout, dim, num_classes).to(dev)
+    if frozen is None:
+        frozen = tuple(extract_features(net, d, [readout], device=device, amp=recipe.amp,
+                                        progress=False)[readout] for d in (train, val))
+    probe_acc = model.init_from_probe(frozen[0].cpu(), train.labels, frozen[1].cpu(), val.labels,
+                                      recipe.probe_cs)
 
     groups = [{"params": list(model.backbone.parameters()), "lr": recipe.lr},
               {"params": list(model.head.parameters()), "lr": recipe.head_lr}]
@@ -154,7 +191,8 @@ def finetune(backbone: nn.Module, train: ImageSet, val: ImageSet, test: ImageSet
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _schedule(s, warmup, total))
     gen = torch.Generator().manual_seed(recipe.seed)
 
-    best_acc, best_epoch, best_state, curve = -1.0, 0, None, []
+    best_acc, best_epoch, curve = probe_acc, 0, [probe_acc]
+    best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     for epoch in range(recipe.epochs):
         model.train()
         order = torch.randperm(len(train), generator=gen)[:steps_per_epoch * recipe.batch_size]
@@ -164,7 +202,7 @@ def finetune(backbone: nn.Module, train: ImageSet, val: ImageSet, test: ImageSet
             if recipe.hflip:
                 x = _hflip(x, gen)
             x = normalise(model.backbone, x).to(dev)
-            with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=recipe.amp):
+            with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=recipe.amp), cpu_math_attention(dev):
                 loss = nn.functional.cross_entropy(model(x).float(), y.to(dev))
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"finetune loss became {loss.item()} in epoch {epoch + 1}")
@@ -174,7 +212,7 @@ def finetune(backbone: nn.Module, train: ImageSet, val: ImageSet, test: ImageSet
             sched.step()
         acc = accuracy(model, val, device=device, amp=recipe.amp)
         curve.append(acc)
-        if acc > best_acc:
+        if acc > best_acc or not recipe.select_best:
             best_acc, best_epoch = acc, epoch + 1
             best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     model.load_state_dict(best_state)
@@ -187,10 +225,15 @@ def finetune_protocol(ctx: EvalContext) -> list[dict]:
     """All weights and a new linear head trained with labels (recipe in :class:`FinetuneRecipe`)."""
     recipe = FinetuneRecipe.from_dict({"seed": ctx.config.seed, **ctx.config.extra.get("finetune", {})})
     train, val, test = ctx.splits()
+    if recipe.train_images:
+        train = train.balanced_subset(total=recipe.train_images, seed=recipe.seed)
     readout = ctx.readout()
-    res = finetune(ctx.model, train, val, test, readout, recipe, device=ctx.device, progress=ctx.progress)
+    frozen = tuple(ctx.features(d, [readout])[readout] for d in (train, val))  # cached by the linear protocol
+    res = finetune(ctx.model, train, val, test, readout, recipe, device=ctx.device, progress=ctx.progress,
+                   frozen=frozen)
     protocol = {"name": "finetune", "optimizer": "AdamW", "schedule": "warmup_cosine",
-                "head": "batchnorm1d(affine=False)+linear(zero init)", "selection": "best validation epoch",
+                "head": "batchnorm1d(affine=False)+linear", "head_init": "linear probe (LP-FT)",
+                "selection": "best validation epoch (0: the probe)" if recipe.select_best else "last epoch",
                 "augment": "hflip" if recipe.hflip else "none",
                 "precision": "bf16-autocast" if recipe.amp else "fp32", **asdict(recipe),
                 "train_images": res.train_images, "best_epoch": res.best_epoch, "val_curve": res.val_curve}

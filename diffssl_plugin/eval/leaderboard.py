@@ -32,7 +32,7 @@ def leaderboard_rows(records: list[dict], dataset: str | None = None) -> list[di
         row = rows.setdefault(key, {"method": r["method"], "backbone": r["backbone"], "dataset": r["dataset"]})
         row.setdefault("values", {})[r["protocol"]["name"]] = (r["value"], r.get("std"))
         readout = r.get("readout") or {}
-        if readout.get("block"):
+        if r["protocol"]["name"] == "linear" and readout.get("block"):  # the readout the sweep chose
             row["readout"] = f"{readout['block']} @ t={readout['timestep']} ({readout['pool']})"
         budget = r.get("budget") or {}
         if budget:

@@ -151,7 +151,7 @@ class DRL(SSLMethod):
             loss = loss + penalty["z"].mean() / x0[0].numel()
         return loss
 
-    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
+    def after_optimizer_step(self) -> None:
         self.ema.update(self.encoder)
 
     # -- representation --------------------------------------------------------------------------------
