@@ -63,7 +63,8 @@ def train_drl(sampler: str, data, steps: int | None, minutes: float, max_steps: 
             print(f"  [{sampler}] step {step}  loss {sum(losses[-log_every:]) / log_every:.4f}  "
                   f"{step * batch_size / (time.perf_counter() - start):.0f} img/s", flush=True)
     wall = time.perf_counter() - start
-    return model.eval(), {"steps": step, "wall_seconds": round(wall, 1), "images_per_s": round(step * batch_size / wall, 1),
+    return model.eval(), {"steps": step, "wall_seconds": round(wall, 1),
+                          "images_per_s": round(step * batch_size / wall, 1),
                           "final_loss_mean_last_50": sum(losses[-50:]) / max(1, len(losses[-50:]))}
 
 
@@ -120,7 +121,7 @@ def denoising_gain(model, images_uint8: torch.Tensor, sigmas=(0.05, 0.5, 5.0), s
     return out
 
 
-def plot_codes(results: dict, path: Path, class_names) -> None:
+def plot_codes(results: dict, path: Path, class_names, dataset: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -138,7 +139,7 @@ def plot_codes(results: dict, path: Path, class_names) -> None:
         ax.set_ylabel("z2" if r["code_dim"] == 2 else "PC2")
     cbar = fig.colorbar(sc, ax=axes[0].tolist(), ticks=range(10), fraction=0.03)
     cbar.ax.set_yticklabels(class_names, fontsize=7)
-    fig.suptitle("DRL codes of Fashion-MNIST test images, by noise sampler")
+    fig.suptitle(f"DRL codes of {dataset} test images, by noise sampler")
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=110)
     plt.close(fig)
@@ -186,14 +187,15 @@ def main(argv=None) -> dict:
     steps, results = None, {}
     for sampler in SAMPLERS:
         print(f"training DRL (code {args.code_dim}-d) with sampler {sampler!r} ...", flush=True)
-        model, info = train_drl(sampler, pretrain_data, steps, args.minutes, args.max_steps, args.batch_size, args.seed,
-                            method_kwargs)
+        model, info = train_drl(sampler, pretrain_data, steps, args.minutes, args.max_steps, args.batch_size,
+                                args.seed, method_kwargs)
         steps = info["steps"] if steps is None else steps
         z_tr, z_va, z_te = codes(model, train.images), codes(model, val.images), codes(model, test.images)
         lin = linear_probe(z_tr, train.labels, z_va, val.labels, z_te, test.labels, seed=args.seed)
         knn = knn_probe(z_tr, train.labels, z_va, val.labels, z_te, test.labels, k=20)
         detail = {f"detail_{a}_r2": within_class_r2(z_tr, train.labels, attrs["train"][a], z_te, test.labels,
-                                                    attrs["test"][a]) for a in ("ink_mass", "ink_brightness", "edge_energy")}
+                                                    attrs["test"][a])
+                  for a in ("ink_mass", "ink_brightness", "edge_energy")}
         z2 = z_te if args.code_dim == 2 else (z_te - z_te.mean(0)) @ torch.linalg.svd(
             z_te - z_te.mean(0), full_matrices=False).Vh[:2].T
         results[sampler] = {"train": info, "class_linear_acc": lin.test_acc, "class_linear_val_acc": lin.val_acc,
@@ -208,7 +210,7 @@ def main(argv=None) -> dict:
         print("  denoising gain of the true code over a shuffled one: "
               + "  ".join(f"{k} {100 * v:.2f}%" for k, v in gains.items()), flush=True)
 
-    plot_codes(results, out / "drl_level_of_detail_codes.png", train.class_names)
+    plot_codes(results, out / "drl_level_of_detail_codes.png", train.class_names, args.dataset)
     t, s = results["uniform_t"], results["uniform_sigma"]
     claim_class = s["class_linear_acc"] > t["class_linear_acc"]
     claim_detail = t["detail_ink_mass_r2"] > s["detail_ink_mass_r2"]

@@ -141,7 +141,7 @@ def test_loss_decreases_on_real_fashion_mnist(name, images01):
     opt = model.configure_optimizers()["optimizer"]
     losses = []
     for _ in range(8):
-        loss = model.training_loss(images01, torch.Generator().manual_seed(0))
+        loss = model.training_loss(images01[:32], torch.Generator().manual_seed(0))
         opt.zero_grad()
         loss.backward()
         opt.step()

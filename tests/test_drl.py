@@ -316,6 +316,10 @@ def test_export_and_local_dir_round_trip(tmp_path, x28):
         assert loaded.model_args() == m.backbone.model_args() and loaded.num_features == 8
         with torch.no_grad():
             torch.testing.assert_close(loaded(x28), m.backbone.eval()(x28))
+        clf = classifier_from_encoder(folder / "backbone", num_classes=10).eval()  # from the exported folder
+        with torch.no_grad():
+            assert clf(x28).shape == (4, 10)
+            torch.testing.assert_close(clf.forward_features(x28), loaded(x28))
 
 
 def test_classifier_from_encoder(x28):

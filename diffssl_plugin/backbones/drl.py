@@ -70,7 +70,8 @@ SCORE_NET_PRESETS: dict[str, dict] = {
 }
 
 
-def _preset(kind: str, config: dict | str, presets: dict[str, dict]) -> dict:
+def preset_config(kind: str, config: dict | str, presets: dict[str, dict]) -> dict:
+    """A copy of preset ``config`` from ``presets`` (unknown names list the valid ones), or of the dict given."""
     if isinstance(config, str):
         return dict(presets[check_name(kind, config, presets)])
     return dict(config)
@@ -118,8 +119,9 @@ class DRLEncoder(nn.Module):
         self.conv_in = nn.Conv2d(in_chans, channels[0], 3, padding=1)
         blocks, prev = [], channels[0]
         for i, c in enumerate(channels):
-            blocks.append(ResnetBlock2D(in_channels=prev, out_channels=c, temb_channels=temb, groups=norm_num_groups,
-                                        down=i > 0, time_embedding_norm="scale_shift" if temb else "default"))
+            blocks.append(ResnetBlock2D(in_channels=prev, out_channels=c, temb_channels=temb,
+                                        groups=norm_num_groups, down=i > 0,
+                                        time_embedding_norm="scale_shift" if temb else "default"))
             prev = c
         self.blocks = nn.ModuleList(blocks)
         self.norm_out = nn.GroupNorm(norm_num_groups, prev)
@@ -138,7 +140,8 @@ class DRLEncoder(nn.Module):
         t = torch.as_tensor(t, dtype=torch.float32, device=x.device)
         t = t.expand(x.shape[0]) if t.dim() == 0 else t
         if t.shape != (x.shape[0],):
-            raise InputError(f"t must be a scalar or have one value per image ({x.shape[0]}), got {tuple(t.shape)}")
+            raise InputError(f"t must be a scalar or have one value per image ({x.shape[0]}), "
+                             f"got shape {tuple(t.shape)}")
         return self.time_embedding(self.time_proj(t * TIMESTEP_SCALE).to(x.dtype))
 
     def stages(self, x: torch.Tensor, t: torch.Tensor | float | None = None) -> list[torch.Tensor]:
@@ -175,7 +178,7 @@ def build_encoder(encoder_config: dict | str = "fmnist", code_dim: int = 64, tim
                   variational: bool = False, in_chans: int | None = None,
                   image_size: int | None = None) -> tuple[DRLEncoder, dict]:
     """An encoder from a preset name or config dict (plus overrides); returns it and its full config."""
-    config = _preset("encoder preset", encoder_config, ENCODER_PRESETS)
+    config = preset_config("encoder preset", encoder_config, ENCODER_PRESETS)
     if in_chans is not None:
         config["in_chans"] = int(in_chans)
     if image_size is not None:
@@ -391,7 +394,8 @@ default_cfgs = generate_default_cfgs({
 def _create(variant: str, pretrained: bool, defaults: dict, **kwargs) -> DRLBackbone:
     args = {**defaults, **kwargs}
     cls = TimeDRLBackbone if args.get("time_dependent") else DRLBackbone
-    levels = len(_preset("encoder preset", args.get("encoder_config", "fmnist"), ENCODER_PRESETS)["channels"])
+    encoder_config = preset_config("encoder preset", args.get("encoder_config", "fmnist"), ENCODER_PRESETS)
+    levels = len(encoder_config["channels"])
     feature_cfg = dict(feature_cls="getter", out_indices=tuple(range(levels)))
     return build_model_with_cfg(cls, variant, pretrained, feature_cfg=feature_cfg, **args)
 

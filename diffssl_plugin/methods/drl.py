@@ -44,11 +44,11 @@ from torch import nn
 from ..backbones.drl import (
     SCORE_NET_PRESETS,
     DRLBackbone,
-    _preset,
     build_encoder,
     check_readout_t,
     drl_backbone,
     gaussian_kl,
+    preset_config,
     reparameterise,
 )
 from ..diffusion import EMA
@@ -64,7 +64,7 @@ def drl_transform(images: torch.Tensor, generator: torch.Generator) -> torch.Ten
 
 def build_score_net(unet_config: dict | str, in_chans: int | None = None) -> UNet2DModel:
     """The NCSN++-style conditional VE score U-Net (Fourier σ embedding, output / σ, identity class embedding)."""
-    config = _preset("score-net preset", unet_config, SCORE_NET_PRESETS)
+    config = preset_config("score-net preset", unet_config, SCORE_NET_PRESETS)
     if in_chans is not None:
         config["in_channels"] = config["out_channels"] = in_chans
     config.update(time_embedding_type="fourier", class_embed_type="identity")
@@ -115,8 +115,8 @@ class DRL(SSLMethod):
             raise InputError(f"encoder image size {enc.image_size} ≠ score-net image size {unet.sample_size}; "
                              "both networks see the same images")
         if not enc.in_chans == unet.in_channels == unet.out_channels:
-            raise InputError(f"encoder takes {enc.in_chans} channel(s) but the score net maps {unet.in_channels} → "
-                             f"{unet.out_channels}; they must all match")
+            raise InputError(f"encoder takes {enc.in_chans} channel(s) but the score net maps "
+                             f"{unet.in_channels} → {unet.out_channels}; they must all match")
 
     # -- the algorithm --------------------------------------------------------------------------------
     def encode(self, x0: torch.Tensor, t: torch.Tensor, generator: torch.Generator

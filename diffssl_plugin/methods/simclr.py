@@ -73,7 +73,9 @@ class SimCLR(SSLMethod):
                                                      **(backbone_args or {}))
         width = self.resnet.num_features
         self.projection_head = SimCLRProjectionHead(width, width, projection_dim)
-        self.criterion = NTXentLoss(temperature=temperature)
+        # negatives from every process under DDP (lightly's benchmarks); a no-op in a single process
+        self.criterion = NTXentLoss(temperature=temperature,
+                                    gather_distributed=torch.distributed.is_available())
 
     @property
     def backbone(self) -> CifarResNet:
