@@ -17,7 +17,7 @@ steps (the paper's is 2700 steps of size 0.02) with the step size grown to keep 
 ``n·ε²`` (ε = 0.02·√(2700/n); ``--step-size`` overrides), under bf16 autocast; denoising and energies are computed
 in float32 (energies are large numbers whose differences matter).
 
-    python benchmarks/mdsm.py                      # ≈ 4 min training + ≈ 5 min measuring on 2 cores
+    python benchmarks/mdsm.py                      # 4 min training + ≈ 5 min measuring (1 shared core)
     python benchmarks/mdsm.py --budget 60s --quick # a fast check of the whole path
 """
 
@@ -109,7 +109,7 @@ def main(argv=None) -> dict:
     p.add_argument("--step-size", type=float, default=None,
                    help="Langevin step ε (default 0.02·√(2700/steps): the paper's total Langevin time)")
     p.add_argument("--samples", type=int, default=64)
-    p.add_argument("--inpaint-images", type=int, default=64)
+    p.add_argument("--inpaint-images", type=int, default=32, help="images per mask")
     p.add_argument("--denoise-images", type=int, default=1000)
     p.add_argument("--ood-images", type=int, default=None, help="Fashion-MNIST test images (default: all 10k)")
     p.add_argument("--quick", action="store_true", help="small measurement sets (for a fast check)")

@@ -73,8 +73,16 @@ def run_bench(preset: str = "default", out_dir: str | os.PathLike = "runs/bench"
     common = dict(config=eval_cfg, protocols=cfg.protocols, cache_dir=out / "feature_cache", out_dir=out,
                   device=device, progress=progress)
 
-    records = evaluate(timm.create_model("raw_pixels", in_chans=_channels(eval_cfg), img_size=_size(eval_cfg)),
-                       "raw_pixels", "raw_pixels", **common)
+    records: list[dict] = []
+
+    def publish(new: list[dict]) -> None:
+        """Append each learner's records and refresh the leaderboard as soon as they exist."""
+        records.extend(new)
+        write_records(out / "records.jsonl", new)
+        write_leaderboard(records, out, dataset=eval_cfg.dataset)
+
+    publish(evaluate(timm.create_model("raw_pixels", in_chans=_channels(eval_cfg), img_size=_size(eval_cfg)),
+                     "raw_pixels", "raw_pixels", **common))
     for method in cfg.methods:
         result = pretrain(method, eval_cfg.dataset, cfg.budget, out / method, batch_size=cfg.batch_size,
                           data_root=data_root, accelerator=accelerator, devices=devices, progress=progress,
@@ -83,16 +91,15 @@ def run_bench(preset: str = "default", out_dir: str | os.PathLike = "runs/bench"
         backbone = timm.create_model(f"local-dir:{export_dir / 'backbone'}", pretrained=True)
         budget_spent = {k: getattr(result, k) for k in ("budget", "steps", "images_seen", "wall_seconds",
                                                         "train_flops", "flops_per_image", "global_batch_size")}
-        records += evaluate(backbone, method, backbone.pretrained_cfg.get("architecture", method),
-                            budget=budget_spent, checkpoint_hash=file_sha256(export_dir / "backbone")[:16],
-                            **common)
+        publish(evaluate(backbone, method, backbone.pretrained_cfg.get("architecture", method),
+                         budget=budget_spent, checkpoint_hash=file_sha256(export_dir / "backbone")[:16],
+                         **common))
         if (export_dir / "diffusers").is_dir():
             from diffusers import DDPMPipeline
 
             pipe = DDPMPipeline.from_pretrained(str(export_dir / "diffusers"), local_files_only=True)
             grid = sample_images(pipe.unet, pipe.scheduler, cfg.sample_images, cfg.sample_steps, progress=progress)
             save_grid(grid, out / f"samples_{method}.png")
-    write_records(out / "records.jsonl", records)
     markdown = write_leaderboard(records, out, dataset=eval_cfg.dataset)
     write_json(out / "bench.json", {"preset": preset, "dataset": eval_cfg.dataset, "budget": str(cfg.budget),
                                     "methods": list(cfg.methods), "wall_seconds": time.perf_counter() - started})
