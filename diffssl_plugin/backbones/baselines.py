@@ -7,8 +7,10 @@
 * ``mae_vit_tiny_p4``: a ViT-Tiny (192-d, 12 blocks, 3 heads) with 4-pixel patches, so a 28×28 image is
   7×7 tokens (32×32: 8×8). It is a plain timm :class:`~timm.models.vision_transformer.VisionTransformer`;
   during MAE pretraining lightly's ``MaskedVisionTransformerTIMM`` wraps it, and what is exported is this ViT
-  alone. Its pooled feature is the **mean of the patch tokens after the final LayerNorm**
-  (``global_pool="avg"``, ``fc_norm=False``), MAE's fine-tuning feature. CLS_NOTE
+  alone. Its pooled feature is the **class token after the final LayerNorm** (``global_pool="token"``),
+  MAE's linear-probe feature and the one lightly's MAE benchmark classifies: after a 150-step CPU run it gave
+  75.4% validation linear accuracy on Fashion-MNIST against 72.2% for the mean of the patch tokens. The
+  harness also sweeps the patch-token maps of any block (``extract``).
 
 Normalisation (``pretrained_cfg`` mean/std, also used by the training augmentations): ImageNet statistics, as
 lightly's transforms use; for grey images their channel average, mean 0.449 and std 0.226.
@@ -166,8 +168,8 @@ def simclr_resnet18_cifar(pretrained: bool = False, **kwargs) -> CifarResNet:
 
 @register_model
 def mae_vit_tiny_p4(pretrained: bool = False, **kwargs) -> MAEViT:
-    """ViT-Tiny with 4×4 patches (MAE's encoder); features are the mean of the normed patch tokens (192-d)."""
-    args = dict(patch_size=4, embed_dim=192, depth=12, num_heads=3, global_pool="avg", fc_norm=False)
+    """ViT-Tiny with 4×4 patches (MAE's encoder); features are the normed class token (192-d)."""
+    args = dict(patch_size=4, embed_dim=192, depth=12, num_heads=3, global_pool="token", fc_norm=False)
     model = build_model_with_cfg(MAEViT, "mae_vit_tiny_p4", pretrained,
                                  feature_cfg=dict(feature_cls="getter", out_indices=3), **{**args, **kwargs})
     return _set_norm(model, model.in_chans)
