@@ -22,7 +22,9 @@ CIFAR images, where a blur removes most of the little detail there is; 28-pixel 
 
 Our choice where lightly gives none: both views go through the backbone in one batch (one forward of 2B
 images: larger matrix products on the CPU; batch norm then normalises over both views together, as SimCLR's
-global batch norm does).
+global batch norm does). Width: lightly's full ResNet-18 (5.5 training GFLOP per image pair at 28 px). On
+2 CPU cores with bf16 autocast it trains at about 64 pairs/s (``benchmarks/baselines_throughput.py``), about
+11k pairs in a 3-minute budget, so no narrower CPU variant was needed; ``backbone_args`` can set one.
 """
 
 from __future__ import annotations
