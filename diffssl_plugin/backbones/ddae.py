@@ -45,6 +45,7 @@ from ..diffusion.schedule import DDPM_DEFAULTS, add_noise, check_timesteps, ddpm
 from ..errors import InputError, check_name
 from .checks import check_images
 from .pooling import pool_cells, pool_features, pooled_dim
+from .timm_contract import TimmBackboneMixin
 
 UNET_PRESETS: dict[str, dict] = {
     # Small CPU U-Net for 28×28 grey images, chosen by measurement (benchmarks/throughput.py, README):
@@ -155,7 +156,7 @@ def default_data_cfg(in_chans: int, image_size: int) -> dict:
                 first_conv="unet.conv_in", classifier="head")
 
 
-class DDAEBackbone(nn.Module):
+class DDAEBackbone(TimmBackboneMixin, nn.Module):
     """A diffusers U-Net read as a feature extractor at ``block`` and ``timestep``, pooled by ``pool``.
 
     Args:
@@ -358,9 +359,6 @@ class DDAEBackbone(nn.Module):
         self.head_drop = nn.Dropout(self.drop_rate)
         self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
 
-    def get_classifier(self) -> nn.Module:
-        return self.head
-
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """The NCHW map of ``self.block`` at ``self.timestep``."""
         return self.extract(x, [self.timestep], [self.block], pool=None)[(self.timestep, self.block)]
@@ -369,18 +367,11 @@ class DDAEBackbone(nn.Module):
         x = pool_features(x, self.pool)
         return x if pre_logits else self.head(self.head_drop(x))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
-
     def forward_intermediates(self, x: torch.Tensor, indices: int | list[int] | None = None, norm: bool = False,
                               stop_early: bool = False, output_fmt: str = "NCHW",
                               intermediates_only: bool = False):
         """timm's intermediate-feature API over :attr:`feature_info`, in one forward at ``self.timestep``."""
-        from timm.models._features import feature_take_indices
-
-        if output_fmt != "NCHW":
-            raise InputError(f"output_fmt {output_fmt!r} is not supported; DDAEBackbone gives NCHW maps")
-        take, _ = feature_take_indices(len(self.feature_info), indices)
+        take, _ = self._take_indices(indices, output_fmt)
         names = [self.feature_info[i]["block"] for i in take]
         wanted = names if intermediates_only else names + [self.block]
         feats = self.extract(x, [self.timestep], wanted, pool=None)
@@ -388,16 +379,6 @@ class DDAEBackbone(nn.Module):
         if intermediates_only:
             return intermediates
         return feats[(self.timestep, self.block)], intermediates
-
-    def prune_intermediate_layers(self, indices: int | list[int] = 1, prune_norm: bool = False,
-                                  prune_head: bool = True) -> list[int]:
-        """Nothing to delete: the forward already stops after the last block requested."""
-        from timm.models._features import feature_take_indices
-
-        take, _ = feature_take_indices(len(self.feature_info), indices)
-        if prune_head:
-            self.reset_classifier(0, "")
-        return take
 
     # ------------------------------------------------------------------ construction helpers
     def model_args(self) -> dict:

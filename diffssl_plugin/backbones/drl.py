@@ -37,6 +37,7 @@ from ..errors import InputError, check_name
 from .checks import check_images
 from .ddae import UNET_PRESETS, default_data_cfg
 from .pooling import pool_cells, pool_features
+from .timm_contract import TimmBackboneMixin
 
 #: integer harness timestep k ↔ DRL time t = k / TIMESTEP_SCALE
 TIMESTEP_SCALE = 1000
@@ -187,7 +188,7 @@ def build_encoder(encoder_config: dict | str = "fmnist", code_dim: int = 64, tim
     return DRLEncoder(code_dim=code_dim, time_dependent=time_dependent, variational=variational, **config), config
 
 
-class DRLBackbone(nn.Module):
+class DRLBackbone(TimmBackboneMixin, nn.Module):
     """A DRL encoder read as a feature extractor (timm contract); the features are the (mean) code.
 
     Args:
@@ -264,9 +265,6 @@ class DRLBackbone(nn.Module):
         self.head_drop = nn.Dropout(self.drop_rate)
         self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
 
-    def get_classifier(self) -> nn.Module:
-        return self.head
-
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """The code at the readout time(s), (B, num_features); a code has no spatial map to pool."""
         self._check(x)
@@ -275,34 +273,18 @@ class DRLBackbone(nn.Module):
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         return x if pre_logits else self.head(self.head_drop(x))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
-
     def forward_intermediates(self, x: torch.Tensor, indices: int | list[int] | None = None, norm: bool = False,
                               stop_early: bool = False, output_fmt: str = "NCHW",
                               intermediates_only: bool = False):
         """timm's intermediate-feature API: the encoder's block outputs at the first readout time."""
-        from timm.models._features import feature_take_indices
-
-        if output_fmt != "NCHW":
-            raise InputError(f"output_fmt {output_fmt!r} is not supported; the DRL encoder gives NCHW maps")
+        take, _ = self._take_indices(indices, output_fmt)
         self._check(x)
-        take, _ = feature_take_indices(len(self.feature_info), indices)
         t = self.readout_t[0] if self.time_dependent else None
         maps = self.encoder.stages(x, t)
         intermediates = [maps[i] for i in take]
         if intermediates_only:
             return intermediates
         return self.codes(x, self.readout_t), intermediates
-
-    def prune_intermediate_layers(self, indices: int | list[int] = 1, prune_norm: bool = False,
-                                  prune_head: bool = True) -> list[int]:
-        from timm.models._features import feature_take_indices
-
-        take, _ = feature_take_indices(len(self.feature_info), indices)
-        if prune_head:
-            self.reset_classifier(0)
-        return take
 
     # ------------------------------------------------------------------ construction helpers
     def model_args(self) -> dict:

@@ -33,6 +33,7 @@ from torch import nn
 from ..errors import InputError, check_name
 from .checks import check_images
 from .pooling import pool_cells, pool_features
+from .timm_contract import TimmBackboneMixin
 
 EBM_PRESETS: dict[str, dict] = {
     # the paper's Fashion-MNIST / MNIST network: Res12_Quadratic(1, 64, 32), 28×28 images padded to 32×32
@@ -83,7 +84,7 @@ class QuadraticEnergyHead(nn.Module):
             return (self.lin1(h) * self.lin2(h) + self.quad(h * h)).squeeze(-1)
 
 
-class EnergyResNet(nn.Module):
+class EnergyResNet(TimmBackboneMixin, nn.Module):
     """MDSM's energy network; ``energy(x)`` is ``E(x)``, the timm interface gives its penultimate features.
 
     Args:
@@ -174,9 +175,6 @@ class EnergyResNet(nn.Module):
         self.head_drop = nn.Dropout(self.drop_rate)
         self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
 
-    def get_classifier(self) -> nn.Module:
-        return self.head
-
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """The last stage's map (B, 8·width, net_size/8, net_size/8): ``h`` before flattening."""
         self._check(x, (0.0, 1.0))
@@ -189,32 +187,15 @@ class EnergyResNet(nn.Module):
             x = pool_features(x, self.global_pool)
         return x if pre_logits else self.head(self.head_drop(x))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
-
     def forward_intermediates(self, x: torch.Tensor, indices: int | list[int] | None = None, norm: bool = False,
                               stop_early: bool = False, output_fmt: str = "NCHW",
                               intermediates_only: bool = False):
         """timm's intermediate-feature API over :attr:`feature_info` (stem, then the three stages)."""
-        from timm.models._features import feature_take_indices
-
-        if output_fmt != "NCHW":
-            raise InputError(f"output_fmt {output_fmt!r} is not supported; EnergyResNet gives NCHW maps")
+        take, max_index = self._take_indices(indices, output_fmt)
         self._check(x, (0.0, 1.0))
-        take, max_index = feature_take_indices(len(self.feature_info), indices)
         maps = self._trunk(x, last=max_index if intermediates_only or stop_early else 3)
         intermediates = [maps[i] for i in take]
         return intermediates if intermediates_only else (maps[-1], intermediates)
-
-    def prune_intermediate_layers(self, indices: int | list[int] = 1, prune_norm: bool = False,
-                                  prune_head: bool = True) -> list[int]:
-        """Keep the weights (the energy needs them all); the trunk stops after the last level requested."""
-        from timm.models._features import feature_take_indices
-
-        take, _ = feature_take_indices(len(self.feature_info), indices)
-        if prune_head:
-            self.reset_classifier(0, "")
-        return take
 
     # ------------------------------------------------------------------ construction helpers
     def model_args(self) -> dict:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytorch_lightning as pl
 import torch
-from pytorch_lightning.callbacks import Callback, ModelCheckpoint
+from pytorch_lightning.callbacks import Callback, ModelCheckpoint, TQDMProgressBar
 
 from ..data import load_split
 from ..io import write_json
@@ -119,6 +119,24 @@ class WallClock(Callback):
         self.elapsed = float(state_dict["elapsed"])
 
 
+class BudgetProgressBar(TQDMProgressBar):
+    """Lightning's bar, with the step budget as its total (an open count for time budgets: the data stream
+    itself is unbounded) and the budget in its description."""
+
+    def __init__(self, budget: Budget):
+        super().__init__()
+        self.budget = budget
+
+    @property
+    def total_train_batches(self) -> int | float:
+        max_steps = self.trainer.fit_loop.epoch_loop.max_steps
+        return max(0, max_steps - self.trainer.global_step) if max_steps > 0 else float("inf")
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, *args) -> None:
+        super().on_train_epoch_start(trainer, *args)
+        self.train_progress_bar.set_description(f"pretrain (budget {self.budget})")
+
+
 class StepDataModule(pl.LightningDataModule):
     """Feeds :class:`StepBatches` from the current global step, so a resumed run continues the same stream."""
 
@@ -167,7 +185,7 @@ def pretrain(method: str, dataset: str = "fashion_mnist", budget: Budget = Budge
         logger=pl.loggers.CSVLogger(str(out), name="logs") if logger is None else logger,
         callbacks=[AtomicCheckpoint(dirpath=str(out / "checkpoints"), save_last=True, save_top_k=0,
                                     every_n_train_steps=checkpoint_every, enable_version_counter=False),
-                   WallClock(), *(callbacks or [])],
+                   WallClock(), *([BudgetProgressBar(budget)] if progress else []), *(callbacks or [])],
         enable_progress_bar=progress, enable_model_summary=False, use_distributed_sampler=False,
         num_sanity_val_steps=0, log_every_n_steps=10, default_root_dir=str(out))
     per_device, rem = divmod(batch_size, trainer.world_size)
