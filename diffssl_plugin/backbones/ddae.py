@@ -394,24 +394,12 @@ class DDAEBackbone(TimmBackboneMixin, nn.Module):
 
     @classmethod
     def from_diffusers(cls, folder: str, **kwargs) -> DDAEBackbone:
-        """Load a diffusers DDPM folder (``unet/`` + ``scheduler/``, e.g. the google/ddpm-cifar10-32 layout)."""
-        from pathlib import Path
+        """Load a diffusers DDPM folder (``unet/`` + ``scheduler/``, e.g. the google/ddpm-cifar10-32 layout),
+        strictly: a weight missing from the file is an error, not a random initialisation (see
+        :mod:`diffssl_plugin.checkpoints.diffusers_ddpm`)."""
+        from ..checkpoints.diffusers_ddpm import load_unet_folder
 
-        from diffusers import DDPMScheduler
-
-        from ..errors import CheckpointError
-
-        root = Path(folder)
-        sub = "unet" if (root / "unet").is_dir() else None
-        try:
-            unet = UNet2DModel.from_pretrained(str(root), subfolder=sub, local_files_only=True,
-                                               low_cpu_mem_usage=False)
-        except (OSError, ValueError, EnvironmentError) as e:
-            raise CheckpointError(f"cannot load a diffusers UNet2DModel from {root}: {e}") from e
-        sched = {}
-        if (root / "scheduler").is_dir():
-            cfg = DDPMScheduler.load_config(str(root), subfolder="scheduler", local_files_only=True)
-            sched = {k: cfg[k] for k in DDPM_DEFAULTS if k in cfg}
+        unet, sched = load_unet_folder(folder)
         return cls(unet=unet, scheduler_config=sched, **kwargs)
 
     def export_unet(self) -> UNet2DModel:
