@@ -6,7 +6,9 @@ Prints and writes JSON with:
   ratio to the bf16 GEMM figure (target ≥ 0.5);
 * DDAE feature extraction images/s (one U-Net forward per timestep, early exit);
 * the harness's overhead: ``diffssl pretrain`` (Lightning, checkpoints, logging) against a plain PyTorch loop
-  training the same model with the same batch, optimiser, clipping, EMA and bf16 autocast (target ≤ 5%).
+  training the same model with the same batch, optimiser, clipping, EMA and bf16 autocast (target ≤ 5%);
+* SimCLR and MAE training images/s and achieved GFLOP/s (``benchmarks/baselines_throughput.py``), and their
+  ratio to the same run's bf16 GEMM GFLOP/s.
 
     python benchmarks/throughput.py --steps 40 --out runs/throughput.json
 """
@@ -92,6 +94,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--out", default="runs/throughput.json")
+    p.add_argument("--no-baselines", action="store_true", help="skip the SimCLR and MAE measurements")
     args = p.parse_args(argv)
     torch.manual_seed(0)
     images = load_split("fashion_mnist", "trainval").images[:20000]
@@ -124,6 +127,16 @@ def main(argv: list[str] | None = None) -> dict:
     result["extract_images_per_s_mid"] = extraction_images_per_second(backbone, images, [10], ["mid"])
     result["extract_images_per_s_all_blocks"] = extraction_images_per_second(
         backbone, images, [10], ["down2", "mid", "up0", "up1", "up2"])
+    if not args.no_baselines:
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        from baselines_throughput import baselines_throughput
+
+        baselines = baselines_throughput(args.batch_size, steps=max(3, args.steps // 4), warmup=1)
+        for m in ("simclr", "mae"):
+            r = baselines[m]
+            result[f"{m}_images_per_s"] = r["images_per_s"]
+            result[f"{m}_train_flops_per_image"] = r["train_flops_per_image"]
+            result[f"{m}_train_to_bf16_gemm_ratio"] = r["achieved_gflops_per_s"] / result["gemm_bf16_gflops"]
     print(json.dumps(result, indent=2))
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -13,7 +13,7 @@ import diffssl_plugin  # noqa: F401
 from diffssl_plugin.data import load_split
 from diffssl_plugin.eval import (EvalConfig, Readout, evaluate, extract_features, knn_accuracy, linear_probe,
                                  read_records, render_markdown, write_leaderboard, write_records)
-from diffssl_plugin.eval.features import FeatureCache, model_fingerprint
+from diffssl_plugin.eval.features import OUTPUT, FeatureCache, model_fingerprint
 from diffssl_plugin.eval.leaderboard import leaderboard_rows
 from diffssl_plugin.errors import UnknownNameError
 
@@ -161,3 +161,19 @@ def test_leaderboard_from_records(tmp_path):
     assert csv_text.splitlines()[0].startswith("method,backbone,dataset,linear")
     with pytest.raises(FileNotFoundError, match="diffssl"):
         read_records(tmp_path / "missing.jsonl")
+
+
+def test_backbones_without_diffusion_blocks_sweep_their_own_grid(tmp_path):
+    """A ViT sweeps its pooled output and patch-token maps of three blocks; a time-dependent DRL encoder sweeps
+    its concatenated codes and the code at single times t. The heatmap leaves the pooled output to its title."""
+    vit = timm.create_model("mae_vit_tiny_p4", in_chans=1, num_classes=0)
+    drl = timm.create_model("drl_time_encoder_fmnist", num_classes=0)
+    config = EvalConfig(train_images=100, val_images=50, test_images=50, final_cs=(1.0,), knn_ks=(20,),
+                        sweep_cs=(1.0,), pools=("avg",))
+    vit_readouts = config.readouts(vit)
+    assert vit_readouts[0] == OUTPUT and {r.block for r in vit_readouts[1:]} == {"blocks.6", "blocks.9", "blocks.11"}
+    drl_readouts = config.readouts(drl)
+    assert drl_readouts[0] == OUTPUT and [r.timestep for r in drl_readouts[1:]] == [0, 100, 250, 500, 750, 1000]
+    records = evaluate(drl, "drl", "drl_time", config, cache_dir=tmp_path / "c", out_dir=tmp_path, progress=False)
+    assert len([r for r in records if r["protocol"]["name"] == "sweep_linear"]) == 7
+    assert (tmp_path / "sweep_drl_time.png").stat().st_size > 1000

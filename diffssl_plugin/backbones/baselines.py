@@ -122,6 +122,14 @@ class MAEViT(VisionTransformer):
     def block_names(self) -> list[str]:
         return [f"blocks.{i}" for i in range(len(self.blocks))]
 
+    @property
+    def sweep_grid(self) -> dict:
+        """What the harness sweeps for a ViT: the pooled output (normed class token) and the patch-token maps
+        of three blocks from the middle of the network to the end (a ViT has no timestep)."""
+        depth = len(self.blocks)
+        blocks = [f"blocks.{i}" for i in sorted({depth // 2, (3 * depth) // 4, depth - 1})]
+        return {"output": True, "blocks": blocks, "timesteps": (0,)}
+
     def extract(self, x: torch.Tensor, timesteps: Sequence, blocks: Sequence[str],
                 pool: str | None = "avg") -> dict[tuple, torch.Tensor]:
         """``{(t, block): features}`` for every ``t`` in ``timesteps``, from one forward that stops at the

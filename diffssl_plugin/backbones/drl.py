@@ -308,6 +308,9 @@ class TimeDRLBackbone(DRLBackbone):
 
     block = "codes"
     block_names = ("code", "codes")
+    #: what the harness sweeps: the concatenated codes (the output) and the code at single times t = k / 1000
+    sweep_grid = {"output": True, "blocks": ("code",), "timesteps": (0, 100, 250, 500, 750, 1000),
+                  "pools": ("avg",)}
     num_train_timesteps = TIMESTEP_SCALE + 1  # k = 0 … 1000
 
     def extract(self, x: torch.Tensor, timesteps: Sequence[int], blocks: Sequence[str],

@@ -46,10 +46,18 @@ class EvalConfig:
     extra: dict = field(default_factory=dict)
 
     def readouts(self, model: nn.Module) -> list[Readout]:
+        """The sweep's readouts: this config's blocks × timesteps × pools where the model has those blocks;
+        else the model's own ``sweep_grid`` (a dict with ``blocks`` and optionally ``timesteps``, ``pools``
+        and ``output``: whether its pooled output competes too); else its ``block`` at this config's grid."""
         if not hasattr(model, "extract"):
             return [OUTPUT]
-        blocks = [b for b in (self.blocks or model.block_names) if b in model.block_names] or [model.block]
-        return [Readout(t, b, p) for t in self.timesteps for b in blocks for p in self.pools]
+        blocks = [b for b in (self.blocks or model.block_names) if b in model.block_names]
+        grid = getattr(model, "sweep_grid", None)
+        if blocks or grid is None:
+            return [Readout(t, b, p) for t in self.timesteps for b in blocks or [model.block] for p in self.pools]
+        timesteps, pools = grid.get("timesteps", self.timesteps), grid.get("pools", self.pools)
+        return ([OUTPUT] if grid.get("output") else []) + [
+            Readout(t, b, p) for t in timesteps for b in grid["blocks"] for p in pools]
 
 
 def load_eval_splits(config: EvalConfig):
@@ -188,6 +196,10 @@ def plot_sweep(accuracies: dict[Readout, float], path: Path, title: str = "") ->
 
     from ..io import atomic_path
 
+    output = accuracies.get(OUTPUT)
+    if output is not None:  # the pooled output has no block or timestep: named in the title, not a cell
+        title = f"{title}\n(pooled output: {100 * output:.1f})"
+        accuracies = {r: a for r, a in accuracies.items() if r != OUTPUT}
     pools = sorted({r.pool for r in accuracies})
     blocks = list(dict.fromkeys(r.block for r in accuracies))
     timesteps = sorted({r.timestep for r in accuracies})

@@ -34,6 +34,8 @@ def leaderboard_rows(records: list[dict], dataset: str | None = None) -> list[di
         readout = r.get("readout") or {}
         if r["protocol"]["name"] == "linear" and readout.get("block"):  # the readout the sweep chose
             row["readout"] = f"{readout['block']} @ t={readout['timestep']} ({readout['pool']})"
+        elif r["protocol"]["name"] == "linear" and readout:
+            row["readout"] = "pooled output"
         budget = r.get("budget") or {}
         if budget:
             row["budget"] = budget
