@@ -8,3 +8,8 @@ from .registry import (DATASETS, SPLITS, DatasetSpec, ImageSet, clear_cache, dat
 
 __all__ = ["DATASETS", "SPLITS", "DatasetSpec", "ImageSet", "clear_cache", "dataset_names", "load_split",
            "register_dataset", "register_image_folder", "stratified_pick", "stratified_split"]
+
+from .scenes import (SEGMENTATION_SETS, SegmentationSet, compose_scenes, load_segmentation,  # noqa: E402
+                     segmentation_names)
+
+__all__ += ["SEGMENTATION_SETS", "SegmentationSet", "compose_scenes", "load_segmentation", "segmentation_names"]
