@@ -1,4 +1,4 @@
-"""The ``diffssl`` command: ``pretrain``, ``eval``, ``bench``, ``leaderboard``, ``export``.
+"""The ``diffssl`` command: ``pretrain``, ``eval``, ``bench``, ``leaderboard``, ``export``, ``reproduce``.
 
 ``diffssl bench`` with no arguments is the main job (Fashion-MNIST on the CPU, under 20 minutes on 2 cores).
 """
@@ -22,6 +22,16 @@ def _add_hardware(p: argparse.ArgumentParser) -> None:
 
 def _devices(text: str):
     return int(text) if text.isdigit() else text
+
+
+def _json_dict(text: str) -> dict:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"not valid JSON: {e}") from e
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"expected a JSON object, got {text!r}")
+    return value
 
 
 def _budget(text: str):
@@ -68,6 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--protocol", default="linear",
                    help="comma-separated protocols (see diffssl_plugin.eval.PROTOCOLS); default: linear")
     p.add_argument("--train-images", type=int, default=10000)
+    p.add_argument("--extra", type=_json_dict, default={},
+                   help='JSON dict of protocol settings (EvalConfig.extra), e.g. \'{"semisup": {"seeds": [0, 1, 2]}}\'')
     p.add_argument("--out", default="runs/eval")
     _add_hardware(p)
 
@@ -90,6 +102,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("checkpoint", help="a .ckpt written by `diffssl pretrain`")
     p.add_argument("out", help="export folder")
     p.add_argument("--method", default="ddae")
+
+    p = sub.add_parser("reproduce", help="run a published-result config (benchmarks/configs): paper vs ours")
+    from .reproduce import add_arguments as add_reproduce_arguments
+
+    add_reproduce_arguments(p)
     return parser
 
 
@@ -151,7 +168,8 @@ def cmd_eval(args) -> int:
 
     backbone = load_backbone(args.checkpoint, args.model, args.weights)
     name = backbone.pretrained_cfg.get("architecture") or args.model or "backbone"
-    config = EvalConfig(dataset=args.dataset, data_root=args.data_root, train_images=args.train_images)
+    config = EvalConfig(dataset=args.dataset, data_root=args.data_root, train_images=args.train_images,
+                        extra=args.extra)
     for field_name, text, cast in (("timesteps", args.timesteps, int), ("blocks", args.blocks, str),
                                    ("pools", args.pools, str)):
         if text:
@@ -205,8 +223,14 @@ def cmd_export(args) -> int:
     return 0
 
 
+def cmd_reproduce(args) -> int:
+    from .reproduce import run_cli
+
+    return run_cli(args)
+
+
 COMMANDS = {"pretrain": cmd_pretrain, "eval": cmd_eval, "bench": cmd_bench, "leaderboard": cmd_leaderboard,
-            "export": cmd_export}
+            "export": cmd_export, "reproduce": cmd_reproduce}
 
 
 def main(argv: list[str] | None = None) -> int:

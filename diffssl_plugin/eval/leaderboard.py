@@ -26,10 +26,12 @@ def leaderboard_rows(records: list[dict], dataset: str | None = None) -> list[di
     protocol, with the readout and budget."""
     rows: dict[tuple[str, str], dict] = {}
     for r in records:
-        if r.get("split") != "test" or (dataset and r.get("dataset") != dataset):
+        # the evaluated (pretraining) dataset: transfer records carry their target in "dataset"
+        evaluated = (r.get("eval_config") or {}).get("dataset", r.get("dataset"))
+        if r.get("split") != "test" or (dataset and evaluated != dataset):
             continue
         key = (r["method"], r["backbone"])
-        row = rows.setdefault(key, {"method": r["method"], "backbone": r["backbone"], "dataset": r["dataset"]})
+        row = rows.setdefault(key, {"method": r["method"], "backbone": r["backbone"], "dataset": evaluated})
         row.setdefault("values", {})[r["protocol"]["name"]] = (r["value"], r.get("std"))
         readout = r.get("readout") or {}
         if r["protocol"]["name"] == "linear" and readout.get("block"):  # the readout the sweep chose

@@ -55,7 +55,7 @@ class DDAE(SSLMethod):
         self.unet = UNet2DModel(**config)
         self.scheduler = ddpm_scheduler()
         self.ema = EMA(self.unet, decay=ema_decay)
-        self.readout = dict(timestep=10, block="mid", pool="avg2x2", **(readout or {}))
+        self.readout = {**dict(timestep=10, block="mid", pool="avg2x2"), **(readout or {})}
         self._backbone_cache: dict[str, DDAEBackbone] = {}  # a dict, so Lightning does not save it twice
 
     def training_loss(self, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:

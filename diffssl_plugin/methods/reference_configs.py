@@ -18,7 +18,10 @@ from .registry import get_method
 
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "benchmarks" / "configs"
 KEYS = {"method", "dataset", "batch_size", "epochs", "warmup_epochs", "precision", "seed", "method_kwargs",
-        "reference"}
+        "reference",
+        # read by `diffssl reproduce` (diffssl_plugin/reproduce.py): the published rows, evaluation protocol,
+        # expected compute, and for eval-only configs (no `method`) the published checkpoint
+        "title", "published", "eval", "compute", "checkpoint", "dry_run", "notes"}
 
 
 def config_path(name: str | os.PathLike) -> Path:
@@ -43,11 +46,14 @@ def load_config(name: str | os.PathLike) -> dict:
     if not isinstance(config, dict):
         raise InputError(f"{path}: a reference config must be a YAML mapping")
     unknown = sorted(set(config) - KEYS)
-    missing = sorted({"method", "dataset", "batch_size", "epochs"} - set(config))
+    eval_only = "method" not in config and "checkpoint" in config  # evaluates a published checkpoint
+    required = {"dataset"} if eval_only else {"method", "dataset", "batch_size", "epochs"}
+    missing = sorted(required - set(config))
     if unknown or missing:
         raise InputError(f"{path}: unknown keys {unknown}, missing keys {missing}; "
                          f"valid keys: {sorted(KEYS)}")
-    get_method(config["method"])
+    if not eval_only:
+        get_method(config["method"])
     return config
 
 
@@ -81,4 +87,8 @@ def pretrain_from_config(name: str | os.PathLike, **overrides):
     """Pretrain with a reference config (see :func:`pretrain_kwargs` for ``overrides``)."""
     from .training import pretrain
 
-    return pretrain(**pretrain_kwargs(load_config(name), **overrides))
+    config = load_config(name)
+    if "method" not in config:
+        raise InputError(f"{name}: an eval-only config (no 'method' to pretrain); use `diffssl reproduce "
+                         f"{name} --checkpoint PATH`")
+    return pretrain(**pretrain_kwargs(config, **overrides))
