@@ -9,6 +9,8 @@ from . import finetune  # noqa: F401
 from . import ood  # noqa: F401
 from . import heads_protocols  # noqa: F401  (registers the attention, difformer and diffeed protocols)
 from . import segmentation  # noqa: F401  (registers the segmentation and segmentation_mlp protocols)
+from . import semisup  # noqa: F401  (registers the semisup protocol)
+from . import transfer  # noqa: F401  (registers the transfer protocol)
 
 __all__ = ["OUTPUT", "FeatureCache", "Readout", "extract_features", "model_fingerprint", "normalise",
            "EvalConfig", "EvalContext", "PROTOCOLS", "register_protocol", "evaluate", "plot_sweep", "render_markdown", "write_leaderboard", "knn_accuracy",
