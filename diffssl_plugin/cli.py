@@ -84,7 +84,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_hardware(p)
 
     p = sub.add_parser("bench", help="the main job: pretrain all learners, evaluate, print a leaderboard")
-    p.add_argument("--preset", default="default", help="default (≈15 min on 2 CPU cores) or smoke (≈1 min)")
+    p.add_argument("--preset", default="default",
+                   help="default (every learner and evaluation, under 20 min on 2 CPU cores), heads (DDAE with "
+                        "GAP-linear, attention, DifFormer, DifFeed), or smoke (the same code path in about 3 min)")
     p.add_argument("--dataset", default=None)
     p.add_argument("--data-root", default=None)
     p.add_argument("--budget", type=_budget, default=None, help="per-learner budget (default: the preset's)")

@@ -464,3 +464,6 @@ def test_raw_pixels(fmnist_uint8):
     clf = timm.create_model("raw_pixels", num_classes=10)
     assert clf(x).shape == (4, 10)
     assert np.isclose(clf.get_classifier().in_features, 784)
+    rgb = timm.create_model("raw_pixels", in_chans=3, img_size=32, num_classes=0)  # e.g. the CIFAR floor row
+    cfg = timm.data.resolve_model_data_config(rgb)
+    assert cfg["input_size"] == (3, 32, 32) and cfg["mean"] == (0.0,) * 3 and rgb.num_features == 3 * 32 * 32

@@ -29,8 +29,16 @@ def test_bench_smoke_end_to_end(tmp_path):
     ddae = [r for r in records if r["method"] == "ddae" and r["protocol"]["name"] == "linear"]
     assert len(ddae) == 1 and ddae[0]["budget"]["steps"] == 15 and ddae[0]["readout"]["block"]
     assert ddae[0]["checkpoint_hash"] and ddae[0]["versions"]["diffusers"]
-    for name in ("leaderboard.md", "leaderboard.csv", "samples_ddae.png", "sweep_ddae_unet_fmnist.png"):
+    for name in ("leaderboard.md", "leaderboard.csv", "samples_ddae.png", "sweep_ddae_unet_fmnist.png",
+                 "segmentation_best.png"):
         assert (out / name).stat().st_size > 0, name
+    # every learner has a number in each evaluation family of the leaderboard
+    header = (out / "leaderboard.md").read_text().splitlines()[0]
+    for title in ("linear", "kNN k=20", "fine-tune", "1% linear", "1% fine-tune", "→ MNIST-5k", "→ digits",
+                  "→ FMNIST tops", "seg. mIoU (linear)", "seg. mIoU (MLP)"):
+        assert f" {title} |" in header, title
+    names = {r["protocol"]["name"] for r in records if r["method"] == "simclr" and r["split"] == "test"}
+    assert {"semisup1_linear", "transfer_digits", "segmentation", "segmentation_mlp"} <= names
     # the exported checkpoint evaluates again through `diffssl eval`, from the cached features
     proc = run_cli("eval", "--checkpoint", str(out / "ddae" / "export"), "--timesteps", "0", "--blocks", "mid",
                    "--pools", "avg", "--train-images", "300", "--out", str(tmp_path / "eval"), "--no-progress")

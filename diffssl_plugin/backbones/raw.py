@@ -17,10 +17,15 @@ class RawPixels(nn.Module):
         super().__init__()
         kwargs.pop("pretrained_cfg", None)
         self.in_chans, self.image_size = in_chans, img_size
-        self.pretrained_cfg = {**default_data_cfg(in_chans, img_size), "mean": (0.0,) * in_chans,
-                               "std": (1.0,) * in_chans, "first_conv": "", "classifier": "head"}
+        self.pretrained_cfg = self.data_cfg()
         self.feature_info = [dict(num_chs=in_chans, reduction=1, module="")]
         self.reset_classifier(num_classes)
+
+    def data_cfg(self) -> dict:
+        """Input size and identity normalisation for this channel count and size."""
+        c = self.in_chans
+        return {**default_data_cfg(c, self.image_size), "mean": (0.0,) * c, "std": (1.0,) * c, "first_conv": "",
+                "classifier": "head"}
 
     def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
         self.num_classes = num_classes

@@ -53,4 +53,7 @@ def ddae_unet_cifar10(pretrained: bool = False, **kwargs) -> DDAEBackbone:
 @register_model
 def raw_pixels(pretrained: bool = False, **kwargs) -> RawPixels:
     """Flattened pixels: the floor row of every leaderboard."""
-    return _create(RawPixels, "raw_pixels", pretrained, **kwargs)
+    model = _create(RawPixels, "raw_pixels", pretrained, **kwargs)
+    # timm's builder sets the registered 1×28×28 cfg; keep the channels and size this model was built with
+    model.pretrained_cfg = model.default_cfg = {**model.pretrained_cfg, **model.data_cfg()}
+    return model

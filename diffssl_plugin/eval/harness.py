@@ -37,6 +37,10 @@ class EvalConfig:
     blocks: Sequence[str] | None = ("down2", "mid", "up0.0", "up0", "up1.0", "up1")
     pools: Sequence[str] = ("avg", "avg2x2")
     sweep_cs: Sequence[float] = (1e-2, 1e-1, 1.0)
+    #: class-balanced parts of the train/val subsets the sweep scores readouts on (None: all of them); only the
+    #: chosen readout is then extracted for the whole subsets and the test split
+    sweep_train_images: int | None = None
+    sweep_val_images: int | None = None
     final_cs: Sequence[float] = DEFAULT_CS
     knn_ks: Sequence[int] = (20, 200)
     knn_t: float = 0.1
@@ -143,12 +147,15 @@ def linear_and_knn(ctx: EvalContext) -> list[dict]:
     config = ctx.config
     train, val, test = ctx.splits()
     readouts = config.readouts(ctx.model)
-    f_train, f_val, f_test = (ctx.features(d, readouts) for d in (train, val, test))
     records = []
     if len(readouts) > 1:
+        s_train = train.balanced_subset(total=config.sweep_train_images, seed=config.seed)
+        s_val = val.balanced_subset(total=config.sweep_val_images, seed=config.seed)
+        s_f_train, s_f_val = (ctx.features(d, readouts) for d in (s_train, s_val))
         sweep: dict[Readout, float] = {}
         for r in readouts:
-            res = linear_probe(f_train[r], train.labels, f_val[r], val.labels, cs=config.sweep_cs, seed=config.seed)
+            res = linear_probe(s_f_train[r], s_train.labels, s_f_val[r], s_val.labels, cs=config.sweep_cs,
+                               seed=config.seed)
             sweep[r] = res.val_acc
             records.append(ctx.record(split="val", protocol={"name": "sweep_linear", **res.params},
                                       value=res.val_acc, readout=r))
@@ -159,6 +166,7 @@ def linear_and_knn(ctx: EvalContext) -> list[dict]:
     else:
         ctx.best_readout = readouts[0]
     best = ctx.best_readout
+    f_train, f_val, f_test = (ctx.features(d, [best]) for d in (train, val, test))
     lin = linear_probe(f_train[best], train.labels, f_val[best], val.labels, f_test[best], test.labels,
                        cs=config.final_cs, seed=config.seed)
     records.append(ctx.record(split="test", protocol={"name": "linear", **lin.params}, value=lin.test_acc,
