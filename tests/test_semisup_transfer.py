@@ -264,7 +264,7 @@ def test_cli_passes_protocol_settings(tmp_path, capsys):
                  "--out", str(tmp_path), "--no-progress"]) == 0
     (record,) = (json.loads(line) for line in (tmp_path / "records.jsonl").read_text().splitlines())
     assert record["protocol"]["name"] == "transfer_digits" and record["target_images"]["train"] == 200
-    assert "transfer_digits" in (tmp_path / "leaderboard.md").read_text()
+    assert "→ digits" in (tmp_path / "leaderboard.md").read_text()  # the column of transfer_digits
     bad = {"transfer": {"targets": ["no_such_set"]}}
     assert main(["eval", "--model", "raw_pixels", "--protocol", "transfer", "--extra", json.dumps(bad),
                  "--out", str(tmp_path)]) == 2
