@@ -155,8 +155,8 @@ def _copy_best_segmentation_picture(records: list[dict], out: Path) -> Path | No
     if not scored:
         return None
     best = max(scored, key=lambda r: r["value"])
-    source = out / f"segmentation_{best['backbone']}.png"
-    if not source.is_file():
+    source = Path(best["picture"]) if best.get("picture") else None  # where the protocol wrote it
+    if source is None or not source.is_file():
         return None
     target = out / "segmentation_best.png"
     shutil.copyfile(source, target)

@@ -148,10 +148,12 @@ def linear_and_knn(ctx: EvalContext) -> list[dict]:
     train, val, test = ctx.splits()
     readouts = config.readouts(ctx.model)
     records = []
+    swept: dict[int, dict[Readout, torch.Tensor]] = {}  # features the sweep computed, by id of their image set
     if len(readouts) > 1:
         s_train = train.balanced_subset(total=config.sweep_train_images, seed=config.seed)
         s_val = val.balanced_subset(total=config.sweep_val_images, seed=config.seed)
         s_f_train, s_f_val = (ctx.features(d, readouts) for d in (s_train, s_val))
+        swept = {id(s_train): s_f_train, id(s_val): s_f_val}
         sweep: dict[Readout, float] = {}
         for r in readouts:
             res = linear_probe(s_f_train[r], s_train.labels, s_f_val[r], s_val.labels, cs=config.sweep_cs,
@@ -166,7 +168,9 @@ def linear_and_knn(ctx: EvalContext) -> list[dict]:
     else:
         ctx.best_readout = readouts[0]
     best = ctx.best_readout
-    f_train, f_val, f_test = (ctx.features(d, [best]) for d in (train, val, test))
+    # a sweep over the whole subsets already holds their features at the chosen readout (even without a cache)
+    f_train, f_val, f_test = (swept[id(d)] if id(d) in swept else ctx.features(d, [best])
+                              for d in (train, val, test))
     lin = linear_probe(f_train[best], train.labels, f_val[best], val.labels, f_test[best], test.labels,
                        cs=config.final_cs, seed=config.seed)
     records.append(ctx.record(split="test", protocol={"name": "linear", **lin.params}, value=lin.test_acc,
