@@ -17,6 +17,8 @@ from pathlib import Path
 
 import torch
 
+from diffssl_plugin.backbones.sdpa import cpu_math_attention
+
 
 def _measure(method: str, images: torch.Tensor, steps: int, warmup: int, method_kwargs: dict) -> dict:
     from diffssl_plugin.methods import get_method
@@ -30,7 +32,7 @@ def _measure(method: str, images: torch.Tensor, steps: int, warmup: int, method_
     times = []
     for step in range(warmup + steps):
         start = time.perf_counter()
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.autocast("cpu", dtype=torch.bfloat16), cpu_math_attention("cpu"):  # as in training_step
             loss = model.training_loss(images, torch.Generator().manual_seed(step))
         opt.zero_grad(set_to_none=True)
         loss.backward()

@@ -67,6 +67,51 @@ def test_pretrain_respects_step_budget_and_exports(tmp_path):
     torch.testing.assert_close(backbone(x), from_diffusers(x))
 
 
+def test_cpu_training_steps_use_the_math_attention_backend(tmp_path, monkeypatch):
+    """The fused CPU attention kernel is slow for short sequences (backbones/sdpa.py): training steps and
+    U-Net feature extraction run with it disabled, and the math backend gives the same outputs."""
+    from diffusers import UNet2DModel
+
+    from diffssl_plugin.backbones.ddae import DDAEBackbone
+    from diffssl_plugin.backbones.sdpa import cpu_math_attention
+    from diffssl_plugin.methods.ddae import DDAE
+
+    seen = []
+    original = DDAE.training_loss
+
+    def spy(self, images, generator):
+        seen.append(torch.backends.cuda.flash_sdp_enabled())
+        return original(self, images, generator)
+
+    monkeypatch.setattr(DDAE, "training_loss", spy)
+    pretrain("ddae", budget=Budget(steps=2), out_dir=tmp_path, checkpoint_every=10, **TINY)
+    assert seen[1:] == [False, False]  # the two training steps (the first call only counts FLOPs)
+    assert torch.backends.cuda.flash_sdp_enabled()  # restored after the step
+
+    torch.manual_seed(0)
+    unet = UNet2DModel(**{**TINY_UNET, "add_attention": True})  # attention in the middle block
+    x, t = torch.rand(4, 1, 28, 28) * 2 - 1, torch.tensor([3, 50, 400, 999])
+    with torch.no_grad():
+        fused = unet(x, t).sample
+        with cpu_math_attention("cpu"):
+            math = unet(x, t).sample
+    torch.testing.assert_close(math, fused, rtol=1e-4, atol=1e-5)
+    backbone = DDAEBackbone(unet=unet, block="mid")
+    calls = []
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention",
+                        _recording(torch.nn.functional.scaled_dot_product_attention, calls))
+    backbone.extract(x, [10], ["mid"])
+    assert calls == [False]
+
+
+def _recording(sdpa, calls):
+    def wrapped(*args, **kwargs):
+        calls.append(torch.backends.cuda.flash_sdp_enabled())
+        return sdpa(*args, **kwargs)
+
+    return wrapped
+
+
 def test_flops_budget_sets_the_step_count(tmp_path):
     probe = pretrain("ddae", budget=Budget(steps=1), out_dir=tmp_path / "probe", **TINY)
     step_flops = probe.flops_per_image * 16

@@ -21,7 +21,6 @@ sets the matching mean/std.
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Sequence
 
 import torch
@@ -31,6 +30,7 @@ from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
 from ..errors import InputError, check_name
+from .sdpa import cpu_math_attention
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 GREY_MEAN, GREY_STD = (0.449,), (0.226,)  # channel averages of the ImageNet statistics
@@ -41,17 +41,6 @@ def norm_stats(in_chans: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
     if in_chans == 3:
         return IMAGENET_MEAN, IMAGENET_STD
     return GREY_MEAN * in_chans, GREY_STD * in_chans
-
-
-def cpu_math_attention(device: torch.device | str):
-    """On the CPU, compute attention with plain matrix products: for the short token sequences here (13-65
-    tokens) PyTorch's fused CPU attention kernel made a bf16 MAE training step ~30% slower (its backward
-    dominated the profile). Elsewhere, leave PyTorch's choice alone."""
-    if torch.device(device).type != "cpu":
-        return contextlib.nullcontext()
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    return sdpa_kernel(SDPBackend.MATH)
 
 
 def _cfg(in_chans: int, size: int, **kw) -> dict:

@@ -45,6 +45,7 @@ from ..diffusion.schedule import DDPM_DEFAULTS, add_noise, check_timesteps, ddpm
 from ..errors import InputError, check_name
 from .checks import check_images
 from .pooling import pool_cells, pool_features, pooled_dim
+from .sdpa import cpu_math_attention
 from .timm_contract import TimmBackboneMixin
 
 UNET_PRESETS: dict[str, dict] = {
@@ -279,7 +280,8 @@ class DDAEBackbone(TimmBackboneMixin, nn.Module):
         handles = [self._units[n].register_forward_hook(hook_for(n)) for n in hooked]
         t = torch.full((x_t.shape[0],), timestep, dtype=torch.long, device=x_t.device)
         try:
-            self.unet(x_t, t)
+            with cpu_math_attention(x_t.device):
+                self.unet(x_t, t)
         except _StopForward:
             pass
         finally:

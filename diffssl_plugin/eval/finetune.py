@@ -37,7 +37,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..backbones.baselines import cpu_math_attention
+from ..backbones.sdpa import cpu_math_attention
 from ..data import ImageSet
 from ..errors import InputError
 from .features import OUTPUT, Readout, extract_features, normalise, pooled_output

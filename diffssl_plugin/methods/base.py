@@ -19,6 +19,8 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset, Sampler
 
+from ..backbones.sdpa import cpu_math_attention
+
 BatchTransform = Callable[[torch.Tensor, torch.Generator], torch.Tensor]
 
 
@@ -112,7 +114,8 @@ class SSLMethod(pl.LightningModule):
 
     def training_step(self, batch, batch_idx):
         images, _ = batch
-        loss = self.training_loss(images, self.step_generator())
+        with cpu_math_attention(images.device):  # see backbones/sdpa.py: the fused CPU kernel is slow here
+            loss = self.training_loss(images, self.step_generator())
         if not torch.isfinite(loss):
             raise FloatingPointError(f"{type(self).__name__}: loss became {loss.item()} at step "
                                      f"{self.global_step}; lower the learning rate")
@@ -140,7 +143,7 @@ class SSLMethod(pl.LightningModule):
 
         gen = torch.Generator().manual_seed(0)
         try:
-            with FlopCounterMode(display=False) as counter:
+            with FlopCounterMode(display=False) as counter, cpu_math_attention(images.device):  # as trained
                 self.training_loss(images, gen).backward()
         except RuntimeError:
             # torch's per-module tracker (backward hooks) rejects autograd.grad with respect to a module's leaf
@@ -148,7 +151,7 @@ class SSLMethod(pl.LightningModule):
             self.zero_grad(set_to_none=True)
             counter = FlopCounterMode(display=False)
             counter.mod_tracker = _NoModuleTracker()
-            with counter:
+            with counter, cpu_math_attention(images.device):
                 self.training_loss(images, torch.Generator().manual_seed(0)).backward()
         self.zero_grad(set_to_none=True)
         return counter.get_total_flops() / images.shape[0]

@@ -35,7 +35,7 @@ from lightly.models import utils
 from lightly.models.modules import MaskedVisionTransformerDecoderTIMM, MaskedVisionTransformerTIMM
 from torch import nn
 
-from ..backbones.baselines import MAEViT, cpu_math_attention, norm_stats
+from ..backbones.baselines import MAEViT, norm_stats
 from ..backbones.checks import check_images
 from .augment import normalize, random_resized_crop
 from .base import SSLMethod
@@ -94,8 +94,7 @@ class MAE(SSLMethod):
         vit = self.encoder.vit
         check_images(images, vit.in_chans, vit.patch_embed.img_size[0],
                      name="MAE (set img_size to the data's image size)")
-        with cpu_math_attention(images.device):
-            return self._loss(self.transform(images, generator), generator)
+        return self._loss(self.transform(images, generator), generator)
 
     def _loss(self, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         """The MAE objective on an augmented, normalised batch ``x``."""
