@@ -13,8 +13,12 @@ Prints and writes JSON with:
 
     python benchmarks/throughput.py --out runs/throughput.json
 
-Per-step wall times are summarised by their median (the headline figures), their mean and their minimum
-(``*_best``: the least disturbed step, what the code itself costs on a shared machine).
+Measured in alternating turns (bare loop, then Lightning, ``--rounds`` times; GEMM before each turn), because
+this project's shared 2-core host drifts by ±15% within minutes. Headline figures are paired: the ratio is the
+median over Lightning turns of (that turn's median step GFLOP/s ÷ the GEMM rate measured just before it), the
+overhead the median over rounds of (1 − bare-loop turn's median step time ÷ the Lightning turn's). Beside
+them: the same from all steps pooled (``*_overall``), from means, and from the fastest step (``*_best``: the
+least disturbed step, what the code itself costs on a shared machine).
 """
 
 from __future__ import annotations
