@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..backbones.sdpa import cpu_math_attention
 from ..errors import InputError, check_name
 
 
@@ -217,7 +218,8 @@ def train_head(model: nn.Module, train: Rows, val: Rows | None = None, cfg: Head
         for s in range(steps_per_epoch):
             idx = perm[s * batch:(s + 1) * batch]
             inputs, y = _to(train.get(idx), device), train.labels[idx].to(device)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.amp):
+            amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.amp)
+            with amp, cpu_math_attention(device):
                 logits = model(inputs)
             loss = F.cross_entropy(logits.float(), y)
             if not torch.isfinite(loss):
@@ -255,7 +257,7 @@ def predict(model: nn.Module, data: Rows, batch_size: int = 256, device: str | t
     preds = []
     for start in range(0, len(data), batch_size):
         idx = torch.arange(start, min(start + batch_size, len(data)))
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp), cpu_math_attention(device):
             preds.append(model(_to(data.get(idx), device)).argmax(1).cpu())
     return torch.cat(preds)
 

@@ -114,7 +114,7 @@ class SSLMethod(pl.LightningModule):
 
     def training_step(self, batch, batch_idx):
         images, _ = batch
-        with cpu_math_attention(images.device):  # see backbones/sdpa.py: the fused CPU kernel is slow here
+        with cpu_math_attention(images.device):  # under bf16 autocast on the CPU (see backbones/sdpa.py)
             loss = self.training_loss(images, self.step_generator())
         if not torch.isfinite(loss):
             raise FloatingPointError(f"{type(self).__name__}: loss became {loss.item()} at step "
@@ -143,7 +143,8 @@ class SSLMethod(pl.LightningModule):
 
         gen = torch.Generator().manual_seed(0)
         try:
-            with FlopCounterMode(display=False) as counter, cpu_math_attention(images.device):  # as trained
+            # attention counted as the math backend's matmuls, the kernels a bf16 training step runs
+            with FlopCounterMode(display=False) as counter, cpu_math_attention(images.device, always=True):
                 self.training_loss(images, gen).backward()
         except RuntimeError:
             # torch's per-module tracker (backward hooks) rejects autograd.grad with respect to a module's leaf
@@ -151,7 +152,7 @@ class SSLMethod(pl.LightningModule):
             self.zero_grad(set_to_none=True)
             counter = FlopCounterMode(display=False)
             counter.mod_tracker = _NoModuleTracker()
-            with counter, cpu_math_attention(images.device):
+            with counter, cpu_math_attention(images.device, always=True):
                 self.training_loss(images, torch.Generator().manual_seed(0)).backward()
         self.zero_grad(set_to_none=True)
         return counter.get_total_flops() / images.shape[0]
