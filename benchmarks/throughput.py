@@ -13,12 +13,12 @@ Prints and writes JSON with:
 
     python benchmarks/throughput.py --out runs/throughput.json
 
-Measured in alternating turns (bare loop, then Lightning, ``--rounds`` times; GEMM before each turn), because
-this project's shared 2-core host drifts by ±15% within minutes. Headline figures are paired: the ratio is the
-median over Lightning turns of (that turn's median step GFLOP/s ÷ the GEMM rate measured just before it), the
-overhead the median over rounds of (1 − bare-loop turn's median step time ÷ the Lightning turn's). Beside
-them: the same from all steps pooled (``*_overall``), from means, and from the fastest step (``*_best``: the
-least disturbed step, what the code itself costs on a shared machine).
+Measured in alternating turns (bare loop, then Lightning, ``--rounds`` times; GEMM before each turn),
+because this project's shared 2-core host drifts by up to ±20% within minutes. Headline figures are paired:
+the ratio is the median over Lightning turns of (that turn's median step GFLOP/s ÷ the GEMM rate measured just
+before it), the overhead the median over rounds of (1 − bare-loop turn's median step time ÷ the Lightning
+turn's). Beside them: the same from all steps pooled (``*_overall``), from means, and from the fastest step
+(``*_best``: the least disturbed step, what the code itself costs on a shared machine).
 """
 
 from __future__ import annotations
@@ -122,23 +122,28 @@ def interleaved_step_seconds(images: torch.Tensor, batch: int, steps: int, round
     plain: list[float] = []
     gemm: list[float] = []
     with tempfile.TemporaryDirectory() as tmp:
-        done = 0
-        for r in range(-1, rounds):  # turn -1: the untimed warm-up
-            n = 2 * skip if r < 0 else skip + per_round
-            if r >= 0:
-                gemm.append(gemm_gflops(torch.bfloat16, trials=1))
-            timed = plain_loop.run(n)[skip:]
-            done += n + (r >= 0)  # the timer needs one more batch start to close a turn's last step
-            if r >= 0:
-                gemm.append(gemm_gflops(torch.bfloat16, trials=1))
-            pretrain("ddae", budget=Budget(steps=done), out_dir=tmp, batch_size=batch, progress=False,
+
+        def lightning_until(step: int) -> None:
+            pretrain("ddae", budget=Budget(steps=step), out_dir=tmp, batch_size=batch, progress=False,
                      logger=False, callbacks=[timer], resume=True, checkpoint_every=10 ** 6,
                      max_images=len(images))
-            if r < 0:
-                timer.seconds.clear()
-            else:
-                plain += timed
+
+        done = 2 * skip
+        plain_loop.run(done)  # the untimed warm-up turns
+        lightning_until(done)
+        timer.seconds.clear()
+        for _ in range(rounds):
+            gemm.append(gemm_gflops(torch.bfloat16, trials=1))
+            plain += plain_loop.run(skip + per_round)[skip:]
+            gemm.append(gemm_gflops(torch.bfloat16, trials=1))
+            done += skip + per_round + 1  # one more batch start closes the turn's last timed step
+            lightning_until(done)
     return plain, timer.seconds, gemm, plain_loop.flops_per_image
+
+
+def round_medians(seconds: list[float], per_round: int) -> list[float]:
+    """Median step time of each consecutive run of ``per_round`` steps (one turn)."""
+    return [statistics.median(seconds[i:i + per_round]) for i in range(0, len(seconds), per_round)]
 
 
 def extraction_images_per_second(backbone, images: torch.Tensor, timesteps, blocks,
@@ -177,9 +182,9 @@ def main(argv: list[str] | None = None) -> dict:
     lightning_ips = args.batch_size / statistics.median(lightning)
     result["flops_per_image_train"] = flops_per_image
     result["steps_timed"] = {"plain_loop": len(plain), "lightning": len(lightning)}
-    result["median_step_seconds_per_round"] = {
-        name: [round(statistics.median(sec[i:i + per_round]), 4) for i in range(0, len(sec), per_round)]
-        for name, sec in (("plain_loop", plain), ("lightning", lightning))}
+    plain_rounds, lightning_rounds = round_medians(plain, per_round), round_medians(lightning, per_round)
+    result["median_step_seconds_per_round"] = {"plain_loop": [round(x, 4) for x in plain_rounds],
+                                               "lightning": [round(x, 4) for x in lightning_rounds]}
     result["plain_loop_images_per_s"] = plain_ips
     result["lightning_images_per_s"] = lightning_ips
     result["plain_loop_images_per_s_mean"] = args.batch_size * len(plain) / sum(plain)
@@ -190,15 +195,14 @@ def main(argv: list[str] | None = None) -> dict:
     result["lightning_images_per_s_best"] = args.batch_size / min(lightning)
     result["train_gflops_achieved"] = lightning_ips * flops_per_image / 1e9
     # headline ratio: each Lightning turn's median step against the GEMM rate measured just before that turn
-    per_turn = [statistics.median(lightning[i * per_round:(i + 1) * per_round]) for i in range(args.rounds)]
     result["train_to_bf16_gemm_ratio_per_turn"] = [
-        round(args.batch_size / sec * flops_per_image / 1e9 / g, 3) for sec, g in zip(per_turn, gemm[1::2])]
+        round(args.batch_size / sec * flops_per_image / 1e9 / g, 3)
+        for sec, g in zip(lightning_rounds, gemm[1::2])]
     result["train_to_bf16_gemm_ratio"] = statistics.median(result["train_to_bf16_gemm_ratio_per_turn"])
     result["train_to_bf16_gemm_ratio_overall"] = result["train_gflops_achieved"] / result["gemm_bf16_gflops"]
     # headline overhead: each round's Lightning turn against the bare-loop turn right before it
-    rounds = result["median_step_seconds_per_round"]
-    result["harness_overhead_per_round"] = [round(1 - p / q, 4) for p, q in zip(rounds["plain_loop"],
-                                                                                 rounds["lightning"])]
+    result["harness_overhead_per_round"] = [round(1 - p / q, 4)
+                                            for p, q in zip(plain_rounds, lightning_rounds)]
     result["harness_overhead"] = statistics.median(result["harness_overhead_per_round"])
     result["harness_overhead_overall"] = 1 - lightning_ips / plain_ips
     result["harness_overhead_mean"] = (1 - result["lightning_images_per_s_mean"]

@@ -79,3 +79,17 @@ def write_idx(path: Path, array: np.ndarray, compress: bool | None = None) -> Pa
 @pytest.fixture
 def idx_writer():
     return write_idx
+
+
+@pytest.fixture
+def sdpa_flash_allowed(monkeypatch) -> list[bool]:
+    """Records, for every ``F.scaled_dot_product_attention`` call, whether the fused kernels were allowed."""
+    calls: list[bool] = []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def recording(*args, **kwargs):
+        calls.append(torch.backends.cuda.flash_sdp_enabled())
+        return sdpa(*args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", recording)
+    return calls

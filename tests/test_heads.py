@@ -284,21 +284,13 @@ def test_attention_head_learns_cached_maps(tiny_backbone, real_batch, fmnist_uin
 
 
 @pytest.mark.parametrize("amp", [True, False])
-def test_head_training_and_prediction_use_the_math_attention_backend_under_bf16(monkeypatch, amp):
+def test_head_training_and_prediction_use_the_math_attention_backend_under_bf16(sdpa_flash_allowed, amp):
     """In bf16 the fused CPU attention kernel is ~3× slower for these short token sequences, in fp32 faster
     (backbones/sdpa.py): the math backend is chosen under bf16 autocast only."""
-    calls = []
-    sdpa = F.scaled_dot_product_attention
-
-    def recording(*args, **kwargs):
-        calls.append(torch.backends.cuda.flash_sdp_enabled())
-        return sdpa(*args, **kwargs)
-
-    monkeypatch.setattr(F, "scaled_dot_product_attention", recording)
     head = AttentionHead((8, 7, 7), 10, **SMALL)
     rows = tensor_rows(torch.randn(16, 8, 7, 7), torch.arange(16) % 10)
     train_head(head, rows, rows, HeadTraining(epochs=1, batch_size=8, warmup_epochs=0, amp=amp))
-    assert calls and all(flash_allowed is not amp for flash_allowed in calls)
+    assert sdpa_flash_allowed and all(flash_allowed is not amp for flash_allowed in sdpa_flash_allowed)
 
 
 def test_dict_rows_and_training_presets():

@@ -218,8 +218,8 @@ def train_head(model: nn.Module, train: Rows, val: Rows | None = None, cfg: Head
         for s in range(steps_per_epoch):
             idx = perm[s * batch:(s + 1) * batch]
             inputs, y = _to(train.get(idx), device), train.labels[idx].to(device)
-            amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.amp)
-            with amp, cpu_math_attention(device):
+            autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.amp)
+            with autocast, cpu_math_attention(device):
                 logits = model(inputs)
             loss = F.cross_entropy(logits.float(), y)
             if not torch.isfinite(loss):
