@@ -1,0 +1,222 @@
+"""One place for hardware: ``--accelerator/--devices/--strategy/--num-nodes/--precision`` → what every command
+needs (this process's device, the autocast dtype, rank and world size), and the collectives that make a
+multi-process run behave like one process.
+
+Processes are started by Lightning (Fabric's launcher, the same one ``Trainer(strategy="ddp")`` uses) or by
+an outside launcher (``torchrun``, SLURM): :meth:`Runtime.launch` starts them once, at the top of a command,
+and initialises ``torch.distributed``; every later Lightning ``Trainer`` then finds the processes and the
+process group already there and joins them. Everything after ``launch`` runs on every rank; work that must
+happen once (probes, records, pictures, exports) is guarded by :attr:`Runtime.is_global_zero`, and its
+results reach the other ranks through :meth:`Runtime.broadcast`.
+
+On one process (the default, and every CPU run unless ``--devices N`` asks for more) nothing here starts
+a process group, and the collectives are identities.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from .errors import InputError, check_name
+
+ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps")
+PRECISIONS = ("auto", "bf16-mixed", "16-mixed", "32-true", "32", "bf16", "16")
+
+
+def _cuda_bf16() -> bool:
+    return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """Hardware settings of one command (the Lightning ``Trainer`` arguments of the same names).
+
+    ``precision="auto"`` means bf16 autocast where the device supports it (CPUs, Ampere and newer GPUs),
+    else fp16 autocast (older GPUs); it is what evaluation uses by default.
+    """
+
+    accelerator: str = "auto"
+    devices: int | str = 1
+    strategy: str = "auto"
+    num_nodes: int = 1
+    precision: str = "auto"
+    sync_batchnorm: bool = False
+
+    def __post_init__(self):
+        check_name("accelerator", self.accelerator, ACCELERATORS)
+        check_name("precision", str(self.precision), PRECISIONS)
+        if isinstance(self.devices, int) and self.devices < 1:
+            raise InputError(f"--devices must be a positive number or 'auto', got {self.devices}")
+        if self.num_nodes < 1:
+            raise InputError(f"--num-nodes must be ≥ 1, got {self.num_nodes}")
+
+    # ------------------------------------------------------------------ what this process runs on
+    @property
+    def device_type(self) -> str:
+        """``"cuda"``, ``"mps"`` or ``"cpu"``: the accelerator asked for, if this machine has it."""
+        if self.accelerator in ("gpu", "cuda", "auto") and torch.cuda.is_available():
+            return "cuda"
+        if self.accelerator in ("mps", "auto") and getattr(torch.backends, "mps", None) \
+                and torch.backends.mps.is_available():
+            return "mps"
+        if self.accelerator in ("gpu", "cuda"):
+            raise InputError("--accelerator gpu was asked for, but torch sees no CUDA device here "
+                             f"(torch {torch.__version__}, CUDA build: {torch.version.cuda or 'no'})")
+        return "cpu"
+
+    @property
+    def device(self) -> torch.device:
+        """This process's device (``cuda:LOCAL_RANK`` on GPUs)."""
+        kind = self.device_type
+        if kind == "cuda":
+            return torch.device("cuda", self.local_rank % max(1, torch.cuda.device_count()))
+        return torch.device(kind)
+
+    @property
+    def autocast_dtype(self) -> torch.dtype | None:
+        """The autocast dtype of this runtime's precision on its device (None: full fp32)."""
+        p = str(self.precision)
+        if p in ("32-true", "32"):
+            return None
+        if p in ("16-mixed", "16"):
+            return torch.float16
+        if p in ("bf16-mixed", "bf16"):
+            return torch.bfloat16
+        if self.device_type == "cuda" and not _cuda_bf16():
+            return torch.float16
+        return torch.bfloat16
+
+    def autocast(self, enabled: bool = True) -> contextlib.AbstractContextManager:
+        """``torch.autocast`` on this device at :attr:`autocast_dtype` (a no-op context for fp32)."""
+        dtype = self.autocast_dtype
+        if not enabled or dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device_type, dtype=dtype)
+
+    @property
+    def lightning_precision(self) -> str:
+        """The ``Trainer(precision=...)`` string of this runtime."""
+        return {torch.bfloat16: "bf16-mixed", torch.float16: "16-mixed", None: "32-true"}[self.autocast_dtype]
+
+    # ------------------------------------------------------------------ processes
+    @property
+    def requested_world_size(self) -> int:
+        """Processes this runtime asks for: devices per node × nodes."""
+        devices = self.devices
+        if devices in ("auto", "-1", -1):
+            devices = torch.cuda.device_count() if self.device_type == "cuda" else 1
+        elif isinstance(devices, str):
+            devices = len([d for d in devices.split(",") if d]) if "," in devices else int(devices)
+        return max(1, int(devices)) * self.num_nodes
+
+    @property
+    def world_size(self) -> int:
+        return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+    @property
+    def rank(self) -> int:
+        return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+    @property
+    def local_rank(self) -> int:
+        return int(os.environ.get("LOCAL_RANK", "0"))
+
+    @property
+    def is_global_zero(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    def trainer_kwargs(self) -> dict[str, Any]:
+        """Arguments for ``pytorch_lightning.Trainer`` (hardware and precision only)."""
+        accelerator = {"cuda": "gpu"}.get(self.accelerator, self.accelerator)
+        return dict(accelerator=accelerator, devices=self.devices, strategy=self.strategy,
+                    num_nodes=self.num_nodes, precision=self.lightning_precision,
+                    sync_batchnorm=self.sync_batchnorm and self.requested_world_size > 1)
+
+    def launch(self) -> Runtime:
+        """Start this runtime's processes (once; a no-op on one process or when they already run) and
+        initialise the process group, with Lightning Fabric's launcher: the command re-runs itself in one
+        process per extra device, or joins the processes ``torchrun``/SLURM started."""
+        if self.requested_world_size <= 1 or (dist.is_available() and dist.is_initialized()):
+            return self
+        from lightning_fabric import Fabric
+
+        strategy = "ddp" if self.strategy == "auto" else self.strategy
+        accelerator = {"cuda": "gpu"}.get(self.accelerator, self.accelerator)
+        fabric = Fabric(accelerator=accelerator, devices=self.devices, strategy=strategy,
+                        num_nodes=self.num_nodes)
+        fabric.launch()
+        if self.device_type == "cuda":
+            torch.cuda.set_device(self.device)
+        return self
+
+    # ------------------------------------------------------------------ collectives (identities on one process)
+    def barrier(self) -> None:
+        if self.distributed:
+            dist.barrier()
+
+    def broadcast(self, obj: Any, src: int = 0) -> Any:
+        """``obj`` as rank ``src`` has it, on every rank (any picklable object)."""
+        if not self.distributed:
+            return obj
+        box = [obj]
+        dist.broadcast_object_list(box, src=src)
+        return box[0]
+
+    def shard(self, n: int) -> range:
+        """This rank's contiguous part of ``range(n)`` (parts differ in length by at most one)."""
+        if not self.distributed:
+            return range(n)
+        per, extra = divmod(n, self.world_size)
+        start = self.rank * per + min(self.rank, extra)
+        return range(start, start + per + (self.rank < extra))
+
+    def gather_shards(self, local: torch.Tensor, n: int) -> torch.Tensor:
+        """Concatenate every rank's :meth:`shard` rows (``local`` holds this rank's) into the (n, …) tensor, in
+        order, on every rank; each row was computed by exactly one rank."""
+        if not self.distributed:
+            return local
+        size = len(self.shard(n)) if n else 0
+        longest = -(-n // self.world_size)
+        if size != local.shape[0]:
+            raise InputError(f"rank {self.rank} holds {local.shape[0]} rows, its shard has {size}")
+        comm_device = self.device if dist.get_backend() == "nccl" else torch.device("cpu")
+        padded = torch.zeros((longest, *local.shape[1:]), dtype=local.dtype, device=comm_device)
+        padded[:size] = local.to(comm_device)
+        parts = [torch.empty_like(padded) for _ in range(self.world_size)]
+        dist.all_gather(parts, padded)
+        rows = []
+        for r, part in enumerate(parts):
+            per, extra = divmod(n, self.world_size)
+            rows.append(part[:per + (r < extra)])
+        return torch.cat(rows).to(local.device)
+
+
+#: the runtime of the running command (set by :func:`use`; a one-process CPU/auto runtime otherwise)
+_CURRENT: list[Runtime] = [Runtime()]
+
+
+def current() -> Runtime:
+    """The runtime the running command set up (one process, ``accelerator="auto"`` if none did)."""
+    return _CURRENT[-1]
+
+
+@contextlib.contextmanager
+def use(runtime: Runtime) -> Iterator[Runtime]:
+    """Make ``runtime`` the :func:`current` one inside the block (launching its processes first)."""
+    runtime.launch()
+    _CURRENT.append(runtime)
+    try:
+        yield runtime
+    finally:
+        _CURRENT.pop()
