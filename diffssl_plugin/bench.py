@@ -11,12 +11,12 @@ import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-import torch
 
 from .errors import check_name
 from .eval import EvalConfig, evaluate, write_leaderboard, write_records
 from .io import file_sha256, write_json
 from .methods.training import Budget, pretrain
+from .runtime import Runtime, current
 
 
 ALL_LEARNERS = ("ddae", "simclr", "mae", "drl", "vdrl", "mdsm")
@@ -85,36 +85,40 @@ PRESETS: dict[str, BenchPreset] = {
 
 def run_bench(preset: str = "default", out_dir: str | os.PathLike = "runs/bench", dataset: str | None = None,
               budget: Budget | None = None, methods: tuple[str, ...] | None = None, data_root: str | None = None,
-              accelerator: str = "auto", devices: int | str = 1, progress: bool = True,
-              resume: bool = True) -> tuple[str, list[dict]]:
-    """Run the benchmark and return (leaderboard Markdown, records)."""
+              progress: bool = True, resume: bool = True, runtime: Runtime | None = None) -> tuple[str, list[dict]]:
+    """Run the benchmark and return (leaderboard Markdown, records).
+
+    Hardware comes from ``runtime`` (default :func:`diffssl_plugin.runtime.current`). Under several
+    processes every rank runs this: pretraining is DDP, extraction is sharded, and rank 0 alone writes
+    records, leaderboard, pictures and samples, so the output is one set of records.
+    """
     import timm
 
     from .diffusion.sampling import sample_images, save_grid
 
+    rt = (runtime or current()).launch()
     cfg = PRESETS[check_name("bench preset", preset, PRESETS)]
     cfg = replace(cfg, budget=budget or cfg.budget, methods=methods or cfg.methods)
     eval_cfg = replace(cfg.eval, dataset=dataset or cfg.eval.dataset, data_root=data_root)
     out = Path(out_dir)
     started = time.perf_counter()
-    device = "cuda" if accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available() else "cpu"
     common = dict(config=eval_cfg, protocols=cfg.protocols, cache_dir=out / "feature_cache", out_dir=out,
-                  device=device, progress=progress)
+                  progress=progress, runtime=rt)
 
     records: list[dict] = []
 
     def publish(new: list[dict]) -> None:
-        """Append each learner's records and refresh the leaderboard as soon as they exist."""
+        """Append each learner's records and refresh the leaderboard as soon as they exist (rank 0 writes)."""
         records.extend(new)
-        write_records(out / "records.jsonl", new)
-        write_leaderboard(records, out, dataset=eval_cfg.dataset)
+        if rt.is_global_zero:
+            write_records(out / "records.jsonl", new)
+            write_leaderboard(records, out, dataset=eval_cfg.dataset)
 
     publish(evaluate(timm.create_model("raw_pixels", in_chans=_channels(eval_cfg), img_size=_size(eval_cfg)),
                      "raw_pixels", "raw_pixels", **common))
     for method in cfg.methods:
         result = pretrain(method, eval_cfg.dataset, cfg.budget, out / method, batch_size=cfg.batch_size,
-                          data_root=data_root, accelerator=accelerator, devices=devices, progress=progress,
-                          resume=resume, max_images=cfg.max_pretrain_images,
+                          data_root=data_root, runtime=rt, progress=progress, resume=resume, max_images=cfg.max_pretrain_images,
                           method_kwargs=cfg.method_kwargs.get(method))
         export_dir = Path(result.out_dir) / "export"
         backbone = timm.create_model(f"local-dir:{export_dir / 'backbone'}", pretrained=True)
@@ -123,16 +127,22 @@ def run_bench(preset: str = "default", out_dir: str | os.PathLike = "runs/bench"
         publish(evaluate(backbone, method, backbone.pretrained_cfg.get("architecture", method),
                          budget=budget_spent, checkpoint_hash=file_sha256(export_dir / "backbone")[:16],
                          **common))
-        if (export_dir / "diffusers").is_dir():
+        if (export_dir / "diffusers").is_dir() and rt.is_global_zero:
             from diffusers import DDPMPipeline
 
             pipe = DDPMPipeline.from_pretrained(str(export_dir / "diffusers"), local_files_only=True)
             grid = sample_images(pipe.unet, pipe.scheduler, cfg.sample_images, cfg.sample_steps, progress=progress)
             save_grid(grid, out / f"samples_{method}.png")
+    if not rt.is_global_zero:
+        rt.barrier()  # rank 0 writes the last files
+        return "", records
     markdown = write_leaderboard(records, out, dataset=eval_cfg.dataset)
     _copy_best_segmentation_picture(records, out)
     write_json(out / "bench.json", {"preset": preset, "dataset": eval_cfg.dataset, "budget": str(cfg.budget),
-                                    "methods": list(cfg.methods), "wall_seconds": time.perf_counter() - started})
+                                    "methods": list(cfg.methods), "wall_seconds": time.perf_counter() - started,
+                                    "runtime": {"device": str(rt.device), "world_size": rt.world_size,
+                                                "precision": rt.lightning_precision}})
+    rt.barrier()
     return markdown, records
 
 

@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -14,14 +15,33 @@ from pathlib import Path
 from .errors import DiffSSLError
 
 
-def _add_hardware(p: argparse.ArgumentParser) -> None:
+def add_hardware_arguments(p: argparse.ArgumentParser) -> None:
+    """The hardware options every command that computes shares (see :mod:`diffssl_plugin.runtime`)."""
     p.add_argument("--accelerator", default="auto", help="cpu, gpu or auto (Lightning)")
-    p.add_argument("--devices", default="1", help="devices per node (Lightning), e.g. 2 or auto")
+    p.add_argument("--devices", default="1",
+                   help="devices per node (Lightning), e.g. 8, auto, or a list 0,1; more than one starts one "
+                        "process per device (DDP)")
+    p.add_argument("--strategy", default="auto", help="Lightning strategy, e.g. ddp (auto: ddp for several devices)")
+    p.add_argument("--num-nodes", type=int, default=1, help="nodes (with torchrun/SLURM starting each node)")
+    p.add_argument("--precision", default="auto",
+                   help="auto (bf16 autocast where supported, else fp16), bf16-mixed, 16-mixed or 32-true")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
 
-def _devices(text: str):
-    return int(text) if text.isdigit() else text
+def runtime_from_args(args: argparse.Namespace):
+    """The :class:`~diffssl_plugin.runtime.Runtime` of a parsed command line (None for commands without
+    hardware options)."""
+    from .runtime import Runtime
+
+    if not hasattr(args, "accelerator"):
+        return None
+    return Runtime(accelerator=args.accelerator, devices=_devices(args.devices),
+                   strategy=getattr(args, "strategy", "auto"), num_nodes=getattr(args, "num_nodes", 1),
+                   precision=getattr(args, "precision", "auto"))
+
+
+def _devices(text: str) -> int | str:
+    return int(text) if str(text).isdigit() else text
 
 
 def _json_dict(text: str) -> dict:
@@ -55,14 +75,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--budget", type=_budget, default="4min", help="e.g. 4min, 90s, 2e13flops, 500steps")
     p.add_argument("--batch-size", type=int, default=128, help="global batch size")
     p.add_argument("--out", default="runs/pretrain")
-    p.add_argument("--strategy", default="auto", help="Lightning strategy, e.g. ddp")
-    p.add_argument("--num-nodes", type=int, default=1)
-    p.add_argument("--precision", default="bf16-mixed")
     p.add_argument("--no-resume", action="store_true", help="start over even if OUT has a checkpoint")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-images", type=int, default=None, help="pretrain on a class-balanced subset")
     p.add_argument("--method-args", default="{}", help="JSON dict of extra method arguments")
-    _add_hardware(p)
+    add_hardware_arguments(p)
 
     p = sub.add_parser("eval", help="evaluate a backbone with the harness (linear probe, kNN, sweep)")
     src = p.add_mutually_exclusive_group(required=True)
@@ -77,11 +94,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pools", default=None, help="comma-separated poolings, e.g. avg,avg2x2")
     p.add_argument("--protocol", default="linear",
                    help="comma-separated protocols (see diffssl_plugin.eval.PROTOCOLS); default: linear")
-    p.add_argument("--train-images", type=int, default=10000)
+    p.add_argument("--train-images", type=int, default=10000, help="class-balanced train subset")
+    p.add_argument("--val-images", type=int, default=5000, help="class-balanced validation subset")
+    p.add_argument("--test-images", type=int, default=None, help="class-balanced test subset (default: all)")
     p.add_argument("--extra", type=_json_dict, default={},
                    help='JSON dict of protocol settings (EvalConfig.extra), e.g. \'{"semisup": {"seeds": [0, 1, 2]}}\'')
     p.add_argument("--out", default="runs/eval")
-    _add_hardware(p)
+    add_hardware_arguments(p)
 
     p = sub.add_parser("bench", help="the main job: pretrain all learners, evaluate, print a leaderboard")
     p.add_argument("--preset", default="default",
@@ -93,7 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--methods", default=None, help="comma-separated learners (default: the preset's)")
     p.add_argument("--out", default="runs/bench")
     p.add_argument("--no-resume", action="store_true")
-    _add_hardware(p)
+    add_hardware_arguments(p)
 
     p = sub.add_parser("leaderboard", help="render Markdown and CSV from a records file")
     p.add_argument("records", help="records.jsonl")
@@ -129,12 +148,9 @@ def cmd_pretrain(args) -> int:
         print("\n".join(sorted(METHODS)))
         return 0
     result = pretrain(args.method, args.dataset, args.budget, args.out, batch_size=args.batch_size,
-                      data_root=args.data_root, accelerator=args.accelerator, devices=_devices(args.devices),
-                      strategy=args.strategy, num_nodes=args.num_nodes, precision=args.precision,
-                      resume=not args.no_resume, progress=not args.no_progress, seed=args.seed,
-                      method_kwargs=json.loads(args.method_args), max_images=args.max_images)
-    if int(os.environ.get("LOCAL_RANK", "0")) == 0 and int(os.environ.get("NODE_RANK", "0")) == 0:
-        print(json.dumps(result.as_record(), indent=2))
+                      data_root=args.data_root, resume=not args.no_resume, progress=not args.no_progress,
+                      seed=args.seed, method_kwargs=json.loads(args.method_args), max_images=args.max_images)
+    print(json.dumps(result.as_record(), indent=2))
     return 0
 
 
@@ -167,11 +183,12 @@ def load_backbone(checkpoint: str | None = None, model: str | None = None, weigh
 
 def cmd_eval(args) -> int:
     from .eval import EvalConfig, evaluate, write_leaderboard, write_records
+    from .runtime import current
 
     backbone = load_backbone(args.checkpoint, args.model, args.weights)
     name = backbone.pretrained_cfg.get("architecture") or args.model or "backbone"
     config = EvalConfig(dataset=args.dataset, data_root=args.data_root, train_images=args.train_images,
-                        extra=args.extra)
+                        val_images=args.val_images, test_images=args.test_images, extra=args.extra)
     for field_name, text, cast in (("timesteps", args.timesteps, int), ("blocks", args.blocks, str),
                                    ("pools", args.pools, str)):
         if text:
@@ -179,8 +196,9 @@ def cmd_eval(args) -> int:
     out = Path(args.out)
     records = evaluate(backbone, args.method or name, name, config, protocols=_split(args.protocol),
                        cache_dir=out / "feature_cache", out_dir=out, progress=not args.no_progress)
-    write_records(out / "records.jsonl", records)
-    print(write_leaderboard(records, out, dataset=args.dataset))
+    if current().is_global_zero:  # every rank holds the same records; one writes them
+        write_records(out / "records.jsonl", records)
+        print(write_leaderboard(records, out, dataset=args.dataset))
     return 0
 
 
@@ -188,8 +206,7 @@ def cmd_bench(args) -> int:
     from .bench import run_bench
 
     markdown, _ = run_bench(args.preset, args.out, dataset=args.dataset, budget=args.budget,
-                            methods=_split(args.methods), data_root=args.data_root, accelerator=args.accelerator,
-                            devices=_devices(args.devices), progress=not args.no_progress,
+                            methods=_split(args.methods), data_root=args.data_root, progress=not args.no_progress,
                             resume=not args.no_resume)
     print(markdown)
     print(f"records, leaderboard, heatmaps and samples in {args.out}/")
@@ -231,15 +248,31 @@ def cmd_reproduce(args) -> int:
     return run_cli(args)
 
 
+@contextlib.contextmanager
+def _quiet_unless(loud: bool):
+    """Standard output of the other ranks goes nowhere: one report per run (errors still reach stderr)."""
+    if loud:
+        yield
+        return
+    with open(os.devnull, "w") as sink, contextlib.redirect_stdout(sink):
+        yield
+
+
 COMMANDS = {"pretrain": cmd_pretrain, "eval": cmd_eval, "bench": cmd_bench, "leaderboard": cmd_leaderboard,
             "export": cmd_export, "reproduce": cmd_reproduce}
 
 
 def main(argv: list[str] | None = None) -> int:
+    from . import runtime
+
     args = build_parser().parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     try:
-        return COMMANDS[args.command](args)
+        rt = runtime_from_args(args)
+        if rt is None:
+            return COMMANDS[args.command](args)
+        with runtime.use(rt), _quiet_unless(rt.is_global_zero):  # starts the other processes, if any
+            return COMMANDS[args.command](args)
     except (DiffSSLError, FileNotFoundError) as e:
         print(f"diffssl {args.command}: error: {e}", file=sys.stderr)
         return 2

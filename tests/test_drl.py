@@ -342,12 +342,13 @@ def test_classifier_from_encoder(x28):
 def test_pretrain_with_lightning_exports_a_loadable_encoder(tmp_path, x28):
     """The bench's path: Lightning pretraining (bf16 autocast, EMA, checkpoint), export, timm ``local-dir:``."""
     from diffssl_plugin.methods.training import Budget, pretrain
+    from diffssl_plugin.runtime import Runtime
 
     kwargs = dict(code_dim=4, readout_t=[0.0, 1.0],
                   encoder_config=dict(in_chans=1, image_size=28, channels=[8, 16], norm_num_groups=8),
                   unet_config={**TINY_SCORE_NET, "sample_size": 28})
     result = pretrain("vdrl", budget=Budget(steps=2), out_dir=tmp_path, batch_size=16, max_images=64,
-                      progress=False, accelerator="cpu", method_kwargs=kwargs)
+                      progress=False, runtime=Runtime(accelerator="cpu"), method_kwargs=kwargs)
     assert result.steps == 2 and math.isfinite(result.final_loss)
     state = torch.load(result.checkpoint, map_location="cpu", weights_only=True)["state_dict"]
     assert int(state["ema.num_updates"]) == 2  # one encoder-EMA update per optimiser step

@@ -21,7 +21,9 @@ from tqdm.auto import tqdm
 
 from ..backbones.pooling import pool_features
 from ..data import ImageSet
+from ..errors import InputError
 from ..io import atomic_path, state_dict_sha256
+from ..runtime import Runtime, current
 
 
 @dataclass(frozen=True, order=True)
@@ -51,11 +53,8 @@ def data_config(model: nn.Module) -> dict:
 
 def normalise(model: nn.Module, images01: torch.Tensor) -> torch.Tensor:
     """Images in [0, 1] → the model's input range (mean/std of its ``pretrained_cfg``)."""
-    cfg = data_config(model)
-    c = images01.shape[1]
-    mean = torch.tensor(cfg["mean"][:c], dtype=images01.dtype).view(1, -1, 1, 1)
-    std = torch.tensor(cfg["std"][:c], dtype=images01.dtype).view(1, -1, 1, 1)
-    return (images01 - mean.to(images01.device)) / std.to(images01.device)
+    mean, std = _mean_std(model, images01.shape[1], images01.device)
+    return (images01 - mean.to(images01.dtype)) / std.to(images01.dtype)
 
 
 def pooled_output(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -109,44 +108,112 @@ class FeatureCache:
             save_file({"features": features.contiguous()}, str(tmp))
 
 
+def _to_device(images_uint8: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A uint8 batch on ``device``: pinned and copied without blocking the host on a GPU."""
+    if device.type == "cuda":
+        return images_uint8.pin_memory().to(device, non_blocking=True)
+    return images_uint8.to(device)
+
+
+def _forward_batch(model: nn.Module, x: torch.Tensor, missing: Sequence[Readout], timesteps: list[int],
+                   blocks: list[str]) -> dict[Readout, torch.Tensor]:
+    maps = model.extract(x, timesteps, blocks, pool=None) if blocks else {}
+    return {r: (pooled_output(model, x) if r.block is None else pool_features(maps[(r.timestep, r.block)], r.pool))
+            for r in missing}
+
+
+def _is_out_of_memory(error: BaseException) -> bool:
+    return isinstance(error, torch.cuda.OutOfMemoryError) or "out of memory" in str(error).lower()
+
+
 @torch.no_grad()
 def extract_features(model: nn.Module, data: ImageSet, readouts: Sequence[Readout] = (OUTPUT,),
                      batch_size: int = 256, cache_dir: str | os.PathLike | None = None,
-                     model_hash: str | None = None, device: str | torch.device = "cpu", amp: bool = True,
-                     progress: bool = True) -> dict[Readout, torch.Tensor]:
-    """Features of every image of ``data`` at each readout, as float32 (N, D) tensors, cached on disk.
+                     model_hash: str | None = None, device: str | torch.device | None = None, amp: bool = True,
+                     progress: bool = True, runtime: Runtime | None = None) -> dict[Readout, torch.Tensor]:
+    """Features of every image of ``data`` at each readout, as float32 (N, D) CPU tensors, cached on disk.
 
     For a diffusion backbone, the readouts missing from the cache are computed together: one U-Net forward
-    per (batch, timestep) gives every block requested at that timestep.
+    per (batch, timestep) gives every block requested at that timestep. Images travel to the device as uint8
+    (pinned, non-blocking on a GPU) and are normalised there, under the runtime's autocast (bf16 where the
+    device supports it, else fp16; ``amp=False``: fp32). On a GPU that runs out of memory the batch is halved
+    and retried.
+
+    Under several processes (``runtime.world_size > 1``) each rank extracts its contiguous shard of ``data``
+    and the shards are gathered in order, so every image is seen exactly once and every rank returns the same
+    (N, D) tensors; rank 0 alone reads the cache's verdict first and alone writes new entries.
     """
+    if len(data) == 0:
+        raise InputError(f"{data.name}/{data.split} has no images to extract features from")
+    rt = runtime or current()
+    device = torch.device(device) if device is not None else rt.device
     cache = FeatureCache(cache_dir)
     model_hash = model_hash or (model_fingerprint(model) if cache.root else "")
     out: dict[Readout, torch.Tensor] = {}
-    missing = []
+    if rt.is_global_zero:  # rank 0 reads the cache and tells the others, so all ranks run the same collectives
+        for r in readouts:
+            cached = cache.load(cache.path(model_hash, data, r))
+            if cached is not None and cached.shape[0] == len(data):
+                out[r] = cached
+    missing = rt.broadcast([r for r in readouts if r not in out])
     for r in readouts:
-        cached = cache.load(cache.path(model_hash, data, r))
-        if cached is not None and cached.shape[0] == len(data):
-            out[r] = cached
-        else:
-            missing.append(r)
+        if r not in out and r not in missing:  # another rank: the entry rank 0 found (written atomically)
+            out[r] = cache.load(cache.path(model_hash, data, r))
     if not missing:
         return out
     model = model.to(device).eval()
-    device = torch.device(device)
+    if len(data) and hasattr(model, "check_inputs"):  # value checks once per dataset, not in every forward
+        model.check_inputs(normalise(model, data.images[:batch_size].float().div_(255.0)))
+    shard = rt.shard(len(data))
     chunks: dict[Readout, list[torch.Tensor]] = {r: [] for r in missing}
     timesteps = sorted({r.timestep for r in missing if r.block is not None})
     blocks = sorted({r.block for r in missing if r.block is not None})
-    steps = range(0, len(data), batch_size)
-    bar = tqdm(steps, desc=f"features {data.name}/{data.split}", disable=not progress, leave=False)
-    for start in bar:
-        x = normalise(model, data.images[start:start + batch_size].float().div_(255.0)).to(device)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-            maps = model.extract(x, timesteps, blocks, pool=None) if blocks else {}
-            for r in missing:
-                feats = pooled_output(model, x) if r.block is None else pool_features(maps[(r.timestep, r.block)],
-                                                                                     r.pool)
-                chunks[r].append(feats.float().cpu())
+    mean_std = None
+    if device.type == rt.device_type:
+        def autocast():
+            return rt.autocast(enabled=amp)
+    else:  # an explicit device other than the runtime's (e.g. evaluating on the CPU from a GPU job)
+        def autocast():
+            return torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp)
+    bar = tqdm(total=len(shard), desc=f"features {data.name}/{data.split}", disable=not progress or not rt.is_global_zero,
+               leave=False, unit="img")
+    start, stop = shard.start, shard.stop
+    while start < stop:
+        end = min(stop, start + batch_size)
+        batch = _to_device(data.images[start:end], device)
+        if mean_std is None:
+            mean_std = _mean_std(model, batch.shape[1], device)
+        x = (batch.float().div_(255.0) - mean_std[0]) / mean_std[1]
+        try:
+            with autocast():
+                feats = _forward_batch(model, x, missing, timesteps, blocks)
+        except RuntimeError as e:
+            if device.type != "cuda" or batch_size == 1 or not _is_out_of_memory(e):
+                raise
+            torch.cuda.empty_cache()
+            batch_size = max(1, batch_size // 2)
+            continue
+        for r, f in feats.items():
+            chunks[r].append(f.float().to("cpu", non_blocking=device.type == "cuda"))
+        bar.update(end - start)
+        start = end
+    bar.close()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)  # the non-blocking copies to the host are complete
     for r in missing:
-        out[r] = torch.cat(chunks[r])
-        cache.save(cache.path(model_hash, data, r), out[r])
-    return out
+        local = torch.cat(chunks[r]) if chunks[r] else None
+        # a rank whose shard is empty (more ranks than images) learns the feature width from rank 0
+        width = rt.broadcast(tuple(local.shape[1:]) if local is not None else None)
+        local = local if local is not None else torch.empty((0, *width))
+        out[r] = rt.gather_shards(local, len(data))
+        if rt.is_global_zero:
+            cache.save(cache.path(model_hash, data, r), out[r])
+    rt.barrier()  # new cache entries are complete before any rank reads them
+    return {r: out[r] for r in readouts}
+
+
+def _mean_std(model: nn.Module, channels: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    cfg = data_config(model)
+    mean = torch.tensor(cfg["mean"][:channels], dtype=torch.float32, device=device).view(1, -1, 1, 1)
+    std = torch.tensor(cfg["std"][:channels], dtype=torch.float32, device=device).view(1, -1, 1, 1)
+    return mean, std

@@ -14,12 +14,14 @@ import os
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 from torch import nn
 
 from ..data import load_split
 from ..errors import check_name
+from ..runtime import Runtime, current
 from .features import OUTPUT, Readout, extract_features, model_fingerprint
 from .probes import DEFAULT_CS, knn_probe, linear_probe
 from .records import make_record
@@ -74,6 +76,9 @@ def load_eval_splits(config: EvalConfig):
             test.balanced_subset(total=config.test_images, seed=config.seed))
 
 
+T = TypeVar("T")
+
+
 @dataclass
 class EvalContext:
     """What a protocol needs: the model, the protocol settings, the evaluation splits, the feature cache, and
@@ -87,12 +92,27 @@ class EvalContext:
     checkpoint_hash: str | None = None
     cache_dir: str | os.PathLike | None = None
     out_dir: str | os.PathLike | None = None
-    device: str = "cpu"
+    device: str | None = None  # None: the runtime's device (``cuda:LOCAL_RANK`` on GPUs)
     progress: bool = True
+    runtime: Runtime = field(default_factory=current)
     #: the readout the linear sweep chose on validation (other protocols reuse it); None until it ran
     best_readout: Readout | None = None
     _splits: tuple | None = field(default=None, repr=False)
     _hash: str | None = field(default=None, repr=False)
+
+    def __post_init__(self):
+        self.device = str(self.device or self.runtime.device)
+
+    def once(self, fn: Callable[..., T], *args, **kwargs) -> T:
+        """``fn(*args, **kwargs)`` computed on rank 0 only and handed to every rank (probes, sklearn fits):
+        work that is the same on every rank runs once."""
+        result = fn(*args, **kwargs) if self.runtime.is_global_zero else None
+        return self.runtime.broadcast(result)
+
+    @property
+    def writes_files(self) -> bool:
+        """Whether this process writes pictures and other files into ``out_dir`` (rank 0 only)."""
+        return self.out_dir is not None and self.runtime.is_global_zero
 
     @property
     def model_hash(self) -> str:
@@ -110,7 +130,7 @@ class EvalContext:
         """Cached frozen features of ``data`` at ``readouts`` (see :func:`extract_features`)."""
         return extract_features(self.model, data, readouts, batch_size=self.config.batch_size,
                                 cache_dir=self.cache_dir, model_hash=self.model_hash, device=self.device,
-                                progress=self.progress)
+                                progress=self.progress, runtime=self.runtime)
 
     def readout(self) -> Readout:
         """The readout protocols use: the sweep's choice if it ran, else the model's own output."""
@@ -124,7 +144,9 @@ class EvalContext:
                            checkpoint_hash=self.checkpoint_hash or self.model_hash, budget=self.budget,
                            readout=asdict(readout or self.readout()), seed=self.config.seed,
                            eval_config=asdict(self.config),
-                           images={"train": len(train), "val": len(val), "test": len(test)}, **extra)
+                           images={"train": len(train), "val": len(val), "test": len(test)},
+                           runtime={"device": self.device, "world_size": self.runtime.world_size,
+                                    "precision": self.runtime.lightning_precision}, **extra)
 
 
 Protocol = Callable[[EvalContext], list[dict]]
@@ -156,13 +178,13 @@ def linear_and_knn(ctx: EvalContext) -> list[dict]:
         swept = {id(s_train): s_f_train, id(s_val): s_f_val}
         sweep: dict[Readout, float] = {}
         for r in readouts:
-            res = linear_probe(s_f_train[r], s_train.labels, s_f_val[r], s_val.labels, cs=config.sweep_cs,
-                               seed=config.seed)
+            res = ctx.once(linear_probe, s_f_train[r], s_train.labels, s_f_val[r], s_val.labels,
+                           cs=config.sweep_cs, seed=config.seed, device=ctx.device)
             sweep[r] = res.val_acc
             records.append(ctx.record(split="val", protocol={"name": "sweep_linear", **res.params},
                                       value=res.val_acc, readout=r))
         ctx.best_readout = max(readouts, key=lambda r: (sweep[r], -readouts.index(r)))
-        if ctx.out_dir is not None:
+        if ctx.writes_files:
             plot_sweep(sweep, Path(ctx.out_dir) / f"sweep_{ctx.backbone_name}.png",
                        title=f"{ctx.method}: validation linear accuracy")
     else:
@@ -171,13 +193,13 @@ def linear_and_knn(ctx: EvalContext) -> list[dict]:
     # a sweep over the whole subsets already holds their features at the chosen readout (even without a cache)
     f_train, f_val, f_test = (swept[id(d)] if id(d) in swept else ctx.features(d, [best])
                               for d in (train, val, test))
-    lin = linear_probe(f_train[best], train.labels, f_val[best], val.labels, f_test[best], test.labels,
-                       cs=config.final_cs, seed=config.seed)
+    lin = ctx.once(linear_probe, f_train[best], train.labels, f_val[best], val.labels, f_test[best], test.labels,
+                   cs=config.final_cs, seed=config.seed, device=ctx.device)
     records.append(ctx.record(split="test", protocol={"name": "linear", **lin.params}, value=lin.test_acc,
                               val_acc=lin.val_acc))
     for k in config.knn_ks:
-        res = knn_probe(f_train[best], train.labels, f_val[best], val.labels, f_test[best], test.labels,
-                        k=k, t=config.knn_t, num_classes=train.num_classes)
+        res = ctx.once(knn_probe, f_train[best], train.labels, f_val[best], val.labels, f_test[best],
+                       test.labels, k=k, t=config.knn_t, num_classes=train.num_classes, device=ctx.device)
         records.append(ctx.record(split="test", protocol={"name": f"knn{k}", **res.params}, value=res.test_acc,
                                   val_acc=res.val_acc))
     return records
@@ -186,12 +208,20 @@ def linear_and_knn(ctx: EvalContext) -> list[dict]:
 def evaluate(model: nn.Module, method: str, backbone_name: str, config: EvalConfig | None = None,
              protocols: Sequence[str] = ("linear",), budget: dict | None = None,
              checkpoint_hash: str | None = None, cache_dir: str | os.PathLike | None = None,
-             out_dir: str | os.PathLike | None = None, device: str = "cpu", progress: bool = True) -> list[dict]:
-    """Run ``protocols`` (names in :data:`PROTOCOLS`) on ``model``, in order, and return their records."""
+             out_dir: str | os.PathLike | None = None, device: str | None = None, progress: bool = True,
+             runtime: Runtime | None = None) -> list[dict]:
+    """Run ``protocols`` (names in :data:`PROTOCOLS`) on ``model``, in order, and return their records.
+
+    Hardware comes from ``runtime`` (default: :func:`diffssl_plugin.runtime.current`, which the CLI sets from
+    ``--accelerator/--devices/--strategy/--num-nodes/--precision``); ``device`` overrides its device. Under
+    several processes every rank calls this: extraction is sharded across ranks, training loops run under
+    DDP, probes and pictures happen on rank 0, and every rank returns the same records (write them on
+    rank 0 only).
+    """
     for name in protocols:
         check_name("protocol", name, PROTOCOLS)
     ctx = EvalContext(model, method, backbone_name, config or EvalConfig(), budget, checkpoint_hash, cache_dir,
-                      out_dir, device, progress)
+                      out_dir, device, progress, runtime=runtime or current())
     records = []
     for name in protocols:
         records += PROTOCOLS[name](ctx)

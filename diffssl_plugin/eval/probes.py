@@ -35,8 +35,8 @@ def fit_logistic_regression(x: torch.Tensor, y: torch.Tensor, c: float, num_clas
     2-core machines sklearn's lbfgs took 5–20 s per fit on 2,000×256 features (numpy's BLAS settings here),
     torch takes a fraction of a second, and the same code runs on a GPU.
     """
-    w = torch.zeros(x.shape[1], num_classes) if init is None else init[0].clone()
-    b = torch.zeros(num_classes) if init is None else init[1].clone()
+    w = torch.zeros(x.shape[1], num_classes, device=x.device) if init is None else init[0].clone()
+    b = torch.zeros(num_classes, device=x.device) if init is None else init[1].clone()
     w.requires_grad_(True)
     b.requires_grad_(True)
     lam = 1.0 / (2.0 * c * x.shape[0])  # the objective divided by C·N: same minimiser
@@ -55,17 +55,20 @@ def fit_logistic_regression(x: torch.Tensor, y: torch.Tensor, c: float, num_clas
 
 
 def _accuracy(x: torch.Tensor, y: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> float:
-    return float(((x @ w + b).argmax(1) == y).float().mean())
+    return float(((x @ w + b).argmax(1) == y.to(x.device)).float().mean())
 
 
 def linear_probe(train_x: torch.Tensor, train_y: torch.Tensor, val_x: torch.Tensor, val_y: torch.Tensor,
                  test_x: torch.Tensor | None = None, test_y: torch.Tensor | None = None,
-                 cs: Sequence[float] = DEFAULT_CS, max_iter: int = 200, seed: int = 0) -> ProbeResult:
+                 cs: Sequence[float] = DEFAULT_CS, max_iter: int = 200, seed: int = 0,
+                 device: str | torch.device = "cpu") -> ProbeResult:
     """Multinomial logistic regression on standardised features (statistics from the train split); the
     inverse regularisation ``C`` is chosen by validation accuracy (the path is warm-started from the
-    strongest regularisation), and the chosen model is scored once on the test split."""
-    xs = _standardise(train_x, val_x, *([test_x] if test_x is not None else []))
+    strongest regularisation), and the chosen model is scored once on the test split. Runs on ``device``
+    (the features are moved there)."""
     num_classes = int(max(train_y.max(), val_y.max())) + 1
+    xs = _standardise(*(t.to(device) for t in (train_x, val_x, *([test_x] if test_x is not None else []))))
+    train_y = train_y.to(device)
     best, params = None, None
     for c in sorted(cs):
         params = fit_logistic_regression(xs[0], train_y, c, num_classes, init=params, max_iter=max_iter)
@@ -80,23 +83,27 @@ def linear_probe(train_x: torch.Tensor, train_y: torch.Tensor, val_x: torch.Tens
 
 @torch.no_grad()
 def knn_accuracy(bank_x: torch.Tensor, bank_y: torch.Tensor, query_x: torch.Tensor, query_y: torch.Tensor,
-                 k: int = 200, t: float = 0.1, num_classes: int | None = None, batch_size: int = 1024) -> float:
+                 k: int = 200, t: float = 0.1, num_classes: int | None = None, batch_size: int = 1024,
+                 device: str | torch.device = "cpu") -> float:
     """Top-1 accuracy of weighted cosine kNN (InstDisc), via ``lightly.utils.benchmarking.knn_predict``."""
     from lightly.utils.benchmarking import knn_predict
 
     num_classes = num_classes or int(bank_y.max()) + 1
-    bank = torch.nn.functional.normalize(bank_x.float(), dim=1).t().contiguous()
-    correct = 0
+    device = torch.device(device)
+    bank = torch.nn.functional.normalize(bank_x.to(device).float(), dim=1).t().contiguous()
+    bank_y, query_y = bank_y.to(device), query_y.to(device)
+    correct = torch.zeros((), dtype=torch.long, device=device)  # summed on the device: one sync at the end
     for start in range(0, len(query_x), batch_size):
-        q = torch.nn.functional.normalize(query_x[start:start + batch_size].float(), dim=1)
+        q = torch.nn.functional.normalize(query_x[start:start + batch_size].to(device).float(), dim=1)
         pred = knn_predict(q, bank, bank_y, num_classes, knn_k=min(k, bank.shape[1]), knn_t=t)[:, 0]
-        correct += int((pred == query_y[start:start + batch_size]).sum())
-    return correct / len(query_x)
+        correct += (pred == query_y[start:start + batch_size]).sum()
+    return int(correct) / len(query_x)
 
 
 def knn_probe(train_x, train_y, val_x, val_y, test_x=None, test_y=None, k: int = 200, t: float = 0.1,
-              num_classes: int | None = None) -> ProbeResult:
-    """kNN with the training features as the bank, scored on validation and (once) on test."""
-    val = knn_accuracy(train_x, train_y, val_x, val_y, k, t, num_classes)
-    test = knn_accuracy(train_x, train_y, test_x, test_y, k, t, num_classes) if test_x is not None else None
+              num_classes: int | None = None, device: str | torch.device = "cpu") -> ProbeResult:
+    """kNN with the training features as the bank, scored on validation and (once) on test, on ``device``."""
+    val = knn_accuracy(train_x, train_y, val_x, val_y, k, t, num_classes, device=device)
+    test = (knn_accuracy(train_x, train_y, test_x, test_y, k, t, num_classes, device=device)
+            if test_x is not None else None)
     return ProbeResult(val, test, {"probe": "knn", "k": k, "T": t, "metric": "cosine", "weighted": True})

@@ -80,6 +80,9 @@ class MAE(SSLMethod):
         self.patch_size = vit.patch_embed.patch_size[0]
         self.num_patches = vit.patch_embed.num_patches
         self.encoder = MaskedVisionTransformerTIMM(vit=vit)
+        # MAE drops masked patches (idx_keep) instead of replacing them by a token: the wrapper's mask token is
+        # never used, and a parameter without a gradient stops DDP
+        self.encoder.mask_token.requires_grad_(False)
         self.decoder_embed = nn.Linear(vit.embed_dim, decoder_dim)
         self.decoder = MaskedVisionTransformerDecoderTIMM(num_patches=self.num_patches, embed_dim=decoder_dim,
                                                           depth=decoder_depth, num_heads=decoder_heads,

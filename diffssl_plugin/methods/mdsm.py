@@ -58,6 +58,9 @@ class MDSM(SSLMethod):
         if config["img_size"] > config["net_size"]:
             config["net_size"] = 8 * math.ceil(config["img_size"] / 8)
         self.energy_net = EnergyResNet(**config, global_pool=global_pool)
+        # the quadratic term's bias only shifts the energy: the score −∇ₓE, which is all the loss sees, has no
+        # gradient for it, and a parameter without a gradient stops DDP
+        self.energy_net.energy_head.quad.bias.requires_grad_(False)
         if isinstance(sigma_grid, str):
             sigma_grid = SIGMA_GRIDS[check_name("σ grid", sigma_grid, SIGMA_GRIDS)]
         self.sigma_range = tuple(sigma_grid)

@@ -12,7 +12,7 @@ import os
 import re
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import pytorch_lightning as pl
@@ -21,6 +21,7 @@ from pytorch_lightning.callbacks import Callback, ModelCheckpoint, TQDMProgressB
 
 from ..data import load_split
 from ..io import write_json
+from ..runtime import Runtime, current
 from .base import SSLMethod, StartAt, StepBatches
 from .registry import get_method
 
@@ -163,16 +164,23 @@ def build_model(method: str, num_classes: int, batch_size_per_device: int, in_ch
 
 def pretrain(method: str, dataset: str = "fashion_mnist", budget: Budget = Budget(minutes=4),
              out_dir: str | os.PathLike = "runs/pretrain", batch_size: int = 128, data_root: str | None = None,
-             accelerator: str = "auto", devices: int | str = 1, strategy: str = "auto", num_nodes: int = 1,
-             precision: str = "bf16-mixed", resume: bool = True, progress: bool = True, seed: int = 0,
-             checkpoint_every: int = 200, method_kwargs: dict | None = None,
+             runtime: Runtime | None = None, precision: str | None = None, resume: bool = True,
+             progress: bool = True, seed: int = 0, checkpoint_every: int = 200, method_kwargs: dict | None = None,
              max_images: int | None = None, callbacks: list[Callback] | None = None,
              logger: pl.loggers.Logger | bool | None = None) -> PretrainResult:
     """Pretrain ``method`` on the ``trainval`` split of ``dataset`` (labels unused) within ``budget``.
 
-    ``batch_size`` is the global batch; each of the ``devices × num_nodes`` processes takes its share.
-    ``callbacks`` and ``logger`` are passed to Lightning (default logger: CSV files under ``out_dir/logs``).
+    Hardware comes from ``runtime`` (default :func:`diffssl_plugin.runtime.current`: what the CLI's
+    ``--accelerator/--devices/--strategy/--num-nodes/--precision`` set); ``precision`` overrides its
+    precision (a paper config's own choice). ``batch_size`` is the global batch; each of the
+    ``devices × num_nodes`` processes takes its share. Every rank calls this and gets the result; rank 0 writes
+    the export, and every rank returns once it is complete. ``callbacks`` and ``logger`` are passed to
+    Lightning (default logger: CSV files under ``out_dir/logs``).
     """
+    rt = runtime or current()
+    if precision is not None:
+        rt = replace(rt, precision=precision)
+    rt.launch()
     out = Path(out_dir)
     method_kwargs = dict(method_kwargs or {})
     data = load_split(dataset, "trainval", root=data_root)
@@ -180,8 +188,7 @@ def pretrain(method: str, dataset: str = "fashion_mnist", budget: Budget = Budge
         data = data.balanced_subset(total=max_images, seed=seed)
     pl.seed_everything(seed, workers=True, verbose=False)
     trainer = pl.Trainer(
-        accelerator=accelerator, devices=devices, strategy=strategy, num_nodes=num_nodes, precision=precision,
-        max_steps=-1, max_epochs=-1,
+        **rt.trainer_kwargs(), max_steps=-1, max_epochs=-1,
         logger=pl.loggers.CSVLogger(str(out), name="logs") if logger is None else logger,
         callbacks=[AtomicCheckpoint(dirpath=str(out / "checkpoints"), save_last=True, save_top_k=0,
                                     every_n_train_steps=checkpoint_every, enable_version_counter=False),
@@ -220,6 +227,7 @@ def pretrain(method: str, dataset: str = "fashion_mnist", budget: Budget = Budge
         final_loss=float(loss) if loss is not None else None, method_kwargs=method_kwargs)
     if trainer.is_global_zero:
         export(model, out / "export", result)
+    rt.barrier()  # the export is complete before any rank reads it
     return result
 
 

@@ -1,0 +1,109 @@
+"""Several processes behave like one: ``diffssl eval`` and ``diffssl bench`` under 2 CPU processes (gloo,
+``--accelerator cpu --devices 2 --strategy ddp``) give one set of records, the same as one process gives."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import torch
+
+from diffssl_plugin.runtime import Runtime
+
+from conftest import TINY_UNET
+
+DETERMINISTIC = ("sweep_linear", "linear", "knn20", "knn200", "semisup_linear")
+PROTOCOLS = "linear,semisup,attention,finetune"
+EXTRA = {"semisup": {"fractions": [0.01, 0.1], "ft_fractions": [0.01], "seeds": [0, 1],
+                     "finetune": {"epochs": 1, "batch_size": 16}, "ft_val_images": 100, "ft_test_images": 100,
+                     "cs": [0.1, 1.0]},
+         "attention": {"train_images": 200, "val_images": 100, "training_kwargs": {"epochs": 2, "batch_size": 32}},
+         "finetune": {"train_images": 200, "epochs": 1, "batch_size": 32}}
+
+
+def _cli(args: list[str], cwd: Path, timeout: int = 600) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.run([sys.executable, "-m", "diffssl_plugin.cli", *args], capture_output=True, text=True,
+                          timeout=timeout, env=env, cwd=cwd)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return proc
+
+
+def _records(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _key(r: dict) -> tuple:
+    p = r["protocol"]
+    return (p["name"], r.get("split"), r.get("dataset"), json.dumps(r.get("readout"), sort_keys=True),
+            p.get("fraction"), p.get("seed", r.get("seed")), r.get("metric"))
+
+
+@pytest.fixture(scope="module")
+def tiny_export(tmp_path_factory) -> Path:
+    """A DDAE export (tiny 28×28 U-Net, 4 pretraining steps) to evaluate."""
+    from diffssl_plugin.methods.training import Budget, pretrain
+
+    out = tmp_path_factory.mktemp("ddae")
+    unet = {**TINY_UNET, "sample_size": 28}
+    pretrain("ddae", budget=Budget(steps=4), out_dir=out, batch_size=16, max_images=200, progress=False,
+             logger=False, runtime=Runtime(accelerator="cpu"), method_kwargs={"unet_config": unet, "warmup_steps": 2})
+    return out / "export"
+
+
+@pytest.mark.slow
+def test_eval_on_two_processes_matches_one(tiny_export, tmp_path):
+    common = ["eval", "--checkpoint", str(tiny_export), "--protocol", PROTOCOLS, "--train-images", "600",
+              "--val-images", "300", "--test-images", "400", "--timesteps", "0,10", "--blocks", "mid,up0",
+              "--pools", "avg", "--extra", json.dumps(EXTRA), "--accelerator", "cpu", "--no-progress"]
+    _cli([*common, "--out", str(tmp_path / "one")], tmp_path)
+    two = _cli([*common, "--out", str(tmp_path / "two"), "--devices", "2", "--strategy", "ddp"], tmp_path)
+    assert two.stdout.count("| method") <= 1  # one leaderboard printed, by rank 0
+    one, both = _records(tmp_path / "one" / "records.jsonl"), _records(tmp_path / "two" / "records.jsonl")
+    keys_one, keys_two = Counter(map(_key, one)), Counter(map(_key, both))
+    assert max(keys_two.values()) == 1, "a record is duplicated"
+    assert keys_one == keys_two, f"missing: {keys_one - keys_two}; extra: {keys_two - keys_one}"
+    by_key = {_key(r): r for r in one}
+    names = set()
+    for r in both:
+        ref = by_key[_key(r)]
+        names.add(r["protocol"]["name"])
+        tolerance = 1e-4 if r["protocol"]["name"] in DETERMINISTIC else 0.05
+        assert abs(r["value"] - ref["value"]) <= tolerance, (_key(r), r["value"], ref["value"])
+    assert {"linear", "knn20", "semisup_linear", "attention", "finetune"} <= names
+    assert all(r["runtime"]["world_size"] == 2 for r in both)
+
+
+@pytest.mark.slow
+def test_bench_smoke_on_two_processes_writes_one_set_of_records(tmp_path):
+    _cli(["bench", "--preset", "smoke", "--methods", "ddae", "--accelerator", "cpu", "--devices", "2",
+          "--strategy", "ddp", "--out", str(tmp_path / "bench"), "--no-progress"], tmp_path, timeout=900)
+    records = _records(tmp_path / "bench" / "records.jsonl")
+    assert {r["method"] for r in records} == {"raw_pixels", "ddae"}
+    counts = Counter(map(lambda r: (r["method"], *_key(r)), records))
+    assert max(counts.values()) == 1, [k for k, n in counts.items() if n > 1]
+    assert (tmp_path / "bench" / "leaderboard.md").is_file()
+    assert json.loads((tmp_path / "bench" / "bench.json").read_text())["runtime"]["world_size"] == 2
+
+
+def test_shards_cover_every_row_once():
+    rt = Runtime()
+    assert list(rt.shard(5)) == [0, 1, 2, 3, 4]
+    torch.testing.assert_close(rt.gather_shards(torch.ones(5, 2), 5), torch.ones(5, 2))
+
+
+@pytest.mark.parametrize("name", ["ddae", "simclr", "mae", "drl", "vdrl", "mdsm"])
+def test_every_trainable_parameter_gets_a_gradient(name):
+    """DDP (without find_unused_parameters) needs a gradient for every trainable parameter at every step."""
+    from diffssl_plugin.methods import get_method
+
+    model = get_method(name)["model"](batch_size_per_device=4, in_chans=1)
+    images = torch.rand(4, 1, 28, 28)
+    model.training_loss(images, torch.Generator().manual_seed(0)).backward()
+    unused = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
+    assert not unused, f"{name}: parameters without a gradient: {unused}"
