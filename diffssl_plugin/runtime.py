@@ -165,6 +165,15 @@ class Runtime:
         if self.distributed:
             dist.barrier()
 
+    @contextlib.contextmanager
+    def rank_zero_first(self) -> Iterator[None]:
+        """Rank 0 runs the block first (e.g. writes a file), then the other ranks (which then read it)."""
+        if not self.is_global_zero:
+            self.barrier()
+        yield
+        if self.is_global_zero:
+            self.barrier()
+
     def broadcast(self, obj: Any, src: int = 0) -> Any:
         """``obj`` as rank ``src`` has it, on every rank (any picklable object)."""
         if not self.distributed:

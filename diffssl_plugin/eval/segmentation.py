@@ -604,7 +604,7 @@ def plot_segmentation(images: torch.Tensor, masks: torch.Tensor, preds: torch.Te
 
 
 def _picture_path(ctx: EvalContext, prefix: str) -> Path | None:
-    if ctx.out_dir is None:
+    if not ctx.writes_files:  # no output folder, or not rank 0
         return None
     safe = re.sub(r"[^A-Za-z0-9._-]+", "_", ctx.backbone_name).strip("_") or "backbone"
     return Path(ctx.out_dir) / f"{prefix}_{safe}.png"

@@ -191,8 +191,9 @@ def semisup_protocol(ctx: EvalContext) -> list[dict]:
     else:
         pool, tag = eval_train, f"evaltrain{len(eval_train)}-seed{config.seed}"
     split_dir = s.split_dir or next((Path(d) / "splits" for d in (ctx.out_dir, ctx.cache_dir) if d), None)
-    subsets = {(f, seed): labelled_subset(pool, f, seed, len(full), split_dir, tag)
-               for f in s.fractions for seed in s.seeds}
+    with ctx.runtime.rank_zero_first():  # rank 0 writes the split files the other ranks then read
+        subsets = {(f, seed): labelled_subset(pool, f, seed, len(full), split_dir, tag)
+                   for f in s.fractions for seed in s.seeds}
 
     # frozen features of the labelled images only: the pool's if the linear protocol cached them, else the union
     if s.pool == "eval_train":
@@ -216,8 +217,8 @@ def semisup_protocol(ctx: EvalContext) -> list[dict]:
             for seed in s.seeds:
                 data, path = subsets[(fraction, seed)]
                 if sub == "linear":
-                    res = linear_probe(feats(data), data.labels, f_val, val.labels, f_test, test.labels, cs=cs,
-                                       seed=seed)
+                    res = ctx.once(linear_probe, feats(data), data.labels, f_val, val.labels, f_test, test.labels,
+                                   cs=cs, seed=seed, device=ctx.device)
                     params, test_acc, val_acc, test_images = res.params, res.test_acc, res.val_acc, len(test)
                 else:
                     recipe = FinetuneRecipe.from_dict({**s.finetune, "seed": seed})

@@ -108,7 +108,8 @@ def probe_target(ctx: EvalContext, train: ImageSet, val: ImageSet, test: ImageSe
     readout = ctx.readout()
     adapted = [adapt_images(d, c, (h, w)) for d in (train, val, test)]
     f_train, f_val, f_test = (ctx.features(d, [readout])[readout] for d in adapted)
-    res = linear_probe(f_train, train.labels, f_val, val.labels, f_test, test.labels, cs=cs, seed=ctx.config.seed)
+    res = ctx.once(linear_probe, f_train, train.labels, f_val, val.labels, f_test, test.labels, cs=cs,
+                   seed=ctx.config.seed, device=ctx.device)
     return res, {"from": [train.channels, *train.images.shape[-2:]], "to": [c, h, w],
                  "adapted": adapted[0] is not train}
 
