@@ -139,9 +139,9 @@ class Runtime:
     def trainer_kwargs(self) -> dict[str, Any]:
         """Arguments for ``pytorch_lightning.Trainer`` (hardware and precision only)."""
         accelerator = {"cuda": "gpu"}.get(self.accelerator, self.accelerator)
-        return dict(accelerator=accelerator, devices=self.devices, strategy=self.strategy,
-                    num_nodes=self.num_nodes, precision=self.lightning_precision,
-                    sync_batchnorm=self.sync_batchnorm and self.requested_world_size > 1)
+        return {"accelerator": accelerator, "devices": self.devices, "strategy": self.strategy,
+                "num_nodes": self.num_nodes, "precision": self.lightning_precision,
+                "sync_batchnorm": self.sync_batchnorm and self.requested_world_size > 1}
 
     def launch(self) -> Runtime:
         """Start this runtime's processes (once; a no-op on one process or when they already run) and

@@ -115,11 +115,34 @@ def _to_device(images_uint8: torch.Tensor, device: torch.device) -> torch.Tensor
     return images_uint8.to(device)
 
 
+#: the block name of a timm backbone's last ``forward_intermediates`` map (pool ``avg_upto{s}``: adaptive
+#: average pooling to at most s × s), what the attention head reads from backbones without ``extract``
+LAST_INTERMEDIATE = "forward_intermediates[-1]"
+
+
+def _last_intermediate(model: nn.Module, x: torch.Tensor, pool: str) -> torch.Tensor:
+    from ..heads.attention import pooled_size
+
+    maps = model.forward_intermediates(x, indices=1, intermediates_only=True)[-1]
+    if maps.dim() != 4:
+        raise InputError(f"forward_intermediates of {type(model).__name__} gave shape {tuple(maps.shape)}, "
+                         "not an NCHW map")
+    size = pooled_size(maps.shape[1:], int(pool.removeprefix("avg_upto")))
+    return torch.nn.functional.adaptive_avg_pool2d(maps.float(), size)
+
+
 def _forward_batch(model: nn.Module, x: torch.Tensor, missing: Sequence[Readout], timesteps: list[int],
                    blocks: list[str]) -> dict[Readout, torch.Tensor]:
     maps = model.extract(x, timesteps, blocks, pool=None) if blocks else {}
-    return {r: (pooled_output(model, x) if r.block is None else pool_features(maps[(r.timestep, r.block)], r.pool))
-            for r in missing}
+    out = {}
+    for r in missing:
+        if r.block is None:
+            out[r] = pooled_output(model, x)
+        elif r.block == LAST_INTERMEDIATE:
+            out[r] = _last_intermediate(model, x, r.pool)
+        else:
+            out[r] = pool_features(maps[(r.timestep, r.block)], r.pool)
+    return out
 
 
 def _is_out_of_memory(error: BaseException) -> bool:
@@ -131,7 +154,8 @@ def extract_features(model: nn.Module, data: ImageSet, readouts: Sequence[Readou
                      batch_size: int = 256, cache_dir: str | os.PathLike | None = None,
                      model_hash: str | None = None, device: str | torch.device | None = None, amp: bool = True,
                      progress: bool = True, runtime: Runtime | None = None) -> dict[Readout, torch.Tensor]:
-    """Features of every image of ``data`` at each readout, as float32 (N, D) CPU tensors, cached on disk.
+    """Features of every image of ``data`` at each readout, as float32 (N, D) CPU tensors (NCHW maps for
+    unpooled readouts), cached on disk.
 
     For a diffusion backbone, the readouts missing from the cache are computed together: one U-Net forward
     per (batch, timestep) gives every block requested at that timestep. Images travel to the device as uint8
@@ -166,8 +190,8 @@ def extract_features(model: nn.Module, data: ImageSet, readouts: Sequence[Readou
         model.check_inputs(normalise(model, data.images[:batch_size].float().div_(255.0)))
     shard = rt.shard(len(data))
     chunks: dict[Readout, list[torch.Tensor]] = {r: [] for r in missing}
-    timesteps = sorted({r.timestep for r in missing if r.block is not None})
-    blocks = sorted({r.block for r in missing if r.block is not None})
+    timesteps = sorted({r.timestep for r in missing if r.block not in (None, LAST_INTERMEDIATE)})
+    blocks = sorted({r.block for r in missing if r.block not in (None, LAST_INTERMEDIATE)})
     mean_std = None
     if device.type == rt.device_type:
         def autocast():

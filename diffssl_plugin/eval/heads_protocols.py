@@ -39,7 +39,7 @@ from ..heads import (
 )
 from ..heads.attention import pooled_size
 from ..heads.training import nbytes, peak_memory_mb
-from .features import OUTPUT, FeatureCache, Readout, normalise
+from .features import LAST_INTERMEDIATE, OUTPUT, Readout, normalise
 from .harness import EvalContext, register_protocol
 
 logger = logging.getLogger(__name__)
@@ -147,30 +147,10 @@ def _record(ctx: EvalContext, name: str, result, test_acc: float, readout: Reado
 
 # ---------------------------------------------------------------------------------------------- attention
 def intermediate_maps(ctx: EvalContext, data, pool_size: int) -> torch.Tensor:
-    """The last ``forward_intermediates`` map of a timm backbone, pooled to at most s × s, cached."""
-    model = ctx.model
-    cache = FeatureCache(ctx.cache_dir)
-    readout = Readout(None, "forward_intermediates[-1]", f"avg_upto{pool_size}")
-    path = cache.path(ctx.model_hash, data, readout)
-    cached = cache.load(path)
-    if cached is not None and cached.shape[0] == len(data):
-        return cached
-    device = torch.device(ctx.device)
-    model = model.to(device).eval()
-    chunks, batch = [], ctx.config.batch_size
-    with torch.no_grad():
-        for start in range(0, len(data), batch):
-            x = normalise(model, data.images[start:start + batch].float().div_(255.0)).to(device)
-            with torch.autocast(device.type, dtype=torch.bfloat16):
-                maps = model.forward_intermediates(x, indices=1, intermediates_only=True)[-1]
-            if maps.dim() != 4:
-                raise InputError(f"forward_intermediates of {type(model).__name__} gave shape "
-                                 f"{tuple(maps.shape)}, not an NCHW map")
-            size = pooled_size(maps.shape[1:], pool_size)
-            chunks.append(torch.nn.functional.adaptive_avg_pool2d(maps.float(), size).cpu())
-    out = torch.cat(chunks)
-    cache.save(path, out)
-    return out
+    """The last ``forward_intermediates`` map of a timm backbone, pooled to at most s × s, cached (extracted
+    by the harness: on the device, sharded across ranks)."""
+    readout = Readout(None, LAST_INTERMEDIATE, f"avg_upto{pool_size}")
+    return ctx.features(data, [readout])[readout]
 
 
 @register_protocol("attention")
