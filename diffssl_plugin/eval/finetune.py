@@ -24,22 +24,24 @@ Recipe (all of it written into each record; override any field with ``EvalConfig
   class-balanced part of it (``train_images``); the validation accuracy is measured before fine-tuning
   (epoch 0: the probe) and after each epoch, and the best epoch's weights are scored once on the test split.
 
-For a backbone without parameters (raw pixels) this is a linear classifier on its features.
+For a backbone without parameters (raw pixels) this is a linear classifier on its features. Training runs
+through :func:`diffssl_plugin.supervised.fit` (the command's devices; under DDP several processes take the
+steps one process takes).
 """
 
 from __future__ import annotations
 
 import copy
-import math
 from dataclasses import asdict, dataclass, field, replace
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from ..backbones.sdpa import cpu_math_attention
 from ..data import ImageSet
 from ..errors import InputError
+from ..runtime import Runtime
+from ..supervised import fit, resolve_runtime, shuffled_batches, warmup_cosine
 from .features import OUTPUT, Readout, extract_features, normalise, pooled_output
 from .harness import EvalContext, register_protocol
 from .probes import DEFAULT_CS, fit_logistic_regression
@@ -131,31 +133,18 @@ class Classifier(nn.Module):
         return acc
 
 
-def _schedule(step: int, warmup: int, total: int) -> float:
-    """Linear warm-up over ``warmup`` steps, then cosine to zero at ``total``."""
-    if step < warmup:
-        return (step + 1) / warmup
-    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
-
-
-def _hflip(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    coins = torch.rand(x.shape[0], generator=generator) < 0.5
-    return torch.where(coins.view(-1, 1, 1, 1), x.flip(-1), x)
-
-
-def _batches(data: ImageSet, batch_size: int, order: torch.Tensor | None = None):
-    idx = order if order is not None else torch.arange(len(data))
-    for start in range(0, len(idx), batch_size):
-        sel = idx[start:start + batch_size]
-        yield data.images[sel].float().div_(255.0), data.labels[sel]
+def _batches(data: ImageSet, batch_size: int):
+    for start in range(0, len(data), batch_size):
+        yield data.images[start:start + batch_size].float().div_(255.0), data.labels[start:start + batch_size]
 
 
 @torch.no_grad()
-def accuracy(model: Classifier, data: ImageSet, batch_size: int = 256, device: str = "cpu",
+def accuracy(model: Classifier, data: ImageSet, batch_size: int = 256, device: str | torch.device | None = None,
              amp: bool = True) -> float:
-    """Top-1 accuracy of ``model`` on ``data`` (eval mode, no augmentation)."""
+    """Top-1 accuracy of ``model`` on ``data`` (eval mode, no augmentation), on ``device`` (default: the
+    model's)."""
     model.eval()
-    dev = torch.device(device)
+    dev = torch.device(device) if device is not None else model.head.weight.device
     correct = 0
     for x, y in _batches(data, batch_size):
         x = normalise(model.backbone, x).to(dev)
@@ -165,19 +154,23 @@ def accuracy(model: Classifier, data: ImageSet, batch_size: int = 256, device: s
 
 
 def finetune(backbone: nn.Module, train: ImageSet, val: ImageSet, test: ImageSet, readout: Readout = OUTPUT,
-             recipe: FinetuneRecipe = FinetuneRecipe(), device: str = "cpu", progress: bool = False,
-             frozen: tuple[torch.Tensor, torch.Tensor] | None = None) -> FinetuneResult:
+             recipe: FinetuneRecipe = FinetuneRecipe(), device: str | torch.device | None = None,
+             progress: bool = False, frozen: tuple[torch.Tensor, torch.Tensor] | None = None,
+             runtime: Runtime | None = None) -> FinetuneResult:
     """Start a deep copy of ``backbone`` plus a linear head from the linear probe on ``train``, fine-tune it
     on ``train`` (or ``recipe.train_images`` of it), choose the epoch on ``val``, score it on ``test``.
     ``backbone`` itself is left untouched. ``frozen``: the backbone's features of ``train`` and ``val`` at
-    ``readout``, if already computed (else they are extracted here)."""
-    dev = torch.device(device)
+    ``readout``, if already computed (else they are extracted here). Trains with
+    :func:`~diffssl_plugin.supervised.fit` on ``runtime`` (default: the command's), or alone on ``device`` if
+    that names another kind of device; validation and test run on every rank."""
+    rt = resolve_runtime(device, runtime)
+    dev = rt.device
     net = copy.deepcopy(backbone).to(dev)
     for p in net.parameters():
         p.requires_grad_(True)
     num_classes = max(train.num_classes, int(train.labels.max()) + 1)
     if frozen is None:
-        frozen = tuple(extract_features(net, d, [readout], device=device, amp=recipe.amp,
+        frozen = tuple(extract_features(net, d, [readout], device=dev, amp=recipe.amp,
                                         progress=False)[readout] for d in (train, val))
     model = Classifier(net, readout, frozen[0].shape[1], num_classes).to(dev)
     probe_acc = model.init_from_probe(frozen[0].cpu(), train.labels, frozen[1].cpu(), val.labels,
@@ -191,36 +184,31 @@ def finetune(backbone: nn.Module, train: ImageSet, val: ImageSet, test: ImageSet
     steps_per_epoch = max(1, len(train) // recipe.batch_size)  # full batches (batch norm in the head)
     total = recipe.epochs * steps_per_epoch
     warmup = max(1, round(recipe.warmup_fraction * total))
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _schedule(s, warmup, total))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: warmup_cosine(s, warmup, total))
     gen = torch.Generator().manual_seed(recipe.seed)
+    order = shuffled_batches(len(train), recipe.batch_size, gen)
 
-    best_acc, best_epoch, curve = probe_acc, 0, [probe_acc]
-    best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    for epoch in range(recipe.epochs):
-        model.train(recipe.train_mode)
-        order = torch.randperm(len(train), generator=gen)[:steps_per_epoch * recipe.batch_size]
-        batches = tqdm(_batches(train, recipe.batch_size, order), total=steps_per_epoch, disable=not progress,
-                       leave=False, desc=f"finetune epoch {epoch + 1}/{recipe.epochs}")
-        for x, y in batches:
-            if recipe.hflip:
-                x = _hflip(x, gen)
-            x = normalise(model.backbone, x).to(dev)
-            with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=recipe.amp), cpu_math_attention(dev):
-                loss = nn.functional.cross_entropy(model(x).float(), y.to(dev))
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"finetune loss became {loss.item()} in epoch {epoch + 1}")
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-        acc = accuracy(model, val, device=device, amp=recipe.amp)
-        curve.append(acc)
-        if acc > best_acc or not recipe.select_best:
-            best_acc, best_epoch = acc, epoch + 1
-            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    model.load_state_dict(best_state)
-    test_acc = accuracy(model, test, device=device, amp=recipe.amp)
-    return FinetuneResult(best_acc, test_acc, best_epoch, curve, len(train), model)
+    def plan() -> list[torch.Tensor]:
+        if not recipe.hflip:
+            return order()
+        # a coin per image, drawn after the epoch's order, batch by batch: rows are (index, flip)
+        return [torch.stack([b, (torch.rand(len(b), generator=gen) < 0.5).long()], 1) for b in order()]
+
+    def load(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        idx = rows[:, 0] if recipe.hflip else rows
+        x = train.images[idx].float().div_(255.0)
+        if recipe.hflip:
+            x = torch.where(rows[:, 1].bool().view(-1, 1, 1, 1), x.flip(-1), x)
+        return normalise(model.backbone, x), train.labels[idx]
+
+    result = fit(model, plan, load, lambda m, batch: nn.functional.cross_entropy(m(batch[0]).float(), batch[1]),
+                 opt, sched, epochs=recipe.epochs,
+                 validate=lambda m, d: accuracy(m, val, device=d, amp=recipe.amp), start_score=probe_acc,
+                 select_best=recipe.select_best, train_mode=recipe.train_mode, amp=recipe.amp,
+                 unused_parameters=True, desc="finetune", progress=progress, runtime=rt)
+    test_acc = accuracy(model, test, amp=recipe.amp)
+    curve = [probe_acc] + [h["val"] for h in result.history]
+    return FinetuneResult(result.best_score, test_acc, result.best_epoch, curve, len(train), model)
 
 
 @register_protocol("finetune")

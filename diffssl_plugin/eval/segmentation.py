@@ -54,6 +54,11 @@ Prediction applies the first layer at feature resolution and upsamples its outpu
 as upsampling the features first (bilinear interpolation and the standardisation are affine with weights
 summing to one) and stride² times cheaper for that, the largest, layer.
 
+Both heads train through :func:`diffssl_plugin.supervised.fit` (the command's devices; DDP). The linear head's
+loss is summed over the pixels that count and divided by their number over the whole global batch, so several
+GPU processes take the one-process steps (on CPUs each process normalises with its own scenes' BatchNorm
+statistics: torch synchronises BatchNorm on GPUs only).
+
 Settings: ``EvalConfig.extra["segmentation"]`` overrides :data:`SEGMENTATION_DEFAULTS` key by key (both
 protocols read it). Each run writes ``segmentation_<backbone>.png`` (``segmentation_mlp_<backbone>.png``) into
 the output folder: input, truth and prediction for a few test scenes.
@@ -84,6 +89,8 @@ from tqdm.auto import tqdm
 from ..data.scenes import SegmentationSet, load_segmentation
 from ..errors import InputError
 from ..io import atomic_path
+from ..runtime import Runtime
+from ..supervised import fit, shuffled_batches
 from .features import Readout, data_config, normalise
 from .harness import EvalContext, register_protocol
 
@@ -386,15 +393,17 @@ class LinearSegHead(nn.Module):
 
 @torch.no_grad()
 def predict_head(head: LinearSegHead, store: FeatureStore, size: tuple[int, int], batch_size: int = 32,
-                 device: str = "cpu") -> Iterator[torch.Tensor]:
-    """uint8 label maps (B, H, W) batch by batch."""
+                 device: str | torch.device | None = None) -> Iterator[torch.Tensor]:
+    """uint8 label maps (B, H, W) batch by batch, on ``device`` (default: the head's)."""
     head.eval()
+    device = device if device is not None else head.classifier.weight.device
     for start in range(0, len(store), batch_size):
         f = store.get(range(start, min(len(store), start + batch_size))).to(device)
         yield head(f, size).argmax(1).to(torch.uint8).cpu()
 
 
-def evaluate_head(head: LinearSegHead, store: FeatureStore, data: SegmentationSet, device: str = "cpu",
+def evaluate_head(head: LinearSegHead, store: FeatureStore, data: SegmentationSet,
+                  device: str | torch.device | None = None,
                   keep: int = 0) -> tuple[IoUMeter, torch.Tensor]:
     """The head's IoU on ``data``, and its predictions for the first ``keep`` images."""
     meter = IoUMeter(data.num_classes, data.ignore_index)
@@ -407,44 +416,35 @@ def evaluate_head(head: LinearSegHead, store: FeatureStore, data: SegmentationSe
 
 
 def train_linear_head(train: tuple[FeatureStore, SegmentationSet], val: tuple[FeatureStore, SegmentationSet],
-                      settings: dict, seed: int = 0, device: str = "cpu", progress: bool = False
-                      ) -> tuple[LinearSegHead, list[float], int]:
-    """Train the head (recipe in the module docstring); returns the best-validation head, the validation
-    mIoU after each epoch, and the best epoch (1-based)."""
+                      settings: dict, seed: int = 0, device: str | torch.device | None = None, progress: bool = False,
+                      runtime: Runtime | None = None) -> tuple[LinearSegHead, list[float], int]:
+    """Train the head (recipe in the module docstring) with :func:`~diffssl_plugin.supervised.fit`; returns
+    the best-validation head, the validation mIoU after each epoch, and the best epoch (1-based)."""
     (f_train, d_train), (f_val, d_val) = train, val
     torch.manual_seed(seed)
     # the head starts at the train pixels' class frequencies (zero weights, log-prior bias): with a few hundred
     # steps a randomly started head can end below the "predict the prior" floor (raw pixels did: mIoU 0.005)
     labels = d_train.masks[d_train.masks != d_train.ignore_index].long()
     prior = torch.bincount(labels, minlength=d_train.num_classes).float() / max(1, len(labels))
-    head = LinearSegHead(f_train.dim, d_train.num_classes, prior).to(device)
+    head = LinearSegHead(f_train.dim, d_train.num_classes, prior)
     bs = int(settings["head_batch_size"])
     steps = max(1, math.ceil(len(f_train) / bs))
     epochs = int(settings["head_epochs"])
     opt = torch.optim.AdamW(head.parameters(), lr=settings["head_lr"], weight_decay=settings["head_weight_decay"])
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, epochs * steps))
-    gen = torch.Generator().manual_seed(seed)
-    curve, best = [], (-1.0, 0, None)
-    for epoch in tqdm(range(epochs), desc="segmentation head", disable=not progress, leave=False):
-        head.train()
-        order = torch.randperm(len(f_train), generator=gen)
-        for s in range(steps):
-            idx = order[s * bs:(s + 1) * bs]
-            if len(idx) < 2:  # batch norm needs two images
-                continue
-            f = f_train.get(idx.numpy()).to(device)
-            y = d_train.masks[idx].long().to(device)
-            loss = F.cross_entropy(head(f, d_train.image_size), y, ignore_index=d_train.ignore_index)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-        miou = evaluate_head(head, f_val, d_val, device)[0].miou()
-        curve.append(round(miou, 5))
-        if miou > best[0]:
-            best = (miou, epoch + 1, {k: v.detach().clone() for k, v in head.state_dict().items()})
-    head.load_state_dict(best[2])
-    return head.eval(), curve, best[1]
+    plan = shuffled_batches(len(f_train), bs, torch.Generator().manual_seed(seed), drop_last=False,
+                            min_rows=2)  # batch norm needs two images
+
+    def loss(m: LinearSegHead, batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        f, y = batch  # summed over the pixels that count, divided by their number over every rank
+        total = F.cross_entropy(m(f, d_train.image_size), y, ignore_index=d_train.ignore_index, reduction="sum")
+        return total, (y != d_train.ignore_index).sum()
+
+    result = fit(head, plan, lambda idx: (f_train.get(idx.numpy()), d_train.masks[idx].long()), loss, opt, sched,
+                 epochs=epochs, validate=lambda m, d: evaluate_head(m, f_val, d_val, d)[0].miou(),
+                 check_loss=False, desc="segmentation head", progress=progress, device=device, runtime=runtime)
+    curve = [round(h["val"], 5) for h in result.history]
+    return head.eval(), curve, result.best_epoch
 
 
 # ---------------------------------------------------------------------------------------------- pixel MLPs
@@ -508,11 +508,13 @@ def sample_pixels(store: FeatureStore, data: SegmentationSet, total: int, seed: 
 
 
 def train_mlp_ensemble(x: torch.Tensor, y: torch.Tensor, num_classes: int, settings: dict, seed: int = 0,
-                       device: str = "cpu", progress: bool = False) -> PixelMLPEnsemble:
-    """Train the ensemble on sampled pixels; each member sees its own shuffled order."""
+                       device: str | torch.device | None = None, progress: bool = False,
+                       runtime: Runtime | None = None) -> PixelMLPEnsemble:
+    """Train the ensemble on sampled pixels with :func:`~diffssl_plugin.supervised.fit`; each member sees its
+    own shuffled order."""
     torch.manual_seed(seed)
     m = int(settings["mlp_members"])
-    net = PixelMLPEnsemble(x.shape[1], num_classes, m, tuple(settings["mlp_hidden"])).to(device)
+    net = PixelMLPEnsemble(x.shape[1], num_classes, m, tuple(settings["mlp_hidden"]))
     xf = x.float()
     net.mean.copy_(xf.mean(0))
     net.std.copy_(xf.std(0).clamp_min(1e-6))
@@ -520,28 +522,30 @@ def train_mlp_ensemble(x: torch.Tensor, y: torch.Tensor, num_classes: int, setti
     opt = torch.optim.Adam(net.parameters(), lr=settings["mlp_lr"])
     gen = torch.Generator().manual_seed(seed)
     bs, p = int(settings["mlp_batch_size"]), len(x)
-    net.train()
-    for _ in tqdm(range(int(settings["mlp_epochs"])), desc="pixel MLPs", disable=not progress, leave=False):
-        perms = torch.stack([torch.randperm(p, generator=gen) for _ in range(m)])
-        for s in range(0, p - 1, bs):
-            idx = perms[:, s:s + bs]
-            if idx.shape[1] < 2:
-                continue
-            logits = net(x[idx].to(device))  # (M, b, C)
-            # summed over members: each member gets the gradient it would get if trained alone
-            loss = F.cross_entropy(logits.flatten(0, 1), y[idx].flatten().to(device), reduction="none")
-            loss = loss.view(m, -1).mean(1).sum()
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+
+    def plan() -> list[torch.Tensor]:  # rows: (pixel of member 1, …, pixel of member m)
+        perms = torch.stack([torch.randperm(p, generator=gen) for _ in range(m)], 1)
+        return [b for b in perms.split(bs) if len(b) >= 2]  # batch norm needs two pixels
+
+    def loss(net: PixelMLPEnsemble, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        xb, yb = batch
+        logits = net(xb)  # (M, b, C)
+        # summed over members: each member gets the gradient it would get if trained alone
+        per_pixel = F.cross_entropy(logits.flatten(0, 1), yb.flatten(), reduction="none")
+        return per_pixel.view(m, -1).mean(1).sum()
+
+    fit(net, plan, lambda idx: (x[idx.t()], y[idx.t()]), loss, opt, epochs=int(settings["mlp_epochs"]),
+        check_loss=False, desc="pixel MLPs", progress=progress, device=device, runtime=runtime)
     return net.eval()
 
 
 @torch.no_grad()
 def predict_mlp(net: PixelMLPEnsemble, store: FeatureStore, size: tuple[int, int], vote: str = "mode",
-                batch_size: int = 4, device: str = "cpu") -> Iterator[torch.Tensor]:
-    """uint8 label maps (B, H, W) batch by batch: first layer at feature resolution, then upsampled."""
+                batch_size: int = 4, device: str | torch.device | None = None) -> Iterator[torch.Tensor]:
+    """uint8 label maps (B, H, W) batch by batch: first layer at feature resolution, then upsampled (on
+    ``device``, default: the ensemble's)."""
     net.eval()
+    device = device if device is not None else net.mean.device
     m = net.members
     for start in range(0, len(store), batch_size):
         f = store.get(range(start, min(len(store), start + batch_size))).to(device)  # (B, D, h, w)

@@ -19,13 +19,14 @@ DifFeed on images (:func:`image_rows`): its pass 2 depends on the trainable feed
 Cached maps cost ``4·C·s·s`` bytes per image and block (float32, pooled to the head's s × s, which is exact:
 the pre-layer's first step is that pooling): 12.5 kB per image for a 64-channel 7×7 map, so 125 MB for 10k
 images; DifFormer multiplies this by blocks × timesteps.
+
+**Hardware.** :func:`train_head` trains through :func:`diffssl_plugin.supervised.fit`: on the command's
+devices, and under DDP several processes take the steps one process takes.
 """
 
 from __future__ import annotations
 
-import math
 import os
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
@@ -33,10 +34,11 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
 
 from ..backbones.sdpa import cpu_math_attention
 from ..errors import InputError, check_name
+from ..runtime import Runtime
+from ..supervised import fit, shuffled_batches, warmup_cosine
 
 
 @dataclass(frozen=True)
@@ -170,10 +172,8 @@ def make_optimizer(params: Sequence[nn.Parameter], cfg: HeadTraining, steps_per_
     warmup = int(round(cfg.warmup_epochs * steps_per_epoch))
 
     def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        if cfg.schedule == "cosine":
-            return 0.5 * (1.0 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+        if cfg.schedule == "cosine" or step < warmup:
+            return warmup_cosine(step, warmup, total)
         if cfg.schedule == "step":
             return cfg.gamma ** (step // steps_per_epoch // cfg.step_epochs)
         return 1.0
@@ -192,12 +192,13 @@ def _state(model: nn.Module, names: set[str]) -> dict[str, torch.Tensor]:
 
 
 def train_head(model: nn.Module, train: Rows, val: Rows | None = None, cfg: HeadTraining | None = None,
-               device: str | torch.device = "cpu", progress: bool = False, desc: str = "head") -> TrainResult:
+               device: str | torch.device | None = None, progress: bool = False, desc: str = "head",
+               runtime: Runtime | None = None) -> TrainResult:
     """Train ``model``'s trainable parameters (only those with ``requires_grad``) with cross-entropy on
-    ``train``; keep the epoch with the best ``val`` accuracy. Returns the cost and the validation accuracy."""
+    ``train``; keep the epoch with the best ``val`` accuracy. Returns the cost and the validation accuracy.
+    Runs on ``runtime`` (default: the command's; see :func:`~diffssl_plugin.supervised.fit`), or alone on
+    ``device`` if that names another kind of device; the model stays on the device it trained on."""
     cfg = cfg or HeadTraining()
-    device = torch.device(device)
-    model.to(device)
     named = trainable_parameters(model)
     if not named:
         raise InputError(f"{type(model).__name__} has no trainable parameters")
@@ -206,53 +207,25 @@ def train_head(model: nn.Module, train: Rows, val: Rows | None = None, cfg: Head
     batch = min(cfg.batch_size, n)
     steps_per_epoch = n // batch  # drop the last partial batch (BatchNorm in DifFeed's feedback needs > 1)
     opt, sched = make_optimizer([p for _, p in named], cfg, steps_per_epoch)
-    gen = torch.Generator().manual_seed(cfg.seed)
-    best = (-1.0, 0, None)
-    history, seconds, seen = [], 0.0, 0
-    epochs = tqdm(range(cfg.epochs), desc=desc, disable=not progress, leave=False)
-    for epoch in epochs:
-        model.train()
-        perm = torch.randperm(n, generator=gen)
-        start = time.perf_counter()
-        loss_sum = 0.0
-        for s in range(steps_per_epoch):
-            idx = perm[s * batch:(s + 1) * batch]
-            inputs, y = _to(train.get(idx), device), train.labels[idx].to(device)
-            autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.amp)
-            with autocast, cpu_math_attention(device):
-                logits = model(inputs)
-            loss = F.cross_entropy(logits.float(), y)
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"{desc}: loss became {loss.item()} in epoch {epoch}; lower the lr")
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            loss_sum += float(loss.detach())
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        seconds += time.perf_counter() - start
-        seen += steps_per_epoch * batch
-        entry = {"epoch": epoch + 1, "loss": loss_sum / max(1, steps_per_epoch)}
-        if val is not None and ((epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs):
-            entry["val_acc"] = accuracy(model, val, cfg.batch_size * 2, device, cfg.amp)
-            if entry["val_acc"] > best[0]:
-                best = (entry["val_acc"], epoch + 1, _state(model, names))
-        history.append(entry)
-        epochs.set_postfix(**{k: round(v, 4) for k, v in entry.items() if k != "epoch"})
-    if best[2] is not None:
-        model.load_state_dict(best[2], strict=False)
-    return TrainResult(val_acc=best[0] if best[2] is not None else None, best_epoch=best[1] or cfg.epochs,
-                       train_seconds=seconds, images_seen=seen,
+    validate = (lambda m, dev: accuracy(m, val, cfg.batch_size * 2, dev, cfg.amp)) if val is not None else None
+    result = fit(model, shuffled_batches(n, batch, torch.Generator().manual_seed(cfg.seed)),
+                 lambda idx: (train.get(idx), train.labels[idx]),
+                 lambda m, batch: F.cross_entropy(m(batch[0]).float(), batch[1]), opt, sched, epochs=cfg.epochs,
+                 validate=validate, validate_every=cfg.eval_every, snapshot=lambda m: _state(m, names),
+                 amp=cfg.amp, desc=desc, progress=progress, device=device, runtime=runtime)
+    history = [{"epoch": h["epoch"], "loss": h["loss"], **({"val_acc": h["val"]} if "val" in h else {})}
+               for h in result.history]
+    return TrainResult(val_acc=result.best_score, best_epoch=result.best_epoch,
+                       train_seconds=result.train_seconds, images_seen=result.rows_seen,
                        trainable_params=sum(p.numel() for _, p in named), param_names=sorted(names),
                        history=history, config=asdict(cfg))
 
 
 @torch.no_grad()
-def predict(model: nn.Module, data: Rows, batch_size: int = 256, device: str | torch.device = "cpu",
+def predict(model: nn.Module, data: Rows, batch_size: int = 256, device: str | torch.device | None = None,
             amp: bool = False) -> torch.Tensor:
-    """Predicted classes for every row of ``data`` (eval mode)."""
-    device = torch.device(device)
+    """Predicted classes for every row of ``data`` (eval mode), on ``device`` (default: the model's)."""
+    device = torch.device(device) if device is not None else next(model.parameters()).device
     model.eval()
     preds = []
     for start in range(0, len(data), batch_size):
@@ -262,7 +235,7 @@ def predict(model: nn.Module, data: Rows, batch_size: int = 256, device: str | t
     return torch.cat(preds)
 
 
-def accuracy(model: nn.Module, data: Rows, batch_size: int = 256, device: str | torch.device = "cpu",
+def accuracy(model: nn.Module, data: Rows, batch_size: int = 256, device: str | torch.device | None = None,
              amp: bool = False) -> float:
     """Top-1 accuracy of ``model`` on ``data``."""
     return float((predict(model, data, batch_size, device, amp) == data.labels).float().mean())
