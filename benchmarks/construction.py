@@ -14,6 +14,10 @@ Prints and writes JSON with medians over ``--repeats``:
     python benchmarks/construction.py --out runs/construction.json
 
 ``--threads`` (default 1) fixes torch's CPU threads, so runs on a shared host compare.
+
+Measured on this project's shared 2-core host, one thread, before (527240b: a real forward probed the block
+shapes) and after (meta-device shapes), medians of 3: ADM-256 backbone 31.8 s → 0.54 s on top of the 3.3 s
+U-Net, ``with_settings`` 29.2 s → 0.004 s; extraction, 5 interleaved rounds of 2: 191 → 190 images/s.
 """
 
 from __future__ import annotations
