@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import itertools
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -12,6 +15,7 @@ import torch.nn.functional as F
 from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
 
 from diffssl_plugin.backbones import UNET_PRESETS, DDAEBackbone, RawPixels
+from diffssl_plugin.backbones.checks import check_model_inputs
 from diffssl_plugin.diffusion import add_noise
 from diffssl_plugin.errors import CheckpointError, InputError, UnknownNameError
 
@@ -239,6 +243,52 @@ def test_extraction_stops_after_last_block_needed(tiny_backbone, x8):
         assert unet(x8, torch.tensor([3] * 4)).sample.shape == x8.shape
 
 
+@pytest.mark.parametrize("unet_config", ["tiny", "adm_tiny"])
+def test_one_block_alone_reads_the_same_map_as_with_others(tiny_unet_config, unet_config):
+    """One block is read through a truncated view of the U-Net (no hooks), several through hooks: the same maps,
+    bit for bit; adm_tiny has attention up blocks and resnet upsamplers."""
+    from diffssl_plugin.checkpoints.adm import adm_config, adm_unet_config
+
+    config = tiny_unet_config if unet_config == "tiny" else adm_unet_config(adm_config("adm_tiny"))
+    torch.manual_seed(0)
+    m = DDAEBackbone(unet_config=config).eval()
+    names = m.block_names if unet_config == "tiny" else ["down2", "mid", "up0.1", "up1", "up2.2", "up3.0", "up5"]
+    x = torch.rand(2, m.in_chans, m.image_size, m.image_size) * 2 - 1
+    with torch.no_grad():
+        together = m.extract(x, [10], names, pool=None)
+        for n in names:
+            assert torch.equal(m.extract(x, [10], [n], pool=None)[(10, n)], together[(10, n)]), n
+    own = {id(p) for p in m.unet.parameters()}
+    assert m._views and all(id(p) in own for v in m._views.values() for p in v.parameters())
+    assert _no_hooks_left(m)
+
+
+def test_construction_and_with_settings_run_no_forward(tiny_unet_config):
+    unet = UNet2DModel(**tiny_unet_config)
+    with CallCounter(unet.conv_in) as c:
+        m = DDAEBackbone(unet=unet)
+        other = m.with_settings(block="up0", timestep=50)
+    assert c.n == 0 and other.unit_shapes == m.unit_shapes and other.block_shapes["up0"] == (16, 8, 8)
+
+
+def test_shared_noise_is_drawn_once(tiny_backbone, x8):
+    first = tiny_backbone.draw_noise(x8)
+    assert tiny_backbone.draw_noise(x8[:2]).data_ptr() == first.data_ptr()  # views of one stored draw
+    torch.testing.assert_close(first[0], torch.randn((1, 1, 8, 8), generator=torch.Generator().manual_seed(0))[0])
+    assert not [k for k in tiny_backbone.state_dict() if "noise" in k]  # not saved with the weights
+    dynamic = tiny_backbone.with_settings(dynamic_img_size=True)
+    x16 = F.interpolate(x8, size=(16, 16))
+    assert dynamic.draw_noise(x16).data_ptr() == dynamic.draw_noise(x16).data_ptr()
+
+
+def test_edits_refuse_gradient_checkpointing(tiny_backbone, x8):
+    tiny_backbone.set_grad_checkpointing(True)
+    with pytest.raises(InputError, match="gradient checkpointing"):
+        tiny_backbone.extract(x8, [10], ["up1"], edits={"mid": lambda h: h})
+    with torch.no_grad():  # no backward, nothing recomputed
+        tiny_backbone.extract(x8, [10], ["up1"], edits={"mid": lambda h: h})
+
+
 def test_block_shapes_match_extracted_maps(tiny_backbone, x8):
     names = tiny_backbone.block_names
     assert names == ["down0", "down1", "mid", "up0.0", "up0.1", "up0", "up1.0", "up1.1", "up1"]
@@ -306,16 +356,44 @@ def _bad_inputs(x):
 
 
 @pytest.mark.parametrize("case", ["channels", "size", "3d", "0..255", "nan", "int", "not a tensor"])
-@pytest.mark.parametrize("entry", ["forward", "extract"])
+@pytest.mark.parametrize("entry", ["forward", "extract", "check_inputs"])
 def test_bad_images_raise_input_error(tiny_backbone, x8, case, entry):
+    """Every forward checks the metadata; the values (range, NaN: host syncs) are checked by check_inputs,
+    once per dataset, and by every forward only with strict_inputs."""
     bad, needle = _bad_inputs(x8)[case]
+    call = {"forward": tiny_backbone, "extract": lambda b: tiny_backbone.extract(b, [10], ["mid"]),
+            "check_inputs": tiny_backbone.check_inputs}[entry]
+    if case in ("0..255", "nan") and entry != "check_inputs":
+        with torch.no_grad():
+            call(bad)
+        tiny_backbone.strict_inputs = True
     with pytest.raises(InputError) as ei:
-        if entry == "forward":
-            tiny_backbone(bad)
-        else:
-            tiny_backbone.extract(bad, [10], ["mid"])
+        call(bad)
     assert needle in str(ei.value)
     assert "DDAEBackbone" in str(ei.value)
+
+
+def test_check_inputs_without_values_reads_metadata_only(tiny_backbone, x8):
+    tiny_backbone.check_inputs(x8 * 300, values=False)
+    with pytest.raises(InputError, match="8×8"):
+        tiny_backbone.check_inputs(x8[:, :, :4], values=False)
+    check_model_inputs(tiny_backbone, x8)
+    with pytest.raises(InputError, match=r"\[-1, 1\]"):
+        check_model_inputs(tiny_backbone, x8 * 300)
+    with pytest.raises(InputError, match="NaN"):  # a model without check_inputs: NaN/inf only
+        check_model_inputs(torch.nn.Identity(), x8 / 0 * 0)
+    check_model_inputs(torch.nn.Identity(), x8 * 300)
+
+
+@pytest.mark.slow  # a fresh interpreter imports the package (5-15 s here)
+def test_strict_inputs_from_the_environment():
+    code = ("import torch, diffssl_plugin; from diffssl_plugin.backbones import DDAEBackbone; "
+            "m = DDAEBackbone(unet_config='fmnist_small'); print(m.strict_inputs); "
+            "m(torch.full((1, 1, 28, 28), 5.0))")
+    env = {**os.environ, "DIFFSSL_STRICT_INPUTS": "1"}
+    run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300,
+                         check=False)
+    assert run.stdout.strip() == "True" and "expects values in [-1, 1]" in run.stderr
 
 
 def test_unknown_block_lists_valid_blocks(tiny_backbone, x8, tiny_unet_config):
@@ -350,6 +428,7 @@ def test_unknown_pool(tiny_backbone, x8, tiny_unet_config):
 
 def test_bad_input_runs_no_forward(tiny_backbone, x8):
     with CallCounter(tiny_backbone.unet.conv_in) as c:
+        tiny_backbone.strict_inputs = True
         for bad in [x8 * 300, x8[:, :, :4]]:
             with pytest.raises(InputError):
                 tiny_backbone(bad)
@@ -458,7 +537,7 @@ def test_raw_pixels(fmnist_uint8):
     cfg = timm.data.resolve_model_data_config(m)
     assert cfg["mean"] == (0.0,) and cfg["std"] == (1.0,)
     with pytest.raises(InputError, match=r"\[0, 1\]"):
-        m(x * 2 - 1)  # the DDAE normalisation is wrong for raw pixels
+        m.check_inputs(x * 2 - 1)  # the DDAE normalisation is wrong for raw pixels
     with pytest.raises(InputError, match="input channel"):
         m(x.repeat(1, 3, 1, 1))
     clf = timm.create_model("raw_pixels", num_classes=10)

@@ -27,3 +27,12 @@ def test_throughput_script_writes_its_figures(tmp_path):
     assert math.isfinite(result["harness_overhead"])
     achieved = result["lightning_images_per_s"] * result["flops_per_image_train"] / 1e9
     assert result["train_gflops_achieved"] == pytest.approx(achieved)
+
+
+def test_construction_script_writes_its_figures(tmp_path):
+    out = tmp_path / "construction.json"
+    subprocess.run([sys.executable, str(BENCHMARKS / "construction.py"), "--repeats", "1", "--images", "256",
+                    "--no-adm", "--out", str(out)], check=True, capture_output=True, timeout=600)
+    result = json.loads(out.read_text())
+    assert result["extract_images"] == 256 and len(result["extract_readouts"]) == 9
+    assert math.isfinite(result["extract_images_per_s"]) and result["extract_images_per_s"] > 0

@@ -274,7 +274,10 @@ def test_backbone_rejects_bad_images():
     with pytest.raises(InputError, match="channel"):
         m(torch.zeros(2, 3, 28, 28))
     with pytest.raises(InputError, match=r"\[-1, 1\]"):
-        m(torch.full((2, 1, 28, 28), 200.0))
+        m.check_inputs(torch.full((2, 1, 28, 28), 200.0))  # values: once per dataset, not in a forward
+    m.strict_inputs = True
+    with pytest.raises(InputError, match="NaN"):
+        m(torch.full((2, 1, 28, 28), float("nan")))
 
 
 # ================================================================ timm, export, classifier

@@ -318,6 +318,12 @@ def test_bad_inputs_raise_input_error(x28, case):
     m = EnergyResNet(width=2)
     bad = {"channels": x28.repeat(1, 3, 1, 1), "size": torch.rand(2, 1, 32, 32), "range": x28 * 4 - 1,
            "nan": x28.clone().index_put_((torch.tensor([0]),), torch.tensor(float("nan"))), "ndim": x28[0]}[case]
+    values = case in ("range", "nan")  # checked by check_inputs, and by every forward only when strict
+    if values:
+        m(bad), m.energy(bad)
+        with pytest.raises(InputError):
+            m.check_inputs(bad)
+        m.strict_inputs = True
     with pytest.raises(InputError):
         m(bad)
     if case != "range":

@@ -12,7 +12,11 @@ CIFAR-10 U-Net (``google/ddpm-cifar10-32``), DDAE's chosen ``out_6`` at DDAE ``t
 ``t = 10`` (timesteps here are 0-indexed diffusers timesteps, see :mod:`diffssl_plugin.diffusion.schedule`).
 
 **One forward per timestep.** Features are captured by forward hooks on the real diffusers forward, and the
-forward stops right after the last block needed; there is no second copy of the U-Net's forward.
+forward stops right after the last block needed; there is no second copy of the U-Net's forward. A single
+block (``forward``, ``forward_features``) is read without hooks: :func:`truncated_unet` is a view of the U-Net
+(its own modules, new containers) whose output is that block's, so diffusers' forward itself ends there. That
+path has no hook registration and no exception, so ``torch.compile(model, fullgraph=True)`` traces the forward;
+the hook path (several blocks, edits) runs eagerly (dynamo cannot trace a hook registered inside a forward).
 
 **Edits (DifFeed's feedback).** The same hooks can *replace* outputs: ``extract(..., edits={unit: fn})``
 makes the named unit's output ``fn(output)`` before anything downstream reads it. Units are the blocks above
@@ -35,15 +39,15 @@ Inputs are images normalised to [-1, 1] (mean = std = 0.5).
 from __future__ import annotations
 
 import copy
+import re
 from collections.abc import Callable, Mapping, Sequence
 
 import torch
 from diffusers import UNet2DModel
 from torch import nn
 
-from ..diffusion.schedule import DDPM_DEFAULTS, add_noise, check_timesteps, ddpm_scheduler
+from ..diffusion.schedule import DDPM_DEFAULTS, check_timesteps, ddpm_scheduler
 from ..errors import InputError, check_name
-from .checks import check_images
 from .pooling import pool_cells, pool_features, pooled_dim
 from .sdpa import cpu_math_attention
 from .timm_contract import TimmBackboneMixin
@@ -128,6 +132,73 @@ def unet_skip_mirrors(unet: UNet2DModel) -> dict[str, str]:
     return mirrors
 
 
+def unet_unit_shapes(unet: UNet2DModel) -> dict[str, tuple[int, int, int]]:
+    """(C, H, W) of every unit's output (:func:`unet_encoder_units` and :func:`unet_block_modules`) for one
+    ``sample_size`` image, from a forward of a copy of ``unet`` built on the ``meta`` device: shapes only, no
+    weights and no arithmetic, so the 554M-parameter ADM costs what building its modules costs."""
+    with torch.device("meta"):
+        meta = type(unet).from_config(unet.config)
+    shapes: dict[str, tuple[int, int, int]] = {}
+
+    def record(name: str):
+        def hook(module, args, output):
+            shapes[name] = tuple((output[0] if isinstance(output, tuple) else output).shape[1:])
+
+        return hook
+
+    for name, module in {**unet_encoder_units(meta), **unet_block_modules(meta)}.items():
+        module.register_forward_hook(record(name))
+    size = int(unet.config.sample_size)
+    with torch.no_grad():
+        meta(torch.zeros(1, unet.config.in_channels, size, size, device="meta"),
+             torch.zeros(1, dtype=torch.long, device="meta"))
+    return shapes
+
+
+_BLOCK_NAME = re.compile(r"^(down|up)(\d+)(?:\.(\d+))?$")
+
+
+def _shallow_copy(module: nn.Module, **children) -> nn.Module:
+    """``module`` with the named children replaced; every other child is ``module``'s own (shared weights)."""
+    view = copy.copy(module)
+    view._modules = {**module._modules, **children}
+    return view
+
+
+def truncated_unet(unet: UNet2DModel, block: str) -> UNet2DModel | None:
+    """A view of ``unet`` whose output is block ``block``'s (a name of :func:`unet_block_modules`).
+
+    The blocks after ``block`` are left out and the output layers (norm, activation, conv) are identities; for
+    ``up{i}.{j}`` block i keeps its first j + 1 residual blocks (and attentions) and no upsampler, so it takes
+    the same skips. Every module left is ``unet``'s own: only the containers are new. Calling the view runs
+    diffusers' own forward and stops after ``block`` with no hooks and no exception, which
+    ``torch.compile(fullgraph=True)`` can trace. None where diffusers' forward does more after the last block
+    than the output layers (Fourier time embedding: the output is divided by σ; skip blocks).
+    """
+    if unet.config.time_embedding_type == "fourier" or any(
+            hasattr(b, "skip_conv") for b in (*unet.down_blocks, *unet.up_blocks)):
+        return None
+    down, mid, up = list(unet.down_blocks), unet.mid_block, list(unet.up_blocks)
+    m = _BLOCK_NAME.match(block)
+    if block == "mid":
+        up = []
+    elif m and m.group(1) == "down":
+        down, mid, up = down[:int(m.group(2)) + 1], None, []
+    elif m:
+        i = int(m.group(2))
+        up = up[:i + 1]
+        if m.group(3) is not None:
+            j = int(m.group(3)) + 1
+            cut = dict(resnets=nn.ModuleList(up[i].resnets[:j]), upsamplers=None)
+            if getattr(up[i], "attentions", None) is not None:
+                cut["attentions"] = nn.ModuleList(up[i].attentions[:j])
+            up[i] = _shallow_copy(up[i], **cut)
+    else:
+        raise InputError(f"no U-Net block is named {block!r}")
+    return _shallow_copy(unet, down_blocks=nn.ModuleList(down), mid_block=mid, up_blocks=nn.ModuleList(up),
+                         conv_norm_out=nn.Identity(), conv_act=nn.Identity(), conv_out=nn.Identity())
+
+
 def _edited(name: str, output, edit: Callable[[torch.Tensor], torch.Tensor]):
     """``output`` with ``edit`` applied; for a down block's ``(hidden, skips)``, to ``hidden`` and
     ``skips[-1]`` (the same tensor)."""
@@ -148,6 +219,11 @@ def _check_edit(name: str, old: torch.Tensor, new) -> None:
     if not isinstance(new, torch.Tensor) or new.shape != old.shape:
         got = tuple(new.shape) if isinstance(new, torch.Tensor) else type(new).__name__
         raise InputError(f"the edit of {name!r} must return a tensor of shape {tuple(old.shape)}, got {got}")
+
+
+def _seeded_noise(seed: int, shape: Sequence[int]) -> torch.Tensor:
+    """The shared ε of ``seed``: one (1, C, H, W) draw of a CPU generator (the same on every device)."""
+    return torch.randn((1, *shape), generator=torch.Generator().manual_seed(seed))
 
 
 def default_data_cfg(in_chans: int, image_size: int) -> dict:
@@ -172,13 +248,15 @@ class DDAEBackbone(TimmBackboneMixin, nn.Module):
         global_pool: timm's pooling argument; an alias of ``pool`` ('' means 'none').
         dynamic_img_size: accept sizes other than the U-Net's ``sample_size`` (multiples of its total stride).
         unet: an existing ``UNet2DModel`` to wrap (its weights are shared, not copied).
+        unit_shapes: ``unet``'s :attr:`unit_shapes` if known (``with_settings`` passes them); else they come
+            from a forward on the ``meta`` device (shapes only: no weights, no arithmetic).
     """
 
     def __init__(self, unet_config: dict | str = "fmnist_small", timestep: int = 10, block: str = "mid",
                  pool: str = "avg", noise_seed: int | None = 0, scheduler_config: dict | None = None,
                  num_classes: int = 0, in_chans: int | None = None, global_pool: str | None = None,
                  dynamic_img_size: bool = False, drop_rate: float = 0.0, unet: UNet2DModel | None = None,
-                 **kwargs):
+                 unit_shapes: Mapping[str, tuple[int, int, int]] | None = None, **kwargs):
         super().__init__()
         kwargs.pop("pretrained_cfg", None)
         if kwargs:
@@ -196,16 +274,29 @@ class DDAEBackbone(TimmBackboneMixin, nn.Module):
                             if not k.startswith("_")}
         self.scheduler_config = {**DDPM_DEFAULTS, **(scheduler_config or {})}
         self.scheduler = ddpm_scheduler(**self.scheduler_config)
+        # sqrt(ᾱ_t) and sqrt(1 - ᾱ_t) as Python numbers (the float32 values add_noise uses): noising at one
+        # timestep then needs no copy of the schedule to the images' device
+        alphas = self.scheduler.alphas_cumprod.float()
+        self._noise_scales = list(zip(alphas.sqrt().tolist(), (1 - alphas).sqrt().tolist()))
         self.in_chans = int(unet.config.in_channels)
         self.image_size = int(unet.config.sample_size)
         self.dynamic_img_size = dynamic_img_size
         self.noise_seed = noise_seed
+        # the shared noise at the U-Net's own size, on its device: a buffer follows .to() (not saved), and
+        # torch.compile reads it; other sizes, devices and seeds are drawn once into _noise_cache
+        size = (self.in_chans, self.image_size, self.image_size)
+        shared = None if noise_seed is None else _seeded_noise(noise_seed, size).to(next(unet.parameters()).device)
+        self.register_buffer("_shared_noise", shared, persistent=False)
+        self._shared_noise_seed = noise_seed
+        self._noise_cache: dict[tuple, torch.Tensor] = {}
+        self._views: dict[tuple[str, bool], UNet2DModel | None] = {}
+        self.grad_checkpointing = bool(unet.is_gradient_checkpointing)
         self._blocks = unet_block_modules(unet)
         encoder = unet_encoder_units(unet)
         self._units = {**encoder, **{n: m for n, m in self._blocks.items() if n not in encoder}}
         self._order = {name: i for i, name in enumerate(self._units)}
         self._mirrors = unet_skip_mirrors(unet)
-        self.unit_shapes = self._probe_shapes()
+        self.unit_shapes = dict(unit_shapes) if unit_shapes is not None else unet_unit_shapes(unet)
         self.block_shapes = {n: self.unit_shapes[n] for n in self._blocks}
         self.timestep = check_timesteps([timestep], self.num_train_timesteps)[0]
         self.block = check_name("block", block, self._blocks)
@@ -215,6 +306,7 @@ class DDAEBackbone(TimmBackboneMixin, nn.Module):
         self.pretrained_cfg = default_data_cfg(self.in_chans, self.image_size)
         self.feature_info = self._feature_info()
         self.reset_classifier(num_classes, pool)
+        self._view(self.block)  # built here, outside any torch.compile trace of the forward
 
     # ------------------------------------------------------------------ properties
     @property
@@ -245,10 +337,17 @@ class DDAEBackbone(TimmBackboneMixin, nn.Module):
 
     # ------------------------------------------------------------------ core: one forward, early exit
     def _noise(self, x: torch.Tensor) -> torch.Tensor:
+        """Fresh noise, or the shared seeded ε, drawn once per (seed, shape, device, dtype) and kept, so a
+        forward neither seeds a generator nor copies noise to the device."""
         if self.noise_seed is None:
             return torch.randn_like(x)
-        gen = torch.Generator().manual_seed(self.noise_seed)
-        noise = torch.randn((1, *x.shape[1:]), generator=gen).to(device=x.device, dtype=x.dtype)
+        noise = self._shared_noise
+        if (noise is None or self._shared_noise_seed != self.noise_seed or noise.shape[1:] != x.shape[1:]
+                or noise.device != x.device or noise.dtype != x.dtype):
+            key = (self.noise_seed, tuple(x.shape[1:]), x.device, x.dtype)
+            noise = self._noise_cache.get(key)
+            if noise is None:
+                noise = self._noise_cache[key] = _seeded_noise(self.noise_seed, x.shape[1:]).to(x.device, x.dtype)
         return noise.expand_as(x)
 
     def _capture(self, x_t: torch.Tensor, timestep: int, wanted: Sequence[str],
@@ -256,12 +355,22 @@ class DDAEBackbone(TimmBackboneMixin, nn.Module):
                  ) -> dict[str, torch.Tensor]:
         """Run the U-Net once on ``x_t`` and return the outputs of ``wanted`` units, stopping after the last.
 
+        One block and no edits: the U-Net's :func:`truncated_unet` view ends with that block. Otherwise forward
+        hooks on the whole U-Net capture the units, and the last one's hook ends the forward by raising
+        (``torch.compile`` traces the first way only: hooks registered inside a forward break its graph).
         ``edits`` replace unit outputs during the forward (see the module docstring); a unit that is both
         edited and wanted is returned edited. Edits of units after the last wanted one never run.
         """
+        t = torch.full((x_t.shape[0],), timestep, dtype=torch.long, device=x_t.device)
+        wanted = set(wanted)
+        if len(wanted) == 1 and not edits:
+            (block,) = wanted
+            view = self._view(block)
+            if view is not None:
+                with cpu_math_attention(x_t.device):
+                    return {block: view(x_t, t, return_dict=False)[0]}
         feats: dict[str, torch.Tensor] = {}
         edits = dict(edits or {})
-        wanted = set(wanted)
         last = max(wanted, key=self._order.__getitem__)
 
         def hook_for(name: str):
@@ -278,7 +387,6 @@ class DDAEBackbone(TimmBackboneMixin, nn.Module):
 
         hooked = wanted | {n for n in edits if self._order[n] < self._order[last]}
         handles = [self._units[n].register_forward_hook(hook_for(n)) for n in hooked]
-        t = torch.full((x_t.shape[0],), timestep, dtype=torch.long, device=x_t.device)
         try:
             with cpu_math_attention(x_t.device):
                 self.unet(x_t, t)
@@ -289,9 +397,12 @@ class DDAEBackbone(TimmBackboneMixin, nn.Module):
                 h.remove()
         return feats
 
-    def _check(self, x: torch.Tensor) -> None:
-        size = None if self.dynamic_img_size else self.image_size
-        check_images(x, self.in_chans, size, value_range=(-1.0, 1.0), name=type(self).__name__)
+    def _view(self, block: str) -> UNet2DModel | None:
+        """:func:`truncated_unet` of ``block``, built once (again after :meth:`set_grad_checkpointing`)."""
+        key = (block, self.grad_checkpointing)
+        if key not in self._views:
+            self._views[key] = truncated_unet(self.unet, block) if block in self._blocks else None
+        return self._views[key]
 
     def extract(self, x: torch.Tensor, timesteps: Sequence[int], blocks: Sequence[str],
                 pool: str | None = "avg", *, noise: torch.Tensor | None = None,
@@ -313,6 +424,9 @@ class DDAEBackbone(TimmBackboneMixin, nn.Module):
             check_name("edit target", name, self._units)
             if not callable(fn):
                 raise InputError(f"the edit of {name!r} must be a function of the unit's output, got {fn!r}")
+        if edits and self.grad_checkpointing and torch.is_grad_enabled():
+            raise InputError("edits cannot run with gradient checkpointing on: the backward recomputes the U-Net's "
+                             "blocks without them; call set_grad_checkpointing(False) first")
         pool = pool or "none"
         pool_cells(pool)
         if noise is None:
@@ -322,22 +436,12 @@ class DDAEBackbone(TimmBackboneMixin, nn.Module):
             raise InputError(f"noise must be a tensor of the images' shape {tuple(x.shape)}, got {got}")
         out: dict[tuple[int, str], torch.Tensor] = {}
         for t in timesteps:
-            x_t = add_noise(self.scheduler, x, noise, torch.full((x.shape[0],), t, device=x.device))
+            a, s = self._noise_scales[t]  # diffusion.schedule.add_noise at one timestep
+            x_t = (a * x.float() + s * noise.float()).to(x.dtype)
             feats = self._capture(x_t, t, blocks, edits)
             for b in blocks:
                 out[(t, b)] = pool_features(feats[b], pool)
         return out
-
-    def _probe_shapes(self) -> dict[str, tuple[int, int, int]]:
-        size = int(self.unet.config.sample_size)
-        x = torch.zeros(1, self.unet.config.in_channels, size, size,
-                        device=next(self.unet.parameters()).device)
-        was_training = self.unet.training
-        with torch.no_grad():
-            self.unet.eval()
-            feats = self._capture(x, 0, list(self._units))
-        self.unet.train(was_training)
-        return {name: tuple(f.shape[1:]) for name, f in feats.items()}
 
     # ------------------------------------------------------------------ timm contract
     def _feature_info(self) -> list[dict]:
@@ -364,6 +468,17 @@ class DDAEBackbone(TimmBackboneMixin, nn.Module):
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """The NCHW map of ``self.block`` at ``self.timestep``."""
         return self.extract(x, [self.timestep], [self.block], pool=None)[(self.timestep, self.block)]
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """timm's switch, as the diffusers U-Net's own gradient checkpointing (its blocks recompute their
+        residual blocks in the backward). Toggle it here, not on the U-Net, so the block views follow."""
+        if enable:
+            self.unet.enable_gradient_checkpointing()
+        else:
+            self.unet.disable_gradient_checkpointing()
+        self.grad_checkpointing = enable
+        self._views.clear()
+        self._view(self.block)
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         x = pool_features(x, self.pool)
@@ -392,7 +507,10 @@ class DDAEBackbone(TimmBackboneMixin, nn.Module):
         """A backbone sharing this U-Net's weights with other ``timestep``/``block``/``pool``/... settings."""
         args = {**self.model_args(), **changes}
         args.pop("unet_config")
-        return DDAEBackbone(unet=self.unet, **args)
+        other = DDAEBackbone(unet=self.unet, unit_shapes=self.unit_shapes, **args)
+        if "strict_inputs" in vars(self):
+            other.strict_inputs = self.strict_inputs
+        return other
 
     @classmethod
     def from_diffusers(cls, folder: str, **kwargs) -> DDAEBackbone:

@@ -31,10 +31,10 @@ from diffusers.models.embeddings import TimestepEmbedding, Timesteps
 from diffusers.models.resnet import ResnetBlock2D
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from ..diffusion.schedule import check_timesteps
 from ..errors import InputError, check_name
-from .checks import check_images
 from .ddae import UNET_PRESETS, default_data_cfg
 from .pooling import pool_cells, pool_features
 from .timm_contract import TimmBackboneMixin
@@ -102,6 +102,9 @@ class DRLEncoder(nn.Module):
     """``E_φ(x_0)`` or ``E_φ(x_0, t)``; ``forward`` returns ``(mean, logvar)`` (``logvar`` is None unless
     ``variational``). See the module docstring for the architecture."""
 
+    #: recompute each residual block's activations in the backward (DRLBackbone.set_grad_checkpointing)
+    grad_checkpointing = False
+
     def __init__(self, in_chans: int = 1, image_size: int = 28, channels: Sequence[int] = (16, 32, 64, 128),
                  code_dim: int = 64, time_dependent: bool = False, variational: bool = False,
                  norm_num_groups: int = 8):
@@ -138,8 +141,11 @@ class DRLEncoder(nn.Module):
             return None
         if t is None:
             raise InputError("a time-dependent encoder E(x0, t) needs the time t ∈ [0, 1]")
-        t = torch.as_tensor(t, dtype=torch.float32, device=x.device)
-        t = t.expand(x.shape[0]) if t.dim() == 0 else t
+        if isinstance(t, torch.Tensor):
+            t = t.to(device=x.device, dtype=torch.float32)
+            t = t.expand(x.shape[0]) if t.dim() == 0 else t
+        else:  # a fill on the device, not a copy from the host
+            t = torch.full((x.shape[0],), float(t), device=x.device)
         if t.shape != (x.shape[0],):
             raise InputError(f"t must be a scalar or have one value per image ({x.shape[0]}), "
                              f"got shape {tuple(t.shape)}")
@@ -150,7 +156,10 @@ class DRLEncoder(nn.Module):
         temb = self._temb(x, t)
         h, out = self.conv_in(x), []
         for block in self.blocks:
-            h = block(h, temb)
+            if self.grad_checkpointing and torch.is_grad_enabled():
+                h = checkpoint(block, h, temb, use_reentrant=False)
+            else:
+                h = block(h, temb)
             out.append(h)
         return out
 
@@ -240,9 +249,6 @@ class DRLBackbone(TimmBackboneMixin, nn.Module):
         return self.encoder.variational
 
     # ------------------------------------------------------------------ codes
-    def _check(self, x: torch.Tensor) -> None:
-        check_images(x, self.in_chans, self.image_size, value_range=(-1.0, 1.0), name=type(self).__name__)
-
     def code(self, x: torch.Tensor, t: float | torch.Tensor | None = None) -> torch.Tensor:
         """The (mean) code ``E(x, t)``, shape (B, code_dim); ``t`` is ignored by a static encoder."""
         return self.encoder(x, t if self.time_dependent else None)[0]
@@ -253,11 +259,15 @@ class DRLBackbone(TimmBackboneMixin, nn.Module):
             return self.code(x)
         ts = check_readout_t(ts)
         b = x.shape[0]
-        t = torch.tensor(ts, dtype=torch.float32, device=x.device).repeat_interleave(b)
+        t = torch.cat([torch.full((b,), ti, device=x.device) for ti in ts])  # fills, no copy from the host
         z = self.code(x.repeat(len(ts), 1, 1, 1), t)
         return z.view(len(ts), b, -1).transpose(0, 1).reshape(b, -1)
 
     # ------------------------------------------------------------------ timm contract
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """timm's switch: the encoder's residual blocks recompute their activations in the backward."""
+        self.grad_checkpointing = self.encoder.grad_checkpointing = enable
+
     def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
         self.num_classes = num_classes
         n_t = len(self.readout_t) if self.time_dependent else 1

@@ -29,9 +29,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from ..errors import InputError, check_name
-from .checks import check_images
+from .checks import check_images, check_values
 from .pooling import pool_cells, pool_features
 from .timm_contract import TimmBackboneMixin
 
@@ -99,6 +100,8 @@ class EnergyResNet(TimmBackboneMixin, nn.Module):
         drop_rate: dropout before the classifier.
     """
 
+    input_range = (0.0, 1.0)  # the paper's ToTensor images (check_inputs)
+
     def __init__(self, width: int = 64, blocks_per_stage: int = 2, in_chans: int = 1, img_size: int = 28,
                  net_size: int = 32, num_classes: int = 0, global_pool: str = "flatten", drop_rate: float = 0.0,
                  **kwargs):
@@ -132,21 +135,27 @@ class EnergyResNet(TimmBackboneMixin, nn.Module):
         self.reset_classifier(num_classes, global_pool)
 
     # ------------------------------------------------------------------ the network
-    def _check(self, x: torch.Tensor, value_range: tuple[float, float] | None) -> None:
-        check_images(x, self.in_chans, self.img_size, value_range=value_range, name=type(self).__name__)
+    @property
+    def image_size(self) -> int:
+        return self.img_size
 
     def _trunk(self, x: torch.Tensor, last: int = 3) -> list[torch.Tensor]:
         """Maps after the stem and after each stage, up to level ``last`` (0 = stem, 3 = last stage)."""
         h = self.stem(F.pad(x, (self.pad,) * 4) if self.pad else x)
         maps = [h]
         for stage in self.stages[:last]:
-            h = stage(h)
+            if self.grad_checkpointing and torch.is_grad_enabled():
+                h = checkpoint(stage, h, use_reentrant=False)
+            else:
+                h = stage(h)
             maps.append(h)
         return maps
 
     def energy(self, x: torch.Tensor) -> torch.Tensor:
         """``E(x)``, shape (B,), float32. ``x`` may lie outside [0, 1] (noisy or partly sampled images)."""
-        self._check(x, None)
+        check_images(x, self.in_chans, self.img_size, name=type(self).__name__)
+        if self.strict_inputs:
+            check_values(x, None, name=type(self).__name__)
         return self.energy_head(self._trunk(x)[-1].flatten(1))
 
     def score(self, x: torch.Tensor, create_graph: bool = False) -> torch.Tensor:
@@ -177,7 +186,7 @@ class EnergyResNet(TimmBackboneMixin, nn.Module):
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """The last stage's map (B, 8·width, net_size/8, net_size/8): ``h`` before flattening."""
-        self._check(x, (0.0, 1.0))
+        self._check(x)
         return self._trunk(x)[-1]
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
@@ -192,7 +201,7 @@ class EnergyResNet(TimmBackboneMixin, nn.Module):
                               intermediates_only: bool = False):
         """timm's intermediate-feature API over :attr:`feature_info` (stem, then the three stages)."""
         take, max_index = self._take_indices(indices, output_fmt)
-        self._check(x, (0.0, 1.0))
+        self._check(x)
         maps = self._trunk(x, last=max_index if intermediates_only or stop_early else 3)
         intermediates = [maps[i] for i in take]
         return intermediates if intermediates_only else (maps[-1], intermediates)

@@ -5,12 +5,15 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .checks import check_images
 from .ddae import default_data_cfg
+from .timm_contract import TimmBackboneMixin
 
 
-class RawPixels(nn.Module):
-    """Flattened pixels in [0, 1] (timm contract; no parameters besides an optional classifier)."""
+class RawPixels(TimmBackboneMixin, nn.Module):
+    """Flattened pixels in [0, 1] (timm contract; no parameters besides an optional classifier, so gradient
+    checkpointing has nothing to recompute)."""
+
+    input_range = (0.0, 1.0)
 
     def __init__(self, in_chans: int = 1, img_size: int = 28, num_classes: int = 0,
                  global_pool: str | None = None, **kwargs):
@@ -32,19 +35,13 @@ class RawPixels(nn.Module):
         self.num_features = self.in_chans * self.image_size ** 2
         self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
 
-    def get_classifier(self) -> nn.Module:
-        return self.head
-
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        check_images(x, self.in_chans, self.image_size, value_range=(0.0, 1.0), name="RawPixels")
+        self._check(x)
         return x
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         x = x.flatten(1)
         return x if pre_logits else self.head(x)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
 
     def forward_intermediates(self, x, indices=None, norm=False, stop_early=False, output_fmt="NCHW",
                               intermediates_only=False):

@@ -381,9 +381,9 @@ def load_adm(path: str | os.PathLike, preset: str | ADMConfig = "adm256_uncond",
 
     ``block`` is a diffssl block number (default 24) or one of our names; ``timestep`` is 0-indexed, the same in
     guided-diffusion and here (default 150, the ECCV scripts' choice); ``pool`` defaults to the linear head's 2×2
-    average pool. ``device``: where the U-Net goes *before* ``DDAEBackbone`` probes its block shapes with one
-    forward (a 256×256 forward of the 554M model took 88 s on one shared CPU thread, so pass ``"cuda"`` on a
-    GPU machine). ``adm_overrides`` change fields of the preset. Other ``kwargs`` go to ``DDAEBackbone``
+    average pool. ``device``: where the U-Net goes (``DDAEBackbone`` finds its block shapes on the ``meta``
+    device, in under a second on the CPU; a real 256×256 forward took 88 s). ``adm_overrides`` change fields of
+    the preset. Other ``kwargs`` go to ``DDAEBackbone``
     (``noise_seed``, ``dynamic_img_size``, …).
     """
     from ..backbones.ddae import DDAEBackbone
