@@ -19,6 +19,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..backbones.checks import check_model_inputs
 from ..backbones.pooling import pool_features
 from ..data import ImageSet
 from ..errors import InputError
@@ -186,8 +187,8 @@ def extract_features(model: nn.Module, data: ImageSet, readouts: Sequence[Readou
     if not missing:
         return out
     model = model.to(device).eval()
-    if len(data) and hasattr(model, "check_inputs"):  # value checks once per dataset, not in every forward
-        model.check_inputs(normalise(model, data.images[:batch_size].float().div_(255.0)))
+    # value checks (NaN/inf, range) once per dataset on its first batch, not in every forward (host syncs)
+    check_model_inputs(model, normalise(model, data.images[:batch_size].float().div_(255.0)).to(device))
     shard = rt.shard(len(data))
     chunks: dict[Readout, list[torch.Tensor]] = {r: [] for r in missing}
     timesteps = sorted({r.timestep for r in missing if r.block not in (None, LAST_INTERMEDIATE)})
