@@ -83,7 +83,7 @@ def test_eval_on_two_processes_matches_one(tiny_export, tmp_path):
         if abs(r["value"] - ref["value"]) > tolerance:
             off.append((_key(r), ref["value"], r["value"]))
     assert not off, off
-    assert {"linear", "knn20", "semisup1_linear", "semisup10_finetune", "attention", "finetune"} <= names
+    assert {"linear", "knn20", "semisup1_linear", "semisup10_ft", "attention", "finetune"} <= names
     assert all(r["runtime"]["world_size"] == 2 for r in both)
 
 
