@@ -122,12 +122,15 @@ def readouts_agree(data_root: str | None, gpu: str = "cuda") -> dict:
     return out
 
 
-def smoke_bench(data_root: str | None) -> dict:
+def smoke_bench(data_root: str | None, timeout: float = 600) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         cmd = [sys.executable, "-m", "diffssl_plugin.cli", "bench", "--preset", "smoke", "--accelerator", "gpu",
                "--out", tmp, "--no-progress"] + (["--data-root", data_root] if data_root else [])
         start = time.perf_counter()
-        proc = subprocess.run(cmd, capture_output=True, text=True)
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+        except subprocess.TimeoutExpired as e:
+            return {"returncode": None, "wall_seconds": timeout, "stderr_tail": str(e.stderr or "")[-1500:]}
         wall = time.perf_counter() - start
         records = Path(tmp, "records.jsonl")
         lines = records.read_text().splitlines() if records.is_file() else []
@@ -140,7 +143,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="runs/gpu_check.json")
     parser.add_argument("--data-root", default=None, help="folder with Fashion-MNIST's IDX files")
-    parser.add_argument("--skip-bench", action="store_true", help="skip the smoke bench (about a minute)")
+    parser.add_argument("--skip-bench", action="store_true", help="skip the smoke bench (a few minutes)")
+    parser.add_argument("--bench-timeout", type=float, default=600, help="seconds the smoke bench may take")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         print("gpu_check: torch sees no CUDA device here; nothing to check", file=sys.stderr)
@@ -161,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     result["cpu_vs_gpu_readout"] = readouts_agree(args.data_root)
     print(json.dumps(result["cpu_vs_gpu_readout"]), flush=True)
     if not args.skip_bench:
-        result["smoke_bench"] = smoke_bench(args.data_root)
+        result["smoke_bench"] = smoke_bench(args.data_root, args.bench_timeout)
         print(json.dumps(result["smoke_bench"]), flush=True)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2))
