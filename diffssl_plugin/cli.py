@@ -124,7 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("out", help="export folder")
     p.add_argument("--method", default="ddae")
 
-    p = sub.add_parser("reproduce", help="run a published-result config (benchmarks/configs): paper vs ours")
+    p = sub.add_parser("reproduce", help="run a published-result config: paper vs ours")
     from .reproduce import add_arguments as add_reproduce_arguments
 
     add_reproduce_arguments(p)

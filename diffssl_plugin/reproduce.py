@@ -1,4 +1,4 @@
-"""``diffssl reproduce NAME``: run one published-result config of ``benchmarks/configs`` and compare with the paper.
+"""``diffssl reproduce NAME``: run a published-result config (``diffssl_plugin/configs``) against the paper.
 
 A reproduction config is a reference config (:mod:`diffssl_plugin.methods.reference_configs`, the same YAML
 files) with four more keys:
@@ -93,7 +93,7 @@ class Reproduction:
 
 
 def config_names() -> list[str]:
-    """Every config in ``benchmarks/configs``, sorted."""
+    """Every config in ``diffssl_plugin/configs``, sorted."""
     from .methods.reference_configs import CONFIG_DIR
 
     return sorted(p.stem for p in CONFIG_DIR.glob("*.yaml")) if CONFIG_DIR.is_dir() else []
@@ -110,8 +110,9 @@ def _check_keys(where: str, given: dict, valid: set, required: set = frozenset()
 
 
 def load_reproduction(name: str | os.PathLike) -> Reproduction:
-    """Read and check a reproduction config: a name in ``benchmarks/configs`` or a YAML path. Unknown names
-    raise an error listing the known configs; unknown or missing keys raise :class:`InputError` naming them."""
+    """Read and check a reproduction config: a name in ``diffssl_plugin/configs`` or a YAML path. Unknown
+    names raise an error listing the known configs; unknown or missing keys raise :class:`InputError` naming
+    them."""
     from .errors import check_name
     from .eval import PROTOCOLS, EvalConfig
     from .methods.reference_configs import config_path, load_config
@@ -518,7 +519,7 @@ def _pretrain(rep: Reproduction, dataset: str, options: RunOptions):
 # ---------------------------------------------------------------------------------------------- CLI
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """The ``diffssl reproduce`` arguments (wired into :mod:`diffssl_plugin.cli`)."""
-    p.add_argument("name", nargs="?", help="config name in benchmarks/configs (see --list) or a YAML path")
+    p.add_argument("name", nargs="?", help="config name (see --list) or a YAML path")
     p.add_argument("--list", action="store_true", help="list the configs with paper numbers and GPU-hours")
     p.add_argument("--dry-run", action="store_true",
                    help="build everything and run one step on the CPU (synthetic images if no data)")
