@@ -45,11 +45,11 @@ def run_head(name: str, checkpoint: str, config: dict, cache_dir: str, device: s
 
     if threads:
         torch.set_num_threads(threads)
-    from diffssl_plugin.cli import load_backbone
     from diffssl_plugin.eval import PROTOCOLS, EvalConfig, EvalContext, Readout
     from diffssl_plugin.eval.features import extract_features
     from diffssl_plugin.eval.probes import linear_probe
     from diffssl_plugin.heads.training import peak_memory_mb
+    from diffssl_plugin.loading import load_backbone
 
     model = load_backbone(checkpoint)
     ctx = EvalContext(model, "ddae", model.pretrained_cfg.get("architecture", "ddae"), EvalConfig(**config),
@@ -116,8 +116,10 @@ def main(argv: list[str] | None = None) -> int:
         result = pretrain("ddae", "fashion_mnist", Budget.parse(args.budget), out / "ddae", progress=False)
         pretrain_info = result.as_record()
         checkpoint = str(Path(result.out_dir) / "export")
-    elif (Path(checkpoint) / "pretrain.json").is_file():
-        pretrain_info = json.loads((Path(checkpoint) / "pretrain.json").read_text())
+    else:
+        from diffssl_plugin.loading import read_pretrain_info
+
+        pretrain_info = read_pretrain_info(checkpoint)
 
     extra: dict = {}
     if args.epochs:

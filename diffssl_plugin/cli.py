@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 from .errors import DiffSSLError
+from .loading import load_backbone
 
 
 def add_hardware_arguments(p: argparse.ArgumentParser) -> None:
@@ -124,15 +125,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("out", help="export folder")
     p.add_argument("--method", default="ddae")
 
-    p = sub.add_parser("reproduce", help="run a published-result config (benchmarks/configs): paper vs ours")
+    p = sub.add_parser("reproduce", help="run a published-result config: paper vs ours")
     from .reproduce import add_arguments as add_reproduce_arguments
 
     add_reproduce_arguments(p)
     return parser
-
-
-def _first_line(error: BaseException) -> str:
-    return (str(error).splitlines() or [type(error).__name__])[0]
 
 
 def _split(text: str | None, cast=str):
@@ -152,33 +149,6 @@ def cmd_pretrain(args) -> int:
                       seed=args.seed, method_kwargs=json.loads(args.method_args), max_images=args.max_images)
     print(json.dumps(result.as_record(), indent=2))
     return 0
-
-
-def load_backbone(checkpoint: str | None = None, model: str | None = None, weights: str | None = None):
-    """A backbone from an export folder, or a timm name with an optional weights file."""
-    import timm
-
-    from .errors import CheckpointError
-    from .io import load_weights
-
-    if checkpoint:
-        folder = Path(checkpoint)
-        folder = folder / "backbone" if (folder / "backbone").is_dir() else folder
-        if not (folder / "config.json").is_file():
-            raise CheckpointError(f"{folder} is not an exported backbone folder (no config.json); "
-                                  "run `diffssl export` on a training checkpoint first")
-        try:
-            return timm.create_model(f"local-dir:{folder}", pretrained=True)
-        except (RuntimeError, OSError, ValueError) as e:
-            raise CheckpointError(f"cannot load the backbone in {folder}: {e}") from e
-    net = timm.create_model(model, num_classes=0)
-    if weights:
-        state = load_weights(weights)
-        try:
-            net.load_state_dict(state, strict=True)
-        except RuntimeError as e:
-            raise CheckpointError(f"{weights} does not fit {model}: {_first_line(e)}") from e
-    return net
 
 
 def cmd_eval(args) -> int:
@@ -222,22 +192,10 @@ def cmd_leaderboard(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from .errors import CheckpointError
+    from .loading import export, load_learner_checkpoint
     from .methods import get_method
-    from .methods.training import export
 
-    cls = get_method(args.method)["model"]
-    path = Path(args.checkpoint)
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint not found: {path}")
-    try:
-        model = cls.load_from_checkpoint(str(path), map_location="cpu", weights_only=True)
-    except Exception as e:  # torch/Lightning raise many types for damaged or untrusted files
-        if "weights only load failed" in str(e).lower():
-            raise CheckpointError(f"refusing to load {path}: it is a pickle that needs code to load "
-                                  "(untrusted checkpoints are never unpickled)") from e
-        raise CheckpointError(f"cannot load {path} as a {args.method} checkpoint (truncated or corrupted?): "
-                              f"{_first_line(e)}") from e
+    model = load_learner_checkpoint(get_method(args.method)["model"], args.checkpoint, args.method)
     print(export(model, args.out))
     return 0
 

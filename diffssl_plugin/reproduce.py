@@ -1,4 +1,4 @@
-"""``diffssl reproduce NAME``: run one published-result config of ``benchmarks/configs`` and compare with the paper.
+"""``diffssl reproduce NAME``: run a published-result config (``diffssl_plugin/configs``) against the paper.
 
 A reproduction config is a reference config (:mod:`diffssl_plugin.methods.reference_configs`, the same YAML
 files) with four more keys:
@@ -93,7 +93,7 @@ class Reproduction:
 
 
 def config_names() -> list[str]:
-    """Every config in ``benchmarks/configs``, sorted."""
+    """Every config in ``diffssl_plugin/configs``, sorted."""
     from .methods.reference_configs import CONFIG_DIR
 
     return sorted(p.stem for p in CONFIG_DIR.glob("*.yaml")) if CONFIG_DIR.is_dir() else []
@@ -110,8 +110,9 @@ def _check_keys(where: str, given: dict, valid: set, required: set = frozenset()
 
 
 def load_reproduction(name: str | os.PathLike) -> Reproduction:
-    """Read and check a reproduction config: a name in ``benchmarks/configs`` or a YAML path. Unknown names
-    raise an error listing the known configs; unknown or missing keys raise :class:`InputError` naming them."""
+    """Read and check a reproduction config: a name in ``diffssl_plugin/configs`` or a YAML path. Unknown
+    names raise an error listing the known configs; unknown or missing keys raise :class:`InputError` naming
+    them."""
     from .errors import check_name
     from .eval import PROTOCOLS, EvalConfig
     from .methods.reference_configs import config_path, load_config
@@ -304,41 +305,6 @@ def build_config_backbone(rep: Reproduction, full_scale: bool = False):
     return DDAEBackbone(unet_config=unet, scheduler_config=spec.get("scheduler_config"), **settings)
 
 
-def _is_export(folder: Path) -> bool:
-    """A `diffssl pretrain` export (timm ``config.json`` naming an ``architecture``), not a diffusers folder."""
-    config = folder / "backbone" / "config.json" if (folder / "backbone").is_dir() else folder / "config.json"
-    try:
-        return config.is_file() and "architecture" in json.loads(config.read_text())
-    except (OSError, ValueError):
-        return False
-
-
-def load_checkpoint_backbone(rep: Reproduction, path: str, kind: str | None, device: str = "cpu"):
-    """A backbone from ``path``: our export folder (``kind="export"``) or a published checkpoint through
-    :func:`diffssl_plugin.checkpoints.load_backbone_checkpoint`; the config's readout settings are applied."""
-    folder = Path(path)
-    if kind is None and _is_export(folder):
-        kind = "export"  # a `diffssl pretrain` export folder (timm config.json + safetensors)
-    kind = kind or (rep.checkpoint or {}).get("kind") or "export"
-    if kind == "export":
-        from .cli import load_backbone
-
-        backbone = load_backbone(checkpoint=path)
-    else:
-        try:
-            from .checkpoints import load_backbone_checkpoint
-        except ImportError as e:  # built by another part of the project; a clear message until it lands
-            raise InputError(f"checkpoint kind {kind!r} needs diffssl_plugin.checkpoints, which this install "
-                             f"lacks: {e}") from e
-        # ADM's loader probes block shapes with one forward: on the GPU when there is one (minutes on a CPU)
-        kwargs = {"device": device} if kind == "adm" else {}
-        backbone = load_backbone_checkpoint(kind, path, **kwargs)
-    settings = (rep.checkpoint or {}).get("settings") or {}
-    if settings and hasattr(backbone, "with_settings"):
-        backbone = backbone.with_settings(**settings)
-    return backbone
-
-
 # ---------------------------------------------------------------------------------------------- running
 @dataclass
 class RunOptions:
@@ -382,6 +348,7 @@ def _dry_eval_config(rep: Reproduction, dataset: str):
 def reproduce(name: str, options: RunOptions) -> tuple[str, list[dict]]:
     """Run config ``name`` (see the module docstring); return (printed report, records)."""
     from .eval import evaluate, write_leaderboard, write_records
+    from .loading import load_checkpoint_backbone
 
     rep = load_reproduction(name)
     lines = [f"# {rep.name}: {rep.title}"]
@@ -399,7 +366,9 @@ def reproduce(name: str, options: RunOptions) -> tuple[str, list[dict]]:
     device = "cpu" if options.dry_run else _device(options.accelerator)
 
     if options.checkpoint:
-        backbone = load_checkpoint_backbone(rep, options.checkpoint, options.checkpoint_kind, device)
+        ck = rep.checkpoint or {}
+        backbone = load_checkpoint_backbone(options.checkpoint, options.checkpoint_kind, device,
+                                            default_kind=ck.get("kind"), settings=ck.get("settings"))
         checkpoint_hash = _path_hash(options.checkpoint)
         lines.append(f"evaluating checkpoint {options.checkpoint}")
     elif rep.eval_only:
@@ -477,10 +446,10 @@ def _merged(base: dict, changes: dict) -> dict:
 def _pretrain(rep: Reproduction, dataset: str, options: RunOptions):
     """Pretrain with the config's settings (one step of batch 2 on the tiny set for a dry run) and return
     (backbone, budget spent, checkpoint hash, note); the backbone is None on non-zero DDP ranks."""
-    import timm
     from pytorch_lightning.utilities import rank_zero_only
 
     from .io import file_sha256
+    from .loading import load_backbone
     from .methods.reference_configs import pretrain_kwargs
     from .methods.training import Budget, pretrain
 
@@ -499,7 +468,7 @@ def _pretrain(rep: Reproduction, dataset: str, options: RunOptions):
     if rank_zero_only.rank != 0:
         return None, None, None, "pretraining done on this rank; rank 0 evaluates"
     export_dir = Path(result.out_dir) / "export"
-    backbone = timm.create_model(f"local-dir:{export_dir / 'backbone'}", pretrained=True)
+    backbone = load_backbone(checkpoint=export_dir)
     budget = {k: getattr(result, k) for k in ("budget", "steps", "images_seen", "wall_seconds", "train_flops",
                                               "flops_per_image", "global_batch_size")}
     _, _, _, train_images = dataset_shape(rep.dataset, options.data_root)
@@ -518,7 +487,7 @@ def _pretrain(rep: Reproduction, dataset: str, options: RunOptions):
 # ---------------------------------------------------------------------------------------------- CLI
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """The ``diffssl reproduce`` arguments (wired into :mod:`diffssl_plugin.cli`)."""
-    p.add_argument("name", nargs="?", help="config name in benchmarks/configs (see --list) or a YAML path")
+    p.add_argument("name", nargs="?", help="config name (see --list) or a YAML path")
     p.add_argument("--list", action="store_true", help="list the configs with paper numbers and GPU-hours")
     p.add_argument("--dry-run", action="store_true",
                    help="build everything and run one step on the CPU (synthetic images if no data)")

@@ -13,12 +13,13 @@ from diffssl_plugin.backbones.baselines import CifarResNet, MAEViT, norm_stats
 from diffssl_plugin.errors import InputError
 from diffssl_plugin.eval import EvalConfig, evaluate
 from diffssl_plugin.eval.features import normalise
+from diffssl_plugin.loading import export
 from diffssl_plugin.methods import get_method
 from diffssl_plugin.methods.augment import color_jitter, random_resized_crop
 from diffssl_plugin.methods.mae import MAE, random_token_mask
 from diffssl_plugin.methods.reference_configs import load_config, pretrain_from_config
 from diffssl_plugin.methods.simclr import SimCLR, simclr_transform
-from diffssl_plugin.methods.training import Budget, export, pretrain
+from diffssl_plugin.methods.training import Budget, pretrain
 
 # tiny versions of both learners: same code, CPU-test sizes
 TINY = {
@@ -186,7 +187,7 @@ def test_budget_exports_and_records(name, tmp_path):
 
 
 def test_export_round_trip_of_an_untrained_learner(tmp_path):
-    """``methods.training.export`` of a learner with non-default widths: timm rebuilds the same network."""
+    """``loading.export`` of a learner with non-default widths: timm rebuilds the same network."""
     model = _learner("simclr").eval()
     export(model, tmp_path / "export")
     loaded = timm.create_model(f"local-dir:{tmp_path / 'export' / 'backbone'}", pretrained=True).eval()

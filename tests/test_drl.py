@@ -304,7 +304,7 @@ def test_timm_create_model(name, time_dependent, variational, num_features, x28)
 
 
 def test_export_and_local_dir_round_trip(tmp_path, x28):
-    from diffssl_plugin.methods.training import export
+    from diffssl_plugin.loading import export
 
     for cls in (DRL, VDRL):
         m = cls(code_dim=4, readout_t=(0.1, 0.9))

@@ -301,7 +301,7 @@ def test_paper_presets_have_the_papers_shapes():
 
 
 def test_export_round_trip_through_timm(tmp_path, x28):
-    from diffssl_plugin.methods.training import export
+    from diffssl_plugin.loading import export
 
     model = MDSM(width=4).eval()
     folder = export(model, tmp_path / "export")

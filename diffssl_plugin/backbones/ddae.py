@@ -48,6 +48,7 @@ from torch import nn
 
 from ..diffusion.schedule import DDPM_DEFAULTS, check_timesteps, ddpm_scheduler
 from ..errors import InputError, check_name
+from ..weights import load_unet_folder
 from .pooling import pool_cells, pool_features, pooled_dim
 from .sdpa import cpu_math_attention
 from .timm_contract import TimmBackboneMixin
@@ -516,9 +517,7 @@ class DDAEBackbone(TimmBackboneMixin, nn.Module):
     def from_diffusers(cls, folder: str, **kwargs) -> DDAEBackbone:
         """Load a diffusers DDPM folder (``unet/`` + ``scheduler/``, e.g. the google/ddpm-cifar10-32 layout),
         strictly: a weight missing from the file is an error, not a random initialisation (see
-        :mod:`diffssl_plugin.checkpoints.diffusers_ddpm`)."""
-        from ..checkpoints.diffusers_ddpm import load_unet_folder
-
+        :func:`diffssl_plugin.weights.load_unet_folder`)."""
         unet, sched = load_unet_folder(folder)
         return cls(unet=unet, scheduler_config=sched, **kwargs)
 

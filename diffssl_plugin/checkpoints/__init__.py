@@ -41,7 +41,6 @@ from .adm import (
     load_adm_unet,
     save_adm_as_diffusers,
 )
-from .common import load_strict, read_state_dict
 from .diffusers_ddpm import (
     DDAE_CIFAR10_BLOCK,
     DDAE_CIFAR10_T,
@@ -49,7 +48,6 @@ from .diffusers_ddpm import (
     ddae_out_name,
     ddae_timestep,
     load_diffusers_ddpm,
-    load_unet_folder,
 )
 from .mdsm import convert_mdsm_state_dict, infer_mdsm_args, load_mdsm
 
@@ -93,8 +91,5 @@ __all__ = [
     "load_backbone_checkpoint",
     "load_diffusers_ddpm",
     "load_mdsm",
-    "load_strict",
-    "load_unet_folder",
-    "read_state_dict",
     "save_adm_as_diffusers",
 ]

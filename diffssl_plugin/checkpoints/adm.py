@@ -95,7 +95,7 @@ import torch
 from diffusers import UNet2DModel
 
 from ..errors import CheckpointError, InputError, check_name
-from .common import as_path, load_strict, read_state_dict
+from ..weights import as_path, load_strict, read_state_dict
 
 
 @dataclass(frozen=True)
@@ -387,7 +387,7 @@ def load_adm(path: str | os.PathLike, preset: str | ADMConfig = "adm256_uncond",
     (``noise_seed``, ``dynamic_img_size``, …).
     """
     from ..backbones.ddae import DDAEBackbone
-    from .diffusers_ddpm import load_unet_folder
+    from ..weights import load_unet_folder
 
     if as_path(path).is_dir():
         unet, sched = load_unet_folder(path)

@@ -1,17 +1,12 @@
 """A diffusers DDPM folder (the ``google/ddpm-cifar10-32`` layout) loaded as a DDAE backbone, and DDAE's
 block/timestep names translated to ours.
 
-**Folder layout.** ``model_index.json`` (optional), ``unet/config.json`` + ``unet/diffusion_pytorch_model.
-{safetensors,bin}`` (or a sharded ``*.index.json``), ``scheduler/scheduler_config.json`` (optional: the DDPM
-paper's linear schedule is the default). A bare U-Net folder (``config.json`` + weights) loads too.
-
-The weights are read with :func:`diffssl_plugin.io.load_weights` and loaded with ``strict=True``. Folders
-written by diffusers before 0.15 (``google/ddpm-cifar10-32`` among them) name the attention projections
-``query``/``key``/``value``/``proj_attn``; they are renamed to ``to_q``/``to_k``/``to_v``/``to_out.0`` as diffusers
-itself does on load (``ModelMixin._fix_state_dict_keys_on_load``). We do not go
-through ``UNet2DModel.from_pretrained`` (nor ``DDAEBackbone.from_diffusers``, which uses it) because diffusers
-only *warns* about weights missing from the file and initialises them randomly, and reports a refused pickle
-as a generic "unable to load weights"; a reproduction must fail loudly instead.
+**Folder layout.** ``unet/`` (or a bare U-Net folder) and an optional ``scheduler/``, read by
+:func:`diffssl_plugin.weights.load_unet_folder` (which describes the layout): the weights go through
+:func:`diffssl_plugin.io.load_weights` and load with ``strict=True``, pre-0.15 attention names renamed. We do
+not go through ``UNet2DModel.from_pretrained`` because diffusers only *warns* about weights missing from the
+file and initialises them randomly, and reports a refused pickle as a generic "unable to load weights"; a
+reproduction must fail loudly instead.
 
 **DDAE's names.** DDAE (``FutureXiang/ddae``, ``linear.py``) hooks every up-path residual block and calls the
 outputs ``out_1 … out_K`` in forward order from the bottleneck, after the block's attention where it has one,
@@ -42,21 +37,15 @@ Note that ``google/ddpm-cifar10-32`` holds the DDPM paper's weights (Ho et al.),
 
 from __future__ import annotations
 
-import json
 import os
 import re
-from pathlib import Path
 
 import torch
-from diffusers import UNet2DModel
 
-from ..diffusion.schedule import DDPM_DEFAULTS
-from ..errors import CheckpointError, InputError
-from .common import as_path, load_strict, read_state_dict
+from ..errors import InputError
+from ..weights import load_unet_folder
 
 _OUT = re.compile(r"^out_(\d+)$")
-_LEGACY_ATTN = re.compile(r"^(.*)\.(query|key|value|proj_attn)\.(weight|bias)$")
-_LEGACY_NAMES = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}
 _UP = re.compile(r"^up(\d+)\.(\d+)$")
 
 #: DDAE's chosen layer and DDPM timestep for CIFAR-10 (config ``DDPM_ddpm``, papers.md §2.5), in DDAE's names.
@@ -92,81 +81,6 @@ def ddae_timestep(t: int) -> int:
     if isinstance(t, bool) or not float(t).is_integer() or int(t) < 1:
         raise InputError(f"DDAE timesteps are integers 1 … T, got {t!r}")
     return int(t) - 1
-
-
-def _weights_file(unet_dir: Path) -> Path | list[Path]:
-    """The weights file(s) of a diffusers model folder, safetensors preferred; sharded indexes resolved."""
-    for stem in ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin"):
-        index = unet_dir / f"{stem}.index.json"
-        if index.is_file():
-            try:
-                shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-            except (ValueError, KeyError, TypeError) as e:
-                raise CheckpointError(f"cannot read the shard index {index}: {e}") from e
-            return [unet_dir / s for s in shards]
-        if (unet_dir / stem).is_file():
-            return unet_dir / stem
-    found = sorted(p.name for p in unet_dir.iterdir()) if unet_dir.is_dir() else []
-    raise CheckpointError(f"no diffusion_pytorch_model.safetensors or .bin in {unet_dir} (found: {found})")
-
-
-def unet_dir_of(folder: str | os.PathLike) -> Path:
-    """``folder/unet`` for a pipeline folder, ``folder`` itself for a bare model folder."""
-    root = as_path(folder)
-    if not root.is_dir():
-        raise CheckpointError(f"diffusers folder not found: {root} (expected unet/ with config.json and weights)")
-    unet_dir = root / "unet" if (root / "unet").is_dir() else root
-    if not (unet_dir / "config.json").is_file():
-        raise CheckpointError(f"no config.json in {unet_dir}: not a diffusers UNet2DModel folder "
-                              "(google/ddpm-cifar10-32 layout: unet/config.json + unet/diffusion_pytorch_model.*)")
-    return unet_dir
-
-
-def load_unet_folder(folder: str | os.PathLike) -> tuple[UNet2DModel, dict]:
-    """A strictly loaded ``UNet2DModel`` and the DDPM schedule overrides found in ``scheduler/`` (may be empty)."""
-    unet_dir = unet_dir_of(folder)
-    try:
-        config = json.loads((unet_dir / "config.json").read_text())
-    except ValueError as e:
-        raise CheckpointError(f"{unet_dir / 'config.json'} is not valid JSON: {e}") from e
-    if config.get("_class_name", "UNet2DModel") != "UNet2DModel":
-        raise CheckpointError(f"{unet_dir} holds a {config['_class_name']}, not a UNet2DModel")
-    try:
-        unet = UNet2DModel.from_config(config)
-    except (TypeError, ValueError) as e:
-        raise CheckpointError(f"cannot build a UNet2DModel from {unet_dir / 'config.json'}: {e}") from e
-    files = _weights_file(unet_dir)
-    state: dict = {}
-    for f in files if isinstance(files, list) else [files]:
-        state.update(read_state_dict(f, prefixes=()))
-    state = rename_legacy_attention(state, set(unet.state_dict()))
-    load_strict(unet, state, files if not isinstance(files, list) else unet_dir)
-    return unet.eval(), read_scheduler_config(as_path(folder))
-
-
-def rename_legacy_attention(state: dict, model_keys: set[str]) -> dict:
-    """Pre-0.15 diffusers attention names (``query``, ``key``, ``value``, ``proj_attn``) → the current ones, where
-    the model has the renamed key and the file does not."""
-    out = {}
-    for k, v in state.items():
-        m = _LEGACY_ATTN.match(k)
-        new = f"{m.group(1)}.{_LEGACY_NAMES[m.group(2)]}.{m.group(3)}" if m else k
-        out[new if new in model_keys and new not in state else k] = v
-    return out
-
-
-def read_scheduler_config(root: Path) -> dict:
-    """``num_train_timesteps`` and ``beta_*`` from ``root/scheduler/scheduler_config.json`` if present."""
-    path = root / "scheduler" / "scheduler_config.json"
-    if not path.is_file():
-        return {}
-    try:
-        cfg = json.loads(path.read_text())
-    except ValueError as e:
-        raise CheckpointError(f"{path} is not valid JSON: {e}") from e
-    if cfg.get("trained_betas") is not None:
-        raise CheckpointError(f"{path}: trained_betas schedules are not supported (only beta_schedule)")
-    return {k: cfg[k] for k in DDPM_DEFAULTS if k in cfg}
 
 
 def load_diffusers_ddpm(folder: str | os.PathLike, block: str = DDAE_CIFAR10_BLOCK,

@@ -39,7 +39,7 @@ import re
 import torch
 
 from ..errors import CheckpointError
-from .common import load_strict, read_state_dict
+from ..weights import load_strict, read_state_dict
 
 _BLOCK = re.compile(r"^(rbc?)(\d+)\.")
 

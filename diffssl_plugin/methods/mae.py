@@ -23,7 +23,7 @@ Choices for CPU-minute budgets (the paper trains 800-1600 epochs): a ViT-Tiny en
 tens of thousands of images in a 3-minute budget), a 2-block 128-d decoder (the paper's ablation: a shallow,
 narrow decoder costs little and loses little for fine-tuning), and AdamW with lr 1.5e-3, betas (0.9, 0.95),
 weight decay 0.05 and 20 warm-up steps (the paper: base lr 1.5e-4·batch/256 and 40 warm-up epochs, far too
-slow for a few hundred steps). ``benchmarks/configs/mae_cifar10.yaml`` keeps lightly's optimiser settings.
+slow for a few hundred steps). ``diffssl_plugin/configs/mae_cifar10.yaml`` keeps lightly's optimiser settings.
 """
 
 from __future__ import annotations

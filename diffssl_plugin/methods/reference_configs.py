@@ -1,5 +1,6 @@
-"""Reference pretraining configs (``benchmarks/configs/*.yaml``): published settings of a learner, with the
-published numbers beside them, turned into one :func:`~diffssl_plugin.methods.training.pretrain` call.
+"""Reference pretraining configs (``diffssl_plugin/configs/*.yaml``, shipped in the wheel as package data):
+published settings of a learner, with the published numbers beside them, turned into one
+:func:`~diffssl_plugin.methods.training.pretrain` call.
 
 A config names ``method``, ``dataset``, ``batch_size``, ``epochs`` (and optionally ``warmup_epochs``,
 ``precision``, ``seed``), ``method_kwargs`` for the learner, and ``reference`` (the published numbers; never
@@ -16,7 +17,7 @@ from pathlib import Path
 from ..errors import InputError
 from .registry import get_method
 
-CONFIG_DIR = Path(__file__).resolve().parents[2] / "benchmarks" / "configs"
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 KEYS = {"method", "dataset", "batch_size", "epochs", "warmup_epochs", "precision", "seed", "method_kwargs",
         "reference",
         # read by `diffssl reproduce` (diffssl_plugin/reproduce.py): the published rows, evaluation protocol,
@@ -25,7 +26,7 @@ KEYS = {"method", "dataset", "batch_size", "epochs", "warmup_epochs", "precision
 
 
 def config_path(name: str | os.PathLike) -> Path:
-    """A config file: a path, or the name of a file in ``benchmarks/configs`` (``"simclr_cifar10"``)."""
+    """A config file: a path, or the name of a file in :data:`CONFIG_DIR` (``"simclr_cifar10"``)."""
     path = Path(name)
     if path.is_file():
         return path

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -20,7 +19,7 @@ import torch
 from pytorch_lightning.callbacks import Callback, ModelCheckpoint, TQDMProgressBar
 
 from ..data import load_split
-from ..io import write_json
+from ..loading import export
 from ..runtime import Runtime, current
 from .base import SSLMethod, StartAt, StepBatches
 from .registry import get_method
@@ -229,31 +228,3 @@ def pretrain(method: str, dataset: str = "fashion_mnist", budget: Budget = Budge
         export(model, out / "export", result)
     rt.barrier()  # the export is complete before any rank reads it
     return result
-
-
-def export(model: SSLMethod, folder: str | os.PathLike, result: PretrainResult | None = None) -> Path:
-    """Write ``backbone/`` (safetensors + timm ``config.json``, loadable with ``timm.create_model('local-dir:…')``)
-    and, for generative learners, ``diffusers/`` (a ``DDPMPipeline`` folder), atomically as a whole."""
-    from timm.models._hub import save_for_hf
-
-    folder = Path(folder)
-    staging = folder.with_name(folder.name + ".partial")
-    shutil.rmtree(staging, ignore_errors=True)
-    backbone = model.backbone
-    backbone.pretrained_cfg = {**backbone.pretrained_cfg, "architecture": model.timm_architecture}
-    save_for_hf(backbone, str(staging / "backbone"), model_args=backbone.model_args(), safe_serialization=True)
-    unet = getattr(model, "generative_unet", None)
-    if unet is not None:
-        from diffusers import DDPMPipeline
-
-        DDPMPipeline(unet=unet, scheduler=model.scheduler).save_pretrained(str(staging / "diffusers"))
-    if result is not None:
-        write_json(staging / "pretrain.json", result.as_record())
-    old = folder.with_name(folder.name + ".old")
-    shutil.rmtree(old, ignore_errors=True)
-    if folder.exists():
-        os.replace(folder, old)
-    os.replace(staging, folder)
-    shutil.rmtree(old, ignore_errors=True)
-    return folder
-
