@@ -15,7 +15,8 @@ from pathlib import Path
 from .errors import check_name
 from .eval import EvalConfig, evaluate, write_leaderboard, write_records
 from .io import file_sha256, write_json
-from .methods.training import Budget, pretrain
+from .loading import load_backbone
+from .methods.training import Budget, budget_spent, pretrain
 from .runtime import Runtime, current
 
 
@@ -121,11 +122,9 @@ def run_bench(preset: str = "default", out_dir: str | os.PathLike = "runs/bench"
                           data_root=data_root, runtime=rt, progress=progress, resume=resume, max_images=cfg.max_pretrain_images,
                           method_kwargs=cfg.method_kwargs.get(method))
         export_dir = Path(result.out_dir) / "export"
-        backbone = timm.create_model(f"local-dir:{export_dir / 'backbone'}", pretrained=True)
-        budget_spent = {k: getattr(result, k) for k in ("budget", "steps", "images_seen", "wall_seconds",
-                                                        "train_flops", "flops_per_image", "global_batch_size")}
+        backbone = load_backbone(checkpoint=export_dir)
         publish(evaluate(backbone, method, backbone.pretrained_cfg.get("architecture", method),
-                         budget=budget_spent, checkpoint_hash=file_sha256(export_dir / "backbone")[:16],
+                         budget=budget_spent(result), checkpoint_hash=file_sha256(export_dir / "backbone")[:16],
                          **common))
         if (export_dir / "diffusers").is_dir() and rt.is_global_zero:
             from diffusers import DDPMPipeline

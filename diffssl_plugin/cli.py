@@ -13,36 +13,8 @@ import sys
 from pathlib import Path
 
 from .errors import DiffSSLError
+from .runtime import add_runtime_arguments
 from .loading import load_backbone
-
-
-def add_hardware_arguments(p: argparse.ArgumentParser) -> None:
-    """The hardware options every command that computes shares (see :mod:`diffssl_plugin.runtime`)."""
-    p.add_argument("--accelerator", default="auto", help="cpu, gpu or auto (Lightning)")
-    p.add_argument("--devices", default="1",
-                   help="devices per node (Lightning), e.g. 8, auto, or a list 0,1; more than one starts one "
-                        "process per device (DDP)")
-    p.add_argument("--strategy", default="auto", help="Lightning strategy, e.g. ddp (auto: ddp for several devices)")
-    p.add_argument("--num-nodes", type=int, default=1, help="nodes (with torchrun/SLURM starting each node)")
-    p.add_argument("--precision", default="auto",
-                   help="auto (bf16 autocast where supported, else fp16), bf16-mixed, 16-mixed or 32-true")
-    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
-
-
-def runtime_from_args(args: argparse.Namespace):
-    """The :class:`~diffssl_plugin.runtime.Runtime` of a parsed command line (None for commands without
-    hardware options)."""
-    from .runtime import Runtime
-
-    if not hasattr(args, "accelerator"):
-        return None
-    return Runtime(accelerator=args.accelerator, devices=_devices(args.devices),
-                   strategy=getattr(args, "strategy", "auto"), num_nodes=getattr(args, "num_nodes", 1),
-                   precision=getattr(args, "precision", "auto"))
-
-
-def _devices(text: str) -> int | str:
-    return int(text) if str(text).isdigit() else text
 
 
 def _json_dict(text: str) -> dict:
@@ -80,7 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-images", type=int, default=None, help="pretrain on a class-balanced subset")
     p.add_argument("--method-args", default="{}", help="JSON dict of extra method arguments")
-    add_hardware_arguments(p)
+    add_runtime_arguments(p)
 
     p = sub.add_parser("eval", help="evaluate a backbone with the harness (linear probe, kNN, sweep)")
     src = p.add_mutually_exclusive_group(required=True)
@@ -101,7 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--extra", type=_json_dict, default={},
                    help='JSON dict of protocol settings (EvalConfig.extra), e.g. \'{"semisup": {"seeds": [0, 1, 2]}}\'')
     p.add_argument("--out", default="runs/eval")
-    add_hardware_arguments(p)
+    add_runtime_arguments(p)
 
     p = sub.add_parser("bench", help="the main job: pretrain all learners, evaluate, print a leaderboard")
     p.add_argument("--preset", default="default",
@@ -113,7 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--methods", default=None, help="comma-separated learners (default: the preset's)")
     p.add_argument("--out", default="runs/bench")
     p.add_argument("--no-resume", action="store_true")
-    add_hardware_arguments(p)
+    add_runtime_arguments(p)
 
     p = sub.add_parser("leaderboard", help="render Markdown and CSV from a records file")
     p.add_argument("records", help="records.jsonl")
@@ -153,6 +125,8 @@ def cmd_pretrain(args) -> int:
 
 def cmd_eval(args) -> int:
     from .eval import EvalConfig, evaluate, write_leaderboard, write_records
+    from .loading import read_pretrain_info
+    from .methods.training import budget_spent
     from .runtime import current
 
     backbone = load_backbone(args.checkpoint, args.model, args.weights)
@@ -164,7 +138,9 @@ def cmd_eval(args) -> int:
         if text:
             setattr(config, field_name, _split(text, cast))
     out = Path(args.out)
-    records = evaluate(backbone, args.method or name, name, config, protocols=_split(args.protocol),
+    info = read_pretrain_info(args.checkpoint) if args.checkpoint else None  # an export says what it cost
+    records = evaluate(backbone, args.method or (info or {}).get("method") or name, name, config,
+                       protocols=_split(args.protocol), budget=budget_spent(info) if info else None,
                        cache_dir=out / "feature_cache", out_dir=out, progress=not args.no_progress)
     if current().is_global_zero:  # every rank holds the same records; one writes them
         write_records(out / "records.jsonl", records)
@@ -226,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     try:
-        rt = runtime_from_args(args)
+        rt = runtime.from_args(args)
         if rt is None:
             return COMMANDS[args.command](args)
         with runtime.use(rt), _quiet_unless(rt.is_global_zero):  # starts the other processes, if any

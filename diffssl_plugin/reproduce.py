@@ -314,19 +314,17 @@ class RunOptions:
     data_root: str | None = None
     checkpoint: str | None = None
     checkpoint_kind: str | None = None
-    accelerator: str = "auto"
-    devices: int | str = 1
-    num_nodes: int = 1
-    strategy: str = "auto"
     progress: bool = True
     dry_run: bool = False
     full_scale: bool = False
 
 
-def _device(accelerator: str) -> str:
-    import torch
+def _runtime(options: RunOptions):
+    """The hardware of a run: the command's (:func:`diffssl_plugin.runtime.current`), or, for a dry run, this
+    one process on the CPU."""
+    from .runtime import Runtime, current
 
-    return "cuda" if accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available() else "cpu"
+    return Runtime(accelerator="cpu") if options.dry_run else current()
 
 
 def _dry_eval_config(rep: Reproduction, dataset: str):
@@ -363,7 +361,8 @@ def reproduce(name: str, options: RunOptions) -> tuple[str, list[dict]]:
         lines.append(data_note)
     else:
         dataset = rep.dataset
-    device = "cpu" if options.dry_run else _device(options.accelerator)
+    rt = _runtime(options)
+    device = str(rt.device)
 
     if options.checkpoint:
         ck = rep.checkpoint or {}
@@ -384,8 +383,6 @@ def reproduce(name: str, options: RunOptions) -> tuple[str, list[dict]]:
     else:
         backbone, budget, checkpoint_hash, note = _pretrain(rep, dataset, options)
         lines.append(note)
-        if backbone is None:  # a non-zero DDP rank: rank 0 evaluates
-            return "\n".join(lines), []
 
     records: list[dict] = []
     refs: list[dict | None] = [None] * len(rep.published)
@@ -396,7 +393,7 @@ def reproduce(name: str, options: RunOptions) -> tuple[str, list[dict]]:
         got = evaluate(backbone, rep.method_name(), rep.name, config, protocols=rep.protocols, budget=budget,
                        checkpoint_hash=checkpoint_hash, cache_dir=None if options.dry_run else
                        options.out / "feature_cache", out_dir=options.out, device=device,
-                       progress=options.progress)
+                       progress=options.progress, runtime=rt)
         for row in rows:
             i = rep.published.index(row)
             ours = record_value(row, got)
@@ -415,8 +412,9 @@ def reproduce(name: str, options: RunOptions) -> tuple[str, list[dict]]:
     if options.dry_run:
         lines.append("(dry run: the 'ours' column comes from a tiny untrained or one-step model on "
                      f"{'synthetic' if 'synthetic' in (data_note or '') else 'a few'} images, not a result)")
-    write_records(options.out / "records.jsonl", records)
-    lines.append(write_leaderboard(records, options.out))
+    if rt.is_global_zero:  # every rank holds the same records; one writes them
+        write_records(options.out / "records.jsonl", records)
+        lines.append(write_leaderboard(records, options.out))
     lines.append(f"records and leaderboard in {options.out}/ ({time.perf_counter() - started:.1f} s)")
     return "\n".join(lines), records
 
@@ -445,32 +443,26 @@ def _merged(base: dict, changes: dict) -> dict:
 
 def _pretrain(rep: Reproduction, dataset: str, options: RunOptions):
     """Pretrain with the config's settings (one step of batch 2 on the tiny set for a dry run) and return
-    (backbone, budget spent, checkpoint hash, note); the backbone is None on non-zero DDP ranks."""
-    from pytorch_lightning.utilities import rank_zero_only
-
+    (backbone, budget spent, checkpoint hash, note), on every rank."""
     from .io import file_sha256
     from .loading import load_backbone
     from .methods.reference_configs import pretrain_kwargs
-    from .methods.training import Budget, pretrain
+    from .methods.training import Budget, budget_spent, pretrain
 
-    common = dict(out_dir=str(options.out / "pretrain"), data_root=options.data_root,
-                  accelerator=options.accelerator, devices=options.devices, num_nodes=options.num_nodes,
-                  strategy=options.strategy, progress=options.progress)
+    common = dict(out_dir=str(options.out / "pretrain"), data_root=options.data_root, runtime=_runtime(options),
+                  progress=options.progress)
     if options.dry_run:
-        common.update(dataset=dataset, max_images=4, batch_size=2, budget=Budget(steps=1), accelerator="cpu",
-                      devices=1, num_nodes=1, strategy="auto", data_root=None, checkpoint_every=10 ** 9)
+        common.update(dataset=dataset, max_images=4, batch_size=2, budget=Budget(steps=1), data_root=None,
+                      checkpoint_every=10 ** 9)
     raw, scale = rep.raw, "full scale"
     if options.dry_run and not options.full_scale and rep.dry_run.get("method_kwargs"):
         raw, scale = {**rep.raw, "method_kwargs": _merged(rep.raw.get("method_kwargs") or {},
                                                           rep.dry_run["method_kwargs"])}, "dry-run scale"
     kwargs = pretrain_kwargs(raw, **common)
     result = pretrain(**kwargs)
-    if rank_zero_only.rank != 0:
-        return None, None, None, "pretraining done on this rank; rank 0 evaluates"
     export_dir = Path(result.out_dir) / "export"
     backbone = load_backbone(checkpoint=export_dir)
-    budget = {k: getattr(result, k) for k in ("budget", "steps", "images_seen", "wall_seconds", "train_flops",
-                                              "flops_per_image", "global_batch_size")}
+    budget = budget_spent(result)
     _, _, _, train_images = dataset_shape(rep.dataset, options.data_root)
     full_flops = result.flops_per_image * train_images * float(rep.raw["epochs"])
     params = sum(p.numel() for p in backbone.parameters()) / 1e6
@@ -499,11 +491,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "(default: the config's)")
     p.add_argument("--data-root", default=None, help="folder with the dataset (see `diffssl_plugin.data`)")
     p.add_argument("--out", default=None, help="output folder (default runs/reproduce/NAME; dry run: a temp dir)")
-    p.add_argument("--accelerator", default="auto", help="cpu, gpu or auto (Lightning)")
-    p.add_argument("--devices", default="1", help="devices per node (Lightning DDP), e.g. 8")
-    p.add_argument("--num-nodes", type=int, default=1, help="nodes (Lightning DDP)")
-    p.add_argument("--strategy", default="auto", help="Lightning strategy, e.g. ddp")
-    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    from .runtime import add_runtime_arguments
+
+    add_runtime_arguments(p)
 
 
 def run_cli(args: argparse.Namespace) -> int:
@@ -513,13 +503,11 @@ def run_cli(args: argparse.Namespace) -> int:
         return 0
     if not args.name:
         raise InputError(f"name a config (one of: {', '.join(config_names())}) or pass --list")
-    devices = int(args.devices) if str(args.devices).isdigit() else args.devices
     with tempfile.TemporaryDirectory(prefix="diffssl-dryrun-") as tmp:
         default = Path(tmp) if args.dry_run else Path("runs/reproduce") / Path(args.name).stem
         options = RunOptions(out=Path(args.out) if args.out else default, data_root=args.data_root,
                              checkpoint=args.checkpoint, checkpoint_kind=args.checkpoint_kind,
-                             accelerator=args.accelerator, devices=devices, num_nodes=args.num_nodes,
-                             strategy=args.strategy, progress=not args.no_progress, dry_run=args.dry_run,
+                             progress=not args.no_progress, dry_run=args.dry_run,
                              full_scale=args.full_scale)
         report, _ = reproduce(args.name, options)
         print(report)

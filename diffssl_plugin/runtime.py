@@ -15,6 +15,7 @@ a process group, and the collectives are identities.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import os
 from collections.abc import Iterator
@@ -229,3 +230,27 @@ def use(runtime: Runtime) -> Iterator[Runtime]:
         yield runtime
     finally:
         _CURRENT.pop()
+
+
+# ---------------------------------------------------------------------------------------------- command line
+def add_runtime_arguments(p: argparse.ArgumentParser) -> None:
+    """The hardware options of every command that computes (pretrain, eval, bench, reproduce)."""
+    p.add_argument("--accelerator", default="auto", help="cpu, gpu or auto (Lightning)")
+    p.add_argument("--devices", default="1",
+                   help="devices per node (Lightning), e.g. 8, auto, or a list 0,1; more than one starts one "
+                        "process per device (DDP)")
+    p.add_argument("--strategy", default="auto", help="Lightning strategy, e.g. ddp (auto: ddp for several devices)")
+    p.add_argument("--num-nodes", type=int, default=1, help="nodes (each node's processes started by this "
+                                                              "command, torchrun or SLURM)")
+    p.add_argument("--precision", default="auto",
+                   help="auto (bf16 autocast where supported, else fp16), bf16-mixed, 16-mixed or 32-true")
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+
+
+def from_args(args: argparse.Namespace) -> Runtime | None:
+    """The :class:`Runtime` of a parsed command line (None for a command without hardware options)."""
+    if not hasattr(args, "accelerator"):
+        return None
+    devices = int(args.devices) if str(args.devices).isdigit() else args.devices
+    return Runtime(accelerator=args.accelerator, devices=devices, strategy=args.strategy, num_nodes=args.num_nodes,
+                   precision=args.precision)

@@ -85,6 +85,8 @@ def test_eval_on_two_processes_matches_one(tiny_export, tmp_path):
     assert not off, off
     assert {"linear", "knn20", "semisup1_linear", "semisup10_ft", "attention", "finetune"} <= names
     assert all(r["runtime"]["world_size"] == 2 for r in both)
+    # an export's records carry its learner and its pretraining budget (pretrain.json)
+    assert {(r["method"], r["budget"]["steps"]) for r in both} == {("ddae", 4)}
 
 
 @pytest.mark.slow

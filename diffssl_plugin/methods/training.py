@@ -85,6 +85,18 @@ class PretrainResult:
         return asdict(self)
 
 
+#: the fields of a pretraining result that evaluation records carry as their ``budget``
+BUDGET_FIELDS = ("budget", "steps", "images_seen", "wall_seconds", "train_flops", "flops_per_image",
+                 "global_batch_size")
+
+
+def budget_spent(result: PretrainResult | dict) -> dict:
+    """The ``budget`` field of a record: what pretraining spent (from a :class:`PretrainResult`, or the
+    ``pretrain.json`` an export carries)."""
+    fields = result if isinstance(result, dict) else result.as_record()
+    return {k: fields.get(k) for k in BUDGET_FIELDS}
+
+
 class AtomicCheckpoint(ModelCheckpoint):
     """``ModelCheckpoint`` that writes to a temporary name and renames, so no half-written file is resumed."""
 
