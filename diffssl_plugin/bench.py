@@ -11,7 +11,6 @@ import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-
 from .errors import check_name
 from .eval import EvalConfig, evaluate, write_leaderboard, write_records
 from .io import file_sha256, write_json
@@ -119,8 +118,8 @@ def run_bench(preset: str = "default", out_dir: str | os.PathLike = "runs/bench"
                      "raw_pixels", "raw_pixels", **common))
     for method in cfg.methods:
         result = pretrain(method, eval_cfg.dataset, cfg.budget, out / method, batch_size=cfg.batch_size,
-                          data_root=data_root, runtime=rt, progress=progress, resume=resume, max_images=cfg.max_pretrain_images,
-                          method_kwargs=cfg.method_kwargs.get(method))
+                          data_root=data_root, runtime=rt, progress=progress, resume=resume,
+                          max_images=cfg.max_pretrain_images, method_kwargs=cfg.method_kwargs.get(method))
         export_dir = Path(result.out_dir) / "export"
         backbone = load_backbone(checkpoint=export_dir)
         publish(evaluate(backbone, method, backbone.pretrained_cfg.get("architecture", method),

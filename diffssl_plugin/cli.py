@@ -13,8 +13,8 @@ import sys
 from pathlib import Path
 
 from .errors import DiffSSLError
-from .runtime import add_runtime_arguments
 from .loading import load_backbone
+from .runtime import add_runtime_arguments
 
 
 def _json_dict(text: str) -> dict:
