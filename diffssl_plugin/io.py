@@ -1,7 +1,8 @@
 """Files: atomic writes, content hashes, and safe weight loading (safetensors or ``weights_only`` torch files).
 
-A crash never leaves a half-written result, cache or checkpoint that a later run trusts: everything is written
-to a temporary file in the same folder and moved into place with ``os.replace``.
+A crash never leaves a half-written result, cache or checkpoint that a later run trusts: files are written to a
+temporary file in the same folder and moved into place with ``os.replace``; record logs (JSONL) grow by locked
+appends of whole lines, and their readers skip a line torn by a killed writer.
 """
 
 from __future__ import annotations
@@ -17,6 +18,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+try:
+    import fcntl
+except ImportError:  # not POSIX: appends are O_APPEND writes without the lock
+    fcntl = None
 
 from .errors import CheckpointError
 
@@ -48,14 +54,24 @@ def write_json(path: str | os.PathLike, obj: Any) -> Path:
 
 
 def append_jsonl(path: str | os.PathLike, records: list[dict]) -> Path:
-    """Append records as JSON lines; the file is rewritten atomically so readers never see half a line."""
+    """Append records as JSON lines, safe for any number of concurrent writers (processes sharing ``--out``):
+    under an exclusive lock on the file, one ``O_APPEND`` write of whole lines, preceded by a newline if a
+    writer killed mid-line left the last line torn (readers skip such a line with a warning)."""
     path = Path(path)
-    old = path.read_text() if path.exists() else ""
-    if old and not old.endswith("\n"):
-        old += "\n"
-    new = "".join(json.dumps(r, default=str, sort_keys=True) + "\n" for r in records)
-    with atomic_path(path) as tmp:
-        tmp.write_text(old + new)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    data = "".join(json.dumps(r, default=str, sort_keys=True) + "\n" for r in records).encode()
+    fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        if fcntl is not None:
+            fcntl.flock(fd, fcntl.LOCK_EX)  # released when the descriptor closes
+        size = os.fstat(fd).st_size
+        if size and os.pread(fd, 1, size - 1) != b"\n":
+            data = b"\n" + data
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+    finally:
+        os.close(fd)
     return path
 
 

@@ -202,3 +202,42 @@ def test_load_weights_refuses_plain_pickle(tmp_path):
     p.write_bytes(pickle.dumps(NeedsCode()))
     with pytest.raises(CheckpointError, match=r"refusing .*pickle"):
         load_weights(p)
+
+
+_WRITER = """
+import sys
+from diffssl_plugin.eval.records import write_records
+path, who = sys.argv[1], sys.argv[2]
+for i in range(300):  # one record per call: the most interleaving
+    write_records(path, [{"writer": who, "i": i, "pad": "x" * 2000}])
+"""
+
+
+def test_concurrent_writers_lose_no_record(tmp_path):
+    """Three processes appending 300 records each to one file at once (three `diffssl eval` sharing --out)."""
+    import subprocess
+    import sys
+
+    from diffssl_plugin.eval.records import read_records
+
+    path = tmp_path / "records.jsonl"
+    procs = [subprocess.Popen([sys.executable, "-c", _WRITER, str(path), w]) for w in "abc"]
+    assert [p.wait(timeout=120) for p in procs] == [0, 0, 0]
+    records = read_records(path)
+    assert len(records) == 900
+    assert {(r["writer"], r["i"]) for r in records} == {(w, i) for w in "abc" for i in range(300)}
+
+
+def test_records_reader_skips_torn_and_garbage_lines_with_a_warning(tmp_path):
+    from diffssl_plugin.eval.records import read_records, write_records
+
+    path = tmp_path / "records.jsonl"
+    write_records(path, [{"a": 1}])
+    with open(path, "a") as fh:
+        fh.write('not json at all\n[1, 2]\n{"torn": ')  # garbage, a non-record, a writer killed mid-line
+    write_records(path, [{"b": 2}])  # starts a new line after the torn one
+    with pytest.warns(UserWarning) as caught:
+        records = read_records(path)
+    assert records == [{"a": 1}, {"b": 2}]
+    messages = [str(w.message) for w in caught]
+    assert [m.split(": skipped")[0] for m in messages] == [f"{path}:{n}" for n in (2, 3, 4)]

@@ -44,14 +44,30 @@ def make_record(*, method: str, backbone: str, dataset: str, split: str, protoco
 
 
 def write_records(path: str | os.PathLike, records: list[dict]) -> Path:
-    """Append records to a JSONL file (atomically)."""
+    """Append records to a JSONL file (whole lines, safe for concurrent writers: :func:`append_jsonl`)."""
     return append_jsonl(path, records)
 
 
 def read_records(path: str | os.PathLike) -> list[dict]:
+    """The records of a JSONL file. A line that is not a JSON object (torn by a killed writer, or garbage) is
+    skipped with a warning naming the file and line number; the other records are kept."""
     import json
+    import warnings
 
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no records file at {path}; run `diffssl eval` or `diffssl bench` first")
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    records = []
+    for number, line in enumerate(path.read_text(errors="replace").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except ValueError:
+            record = None
+        if not isinstance(record, dict):
+            warnings.warn(f"{path}:{number}: skipped a line that is not a JSON record (a torn write or garbage): "
+                          f"{line[:60]!r}", stacklevel=2)
+            continue
+        records.append(record)
+    return records
