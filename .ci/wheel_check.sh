@@ -48,7 +48,7 @@ from importlib.metadata import distribution
 from pathlib import Path
 
 import diffssl_plugin
-from diffssl_plugin.reproduce import config_names
+from diffssl_plugin.published import config_names
 
 venv, checkout_configs = Path(sys.argv[1]).resolve(), Path(sys.argv[2])
 where = Path(diffssl_plugin.__file__).resolve()
@@ -59,7 +59,7 @@ shipped, expected = config_names(), sorted(p.stem for p in checkout_configs.glob
 assert shipped == expected, f"the wheel ships configs {shipped}, the checkout has {expected}"
 print(f"diffssl_plugin from {where.parent}; {len(shipped)} configs shipped")
 EOF
-names=$("$work/venv/bin/python" -c "from diffssl_plugin.reproduce import config_names; print(*config_names())")
+names=$("$work/venv/bin/python" -c "from diffssl_plugin.published import config_names; print(*config_names())")
 "$work/venv/bin/diffssl" reproduce --list > "$work/logs/list.md"
 for name in $names; do
   grep -q "^| $name |" "$work/logs/list.md" || { cat "$work/logs/list.md"; echo "--list lacks $name" >&2; exit 1; }

@@ -484,7 +484,7 @@ def test_diffssl_mirror_pairs_match_our_skip_mirrors():
     # diffssl pairs decoder block b with encoder block 38 - b (DifFeed: 21→17, 24→14, …, 36→2)
     with torch.device("meta"):
         unet = UNet2DModel(**adm_unet_config(adm_config("adm256_uncond")))
-    from diffssl_plugin.backbones.ddae import unet_skip_mirrors
+    from diffssl_plugin.backbones.unet_blocks import unet_skip_mirrors
 
     mirrors = unet_skip_mirrors(unet)
     for b in range(20, 38):

@@ -15,9 +15,9 @@ from diffssl_plugin.backbones.drl import (
     DRLEncoder,
     TimeDRLBackbone,
     classifier_from_encoder,
-    gaussian_kl,
 )
 from diffssl_plugin.diffusion import NoiseSampler, VESchedule, noise_sampler, ve_dsm_loss, ve_perturb
+from diffssl_plugin.diffusion.losses import gaussian_kl
 from diffssl_plugin.errors import InputError, UnknownNameError
 from diffssl_plugin.methods import get_method
 from diffssl_plugin.methods.drl import DRL, VDRL

@@ -9,7 +9,7 @@ import yaml
 from diffssl_plugin.cli import main
 from diffssl_plugin.errors import DiffSSLError, InputError
 from diffssl_plugin.methods.reference_configs import CONFIG_DIR
-from diffssl_plugin.reproduce import config_names, load_reproduction, reference_field
+from diffssl_plugin.published import config_names, load_reproduction, reference_field
 
 CONFIGS = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
 #: dry runs that take well under ~20 s on a quiet 2-core CPU; the rest are marked slow

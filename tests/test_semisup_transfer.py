@@ -13,8 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from diffssl_plugin.backbones.ddae import default_data_cfg
 from diffssl_plugin.backbones.raw import RawPixels
+from diffssl_plugin.backbones.timm_contract import default_data_cfg
 from diffssl_plugin.data import ImageSet, load_split
 from diffssl_plugin.errors import InputError, UnknownNameError
 from diffssl_plugin.eval import PROTOCOLS, EvalConfig, evaluate

@@ -5,8 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .ddae import default_data_cfg
-from .timm_contract import TimmBackboneMixin
+from .timm_contract import TimmBackboneMixin, default_data_cfg
 
 
 class RawPixels(TimmBackboneMixin, nn.Module):

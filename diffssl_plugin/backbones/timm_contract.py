@@ -69,3 +69,10 @@ class TimmBackboneMixin:
         if prune_head:
             self.reset_classifier(0, "")
         return take
+
+
+def default_data_cfg(in_chans: int, image_size: int) -> dict:
+    """The timm ``pretrained_cfg`` fields the harness reads: input size and [-1, 1] normalisation."""
+    return dict(input_size=(in_chans, image_size, image_size), mean=(0.5,) * in_chans, std=(0.5,) * in_chans,
+                interpolation="bilinear", crop_pct=1.0, crop_mode="center", num_classes=0,
+                first_conv="unet.conv_in", classifier="head")

@@ -7,8 +7,9 @@ from __future__ import annotations
 
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 
-from .ddae import UNET_PRESETS, DDAEBackbone, default_data_cfg
+from .ddae import UNET_PRESETS, DDAEBackbone
 from .raw import RawPixels
+from .timm_contract import default_data_cfg
 
 
 def _cfg(in_chans: int, size: int, **kw) -> dict:

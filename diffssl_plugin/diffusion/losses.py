@@ -24,3 +24,14 @@ def epsilon_loss(model: EpsilonModel, x0: torch.Tensor, scheduler: DDPMScheduler
     noise = torch.randn(x0.shape, generator=generator).to(device=x0.device, dtype=x0.dtype)
     pred = model(add_noise(scheduler, x0, noise, t), t)
     return F.mse_loss(pred.float(), noise.float())
+
+
+def reparameterise(mean: torch.Tensor, logvar: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """``z = μ + exp(½ log σ²) ε`` with ε drawn from ``generator`` (Kingma & Welling)."""
+    eps = torch.randn(mean.shape, generator=generator).to(device=mean.device, dtype=mean.dtype)
+    return mean + torch.exp(0.5 * logvar) * eps
+
+
+def gaussian_kl(mean: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
+    """Per-sample ``KL(N(μ, σ²) ‖ N(0, I))`` summed over code dimensions, shape (B,)."""
+    return 0.5 * (mean.float().pow(2) + logvar.float().exp() - 1.0 - logvar.float()).sum(dim=1)

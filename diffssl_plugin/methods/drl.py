@@ -47,11 +47,10 @@ from ..backbones.drl import (
     build_encoder,
     check_readout_t,
     drl_backbone,
-    gaussian_kl,
     preset_config,
-    reparameterise,
 )
 from ..diffusion import EMA
+from ..diffusion.losses import gaussian_kl, reparameterise
 from ..diffusion.ve import noise_sampler, ve_dsm_loss
 from ..errors import InputError
 from .base import SSLMethod, hflip, to_unit_range

@@ -20,7 +20,7 @@ from .registry import get_method
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 KEYS = {"method", "dataset", "batch_size", "epochs", "warmup_epochs", "precision", "seed", "method_kwargs",
         "reference",
-        # read by `diffssl reproduce` (diffssl_plugin/reproduce.py): the published rows, evaluation protocol,
+        # read by `diffssl reproduce` (diffssl_plugin/published.py): the published rows, evaluation protocol,
         # expected compute, and for eval-only configs (no `method`) the published checkpoint
         "title", "published", "eval", "compute", "checkpoint", "dry_run", "notes"}
 
