@@ -13,14 +13,9 @@ from diffssl_plugin.data import compose_scenes, load_segmentation
 from diffssl_plugin.data.scenes import SegmentationSet
 from diffssl_plugin.errors import DatasetNotFoundError, InputError, UnknownNameError
 from diffssl_plugin.eval import EvalConfig, EvalContext, evaluate
-from diffssl_plugin.eval.segmentation import (
-    IoUMeter,
-    dense_features,
-    dense_spec,
-    feature_model,
-    mean_iou,
-    segmentation_settings,
-)
+from diffssl_plugin.eval.segmentation import segmentation_settings
+from diffssl_plugin.eval.segmentation_features import dense_features, dense_spec, feature_model
+from diffssl_plugin.eval.segmentation_heads import IoUMeter, mean_iou
 
 TINY = {"train_images": 24, "val_images": 8, "test_images": 8, "head_epochs": 3, "head_lr": 0.03,
         "mlp_pixels": 3000, "mlp_epochs": 1, "mlp_members": 3, "pictures": 2}

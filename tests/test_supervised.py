@@ -21,7 +21,8 @@ from diffssl_plugin.data import load_segmentation, load_split
 from diffssl_plugin.eval import EvalConfig
 from diffssl_plugin.eval.finetune import FinetuneRecipe, finetune
 from diffssl_plugin.eval.harness import load_eval_splits
-from diffssl_plugin.eval.segmentation import FeatureStore, train_linear_head, train_mlp_ensemble
+from diffssl_plugin.eval.segmentation_features import FeatureStore
+from diffssl_plugin.eval.segmentation_heads import train_linear_head, train_mlp_ensemble
 from diffssl_plugin.heads import AttentionHead, HeadTraining, tensor_rows, train_head
 from diffssl_plugin.supervised import RankBatches, SupervisedModule, shuffled_batches, warmup_cosine
 
