@@ -24,8 +24,7 @@ def _measure(method: str, images: torch.Tensor, steps: int, warmup: int, method_
     from diffssl_plugin.methods import get_method
 
     torch.manual_seed(0)
-    model = get_method(method)["model"](batch_size_per_device=len(images), in_chans=images.shape[1],
-                                        **method_kwargs)
+    model = get_method(method)["model"](batch_size_per_device=len(images), in_chans=images.shape[1], **method_kwargs)
     flops = model.flops_per_image(images[:8])
     opt = model.configure_optimizers()["optimizer"]
     model.train()
@@ -42,16 +41,25 @@ def _measure(method: str, images: torch.Tensor, steps: int, warmup: int, method_
     # the fastest step is the least disturbed by other processes on a shared machine (as ``timeit``)
     best, median = min(times), sorted(times)[(len(times) - 1) // 2]
     ips = len(images) / best
-    return {"images_per_s": round(ips, 2), "images_per_s_median": round(len(images) / median, 2),
-            "seconds_per_step_all": [round(t, 4) for t in times], "train_flops_per_image": flops,
-            "achieved_gflops_per_s": round(flops * ips / 1e9, 2),
-            "params_m": round(sum(p.numel() for p in model.parameters()) / 1e6, 3),
-            "images_in_3_min": int(ips * 180)}
+    return {
+        "images_per_s": round(ips, 2),
+        "images_per_s_median": round(len(images) / median, 2),
+        "seconds_per_step_all": [round(t, 4) for t in times],
+        "train_flops_per_image": flops,
+        "achieved_gflops_per_s": round(flops * ips / 1e9, 2),
+        "params_m": round(sum(p.numel() for p in model.parameters()) / 1e6, 3),
+        "images_in_3_min": int(ips * 180),
+    }
 
 
-def baselines_throughput(batch_size: int = 128, steps: int = 5, warmup: int = 1,
-                         methods: tuple[str, ...] = ("simclr", "mae"), dataset: str = "fashion_mnist",
-                         method_kwargs: dict[str, dict] | None = None) -> dict:
+def baselines_throughput(
+    batch_size: int = 128,
+    steps: int = 5,
+    warmup: int = 1,
+    methods: tuple[str, ...] = ("simclr", "mae"),
+    dataset: str = "fashion_mnist",
+    method_kwargs: dict[str, dict] | None = None,
+) -> dict:
     """Training images/s of each baseline (bf16 autocast, CPU, the threads torch is set to use), from the
     fastest of ``steps`` timed optimisation steps (the median is reported too).
 
@@ -63,8 +71,13 @@ def baselines_throughput(batch_size: int = 128, steps: int = 5, warmup: int = 1,
 
     data = load_split(dataset, "train")
     images = data.images[:batch_size].float().div(255.0)
-    out: dict = {"batch_size": batch_size, "torch_threads": torch.get_num_threads(), "dataset": dataset,
-                 "precision": "bf16-autocast", "steps_timed": steps}
+    out: dict = {
+        "batch_size": batch_size,
+        "torch_threads": torch.get_num_threads(),
+        "dataset": dataset,
+        "precision": "bf16-autocast",
+        "steps_timed": steps,
+    }
     for m in methods:
         out[m] = _measure(m, images, steps, warmup, (method_kwargs or {}).get(m, {}))
     return out
@@ -79,8 +92,10 @@ def main() -> None:
     result = baselines_throughput(args.batch_size, args.steps)
     for m in ("simclr", "mae"):
         r = result[m]
-        print(f"{m:7s} {r['images_per_s']:8.1f} img/s  {r['train_flops_per_image'] / 1e9:6.3f} GFLOP/img  "
-              f"{r['achieved_gflops_per_s']:7.1f} GFLOP/s  ({r['images_in_3_min']} images in 3 min)")
+        print(
+            f"{m:7s} {r['images_per_s']:8.1f} img/s  {r['train_flops_per_image'] / 1e9:6.3f} GFLOP/img  "
+            f"{r['achieved_gflops_per_s']:7.1f} GFLOP/s  ({r['images_in_3_min']} images in 3 min)"
+        )
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {args.out}")

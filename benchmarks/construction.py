@@ -50,11 +50,16 @@ def adm_construction(repeats: int) -> dict:
         backbone.with_settings(block="up2.0", timestep=50)
         unet_s.append(built - start), backbone_s.append(wrapped - built)
         settings_s.append(time.perf_counter() - wrapped)
-        print(f"ADM-256: U-Net {unet_s[-1]:.2f} s, backbone {backbone_s[-1]:.3f} s, "
-              f"with_settings {settings_s[-1]:.3f} s", flush=True)
-    return {"adm256_unet_s": statistics.median(unet_s), "adm256_backbone_s": statistics.median(backbone_s),
-            "adm256_with_settings_s": statistics.median(settings_s),
-            "adm256_runs": {"unet_s": unet_s, "backbone_s": backbone_s, "with_settings_s": settings_s}}
+        print(
+            f"ADM-256: U-Net {unet_s[-1]:.2f} s, backbone {backbone_s[-1]:.3f} s, with_settings {settings_s[-1]:.3f} s",
+            flush=True,
+        )
+    return {
+        "adm256_unet_s": statistics.median(unet_s),
+        "adm256_backbone_s": statistics.median(backbone_s),
+        "adm256_with_settings_s": statistics.median(settings_s),
+        "adm256_runs": {"unet_s": unet_s, "backbone_s": backbone_s, "with_settings_s": settings_s},
+    }
 
 
 def extraction(repeats: int, images: int) -> dict:
@@ -70,8 +75,12 @@ def extraction(repeats: int, images: int) -> dict:
         extract_features(model, data, readouts, batch_size=256, amp=True, progress=False)
         rates.append(len(data) / (time.perf_counter() - start))
         print(f"extraction: {rates[-1]:.0f} images/s", flush=True)
-    return {"extract_images_per_s": statistics.median(rates), "extract_runs_images_per_s": rates,
-            "extract_images": len(data), "extract_readouts": [r.label() for r in readouts]}
+    return {
+        "extract_images_per_s": statistics.median(rates),
+        "extract_runs_images_per_s": rates,
+        "extract_images": len(data),
+        "extract_readouts": [r.label() for r in readouts],
+    }
 
 
 def main(argv=None) -> dict:

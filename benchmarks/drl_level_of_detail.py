@@ -33,8 +33,17 @@ import torch
 SAMPLERS = ("uniform_t", "uniform_sigma")
 
 
-def train_drl(sampler: str, data, steps: int | None, minutes: float, max_steps: int, batch_size: int, seed: int,
-          method_kwargs: dict, log_every: int = 50) -> tuple[object, dict]:
+def train_drl(
+    sampler: str,
+    data,
+    steps: int | None,
+    minutes: float,
+    max_steps: int,
+    batch_size: int,
+    seed: int,
+    method_kwargs: dict,
+    log_every: int = 50,
+) -> tuple[object, dict]:
     """Train a DRL learner under ``sampler`` for ``steps`` steps, or, if ``steps`` is None, until ``minutes`` run
     out or ``max_steps`` are done; the batches and the init are the same for every sampler (fixed by ``seed``)."""
     from diffssl_plugin.methods.base import StepBatches
@@ -60,19 +69,26 @@ def train_drl(sampler: str, data, steps: int | None, minutes: float, max_steps: 
         losses.append(loss.item())
         step += 1
         if step % log_every == 0:
-            print(f"  [{sampler}] step {step}  loss {sum(losses[-log_every:]) / log_every:.4f}  "
-                  f"{step * batch_size / (time.perf_counter() - start):.0f} img/s", flush=True)
+            print(
+                f"  [{sampler}] step {step}  loss {sum(losses[-log_every:]) / log_every:.4f}  "
+                f"{step * batch_size / (time.perf_counter() - start):.0f} img/s",
+                flush=True,
+            )
     wall = time.perf_counter() - start
-    return model.eval(), {"steps": step, "wall_seconds": round(wall, 1),
-                          "images_per_s": round(step * batch_size / wall, 1),
-                          "final_loss_mean_last_50": sum(losses[-50:]) / max(1, len(losses[-50:]))}
+    return model.eval(), {
+        "steps": step,
+        "wall_seconds": round(wall, 1),
+        "images_per_s": round(step * batch_size / wall, 1),
+        "final_loss_mean_last_50": sum(losses[-50:]) / max(1, len(losses[-50:])),
+    }
 
 
 @torch.no_grad()
 def codes(model, images_uint8: torch.Tensor, batch: int = 1000) -> torch.Tensor:
     backbone = model.backbone.eval()
-    return torch.cat([backbone(images_uint8[i:i + batch].float() / 127.5 - 1.0)
-                      for i in range(0, len(images_uint8), batch)]).float()
+    return torch.cat(
+        [backbone(images_uint8[i : i + batch].float() / 127.5 - 1.0) for i in range(0, len(images_uint8), batch)]
+    ).float()
 
 
 def pixel_attributes(images_uint8: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -83,8 +99,11 @@ def pixel_attributes(images_uint8: torch.Tensor) -> dict[str, torch.Tensor]:
     flat = x.flatten(1)
     inked = flat > 0.1
     blur = torch.nn.functional.avg_pool2d(x, 3, stride=1, padding=1, count_include_pad=False)
-    return {"ink_mass": flat.mean(1), "ink_brightness": (flat * inked).sum(1) / inked.sum(1).clamp_min(1),
-            "edge_energy": (x - blur).abs().flatten(1).mean(1)}
+    return {
+        "ink_mass": flat.mean(1),
+        "ink_brightness": (flat * inked).sum(1) / inked.sum(1).clamp_min(1),
+        "edge_energy": (x - blur).abs().flatten(1).mean(1),
+    }
 
 
 def within_class_r2(train_z, train_y, train_attr, test_z, test_y, test_attr, k: int = 20) -> float:
@@ -95,8 +114,12 @@ def within_class_r2(train_z, train_y, train_attr, test_z, test_y, test_attr, k: 
     r_train, r_test = train_attr - means[train_y], test_attr - means[test_y]
     mu, sd = train_z.mean(0), train_z.std(0).clamp_min(1e-8)
     a, b = (train_z - mu) / sd, (test_z - mu) / sd
-    pred = torch.cat([r_train[torch.cdist(b[i:i + 2000], a).topk(k, largest=False).indices].mean(1)
-                      for i in range(0, len(b), 2000)])
+    pred = torch.cat(
+        [
+            r_train[torch.cdist(b[i : i + 2000], a).topk(k, largest=False).indices].mean(1)
+            for i in range(0, len(b), 2000)
+        ]
+    )
     return float(1 - (r_test - pred).pow(2).sum() / (r_test - r_test.mean()).pow(2).sum())
 
 
@@ -112,6 +135,7 @@ def denoising_gain(model, images_uint8: torch.Tensor, sigmas=(0.05, 0.5, 5.0), s
         perm = torch.randperm(len(x0), generator=torch.Generator().manual_seed(seed))
         losses = {}
         for name, order in (("true", None), ("shuffled", perm)):
+
             def score_fn(x_t, s, t, order=order):
                 z, _ = model.encoder(x0, t)
                 return model.score(x_t, s, z if order is None else z[order])
@@ -133,8 +157,9 @@ def plot_codes(results: dict, path: Path, class_names, dataset: str) -> None:
     for ax, (sampler, r) in zip(axes[0], results.items()):
         z, y = r["z2d"], r["labels"]
         sc = ax.scatter(z[:, 0], z[:, 1], c=y, cmap="tab10", s=3, alpha=0.6, vmin=-0.5, vmax=9.5)
-        ax.set_title(f"{sampler}: linear {100 * r['class_linear_acc']:.1f}%, "
-                     f"ink R² {r['detail_ink_mass_r2']:.2f}", fontsize=10)
+        ax.set_title(
+            f"{sampler}: linear {100 * r['class_linear_acc']:.1f}%, ink R² {r['detail_ink_mass_r2']:.2f}", fontsize=10
+        )
         ax.set_xlabel("z1" if r["code_dim"] == 2 else "PC1")
         ax.set_ylabel("z2" if r["code_dim"] == 2 else "PC2")
     cbar = fig.colorbar(sc, ax=axes[0].tolist(), ticks=range(10), fraction=0.03)
@@ -181,34 +206,60 @@ def main(argv=None) -> dict:
     val = load_split(args.dataset, "val").balanced_subset(total=args.probe_val, seed=args.seed)
     test = load_split(args.dataset, "test").balanced_subset(total=args.probe_test, seed=args.seed)
     attrs = {name: pixel_attributes(d.images) for name, d in (("train", train), ("test", test))}
-    method_kwargs = dict(code_dim=args.code_dim, time_dependent=False, unet_config=args.unet, lr=args.lr,
-                         l1_weight=args.l1, in_chans=pretrain_data.channels)
+    method_kwargs = {
+        "code_dim": args.code_dim,
+        "time_dependent": False,
+        "unet_config": args.unet,
+        "lr": args.lr,
+        "l1_weight": args.l1,
+        "in_chans": pretrain_data.channels,
+    }
 
     steps, results = None, {}
     for sampler in SAMPLERS:
         print(f"training DRL (code {args.code_dim}-d) with sampler {sampler!r} ...", flush=True)
-        model, info = train_drl(sampler, pretrain_data, steps, args.minutes, args.max_steps, args.batch_size,
-                                args.seed, method_kwargs)
+        model, info = train_drl(
+            sampler, pretrain_data, steps, args.minutes, args.max_steps, args.batch_size, args.seed, method_kwargs
+        )
         steps = info["steps"] if steps is None else steps
         z_tr, z_va, z_te = codes(model, train.images), codes(model, val.images), codes(model, test.images)
         lin = linear_probe(z_tr, train.labels, z_va, val.labels, z_te, test.labels, seed=args.seed)
         knn = knn_probe(z_tr, train.labels, z_va, val.labels, z_te, test.labels, k=20)
-        detail = {f"detail_{a}_r2": within_class_r2(z_tr, train.labels, attrs["train"][a], z_te, test.labels,
-                                                    attrs["test"][a])
-                  for a in ("ink_mass", "ink_brightness", "edge_energy")}
-        z2 = z_te if args.code_dim == 2 else (z_te - z_te.mean(0)) @ torch.linalg.svd(
-            z_te - z_te.mean(0), full_matrices=False).Vh[:2].T
-        results[sampler] = {"train": info, "class_linear_acc": lin.test_acc, "class_linear_val_acc": lin.val_acc,
-                            "class_knn20_acc": knn.test_acc, **detail,
-                            "denoising_gain_true_vs_shuffled_code": denoising_gain(model, test.images[:512]),
-                            "code_dim": args.code_dim, "z2d": z2, "labels": test.labels}
-        print(f"  [{sampler}] class: linear {100 * lin.test_acc:.1f}%  kNN-20 {100 * knn.test_acc:.1f}%   "
-              f"detail: ink-mass R² {detail['detail_ink_mass_r2']:.3f}  "
-              f"brightness R² {detail['detail_ink_brightness_r2']:.3f}  edge-energy R² "
-              f"{detail['detail_edge_energy_r2']:.3f}", flush=True)
+        detail = {
+            f"detail_{a}_r2": within_class_r2(
+                z_tr, train.labels, attrs["train"][a], z_te, test.labels, attrs["test"][a]
+            )
+            for a in ("ink_mass", "ink_brightness", "edge_energy")
+        }
+        z2 = (
+            z_te
+            if args.code_dim == 2
+            else (z_te - z_te.mean(0)) @ torch.linalg.svd(z_te - z_te.mean(0), full_matrices=False).Vh[:2].T
+        )
+        results[sampler] = {
+            "train": info,
+            "class_linear_acc": lin.test_acc,
+            "class_linear_val_acc": lin.val_acc,
+            "class_knn20_acc": knn.test_acc,
+            **detail,
+            "denoising_gain_true_vs_shuffled_code": denoising_gain(model, test.images[:512]),
+            "code_dim": args.code_dim,
+            "z2d": z2,
+            "labels": test.labels,
+        }
+        print(
+            f"  [{sampler}] class: linear {100 * lin.test_acc:.1f}%  kNN-20 {100 * knn.test_acc:.1f}%   "
+            f"detail: ink-mass R² {detail['detail_ink_mass_r2']:.3f}  "
+            f"brightness R² {detail['detail_ink_brightness_r2']:.3f}  edge-energy R² "
+            f"{detail['detail_edge_energy_r2']:.3f}",
+            flush=True,
+        )
         gains = results[sampler]["denoising_gain_true_vs_shuffled_code"]
-        print("  denoising gain of the true code over a shuffled one: "
-              + "  ".join(f"{k} {100 * v:.2f}%" for k, v in gains.items()), flush=True)
+        print(
+            "  denoising gain of the true code over a shuffled one: "
+            + "  ".join(f"{k} {100 * v:.2f}%" for k, v in gains.items()),
+            flush=True,
+        )
 
     plot_codes(results, out / "drl_level_of_detail_codes.png", train.class_names, args.dataset)
     t, s = results["uniform_t"], results["uniform_sigma"]
@@ -218,17 +269,26 @@ def main(argv=None) -> dict:
     print(f"{'sampler':<15}{'class linear acc':>18}{'fine detail (ink R²)':>22}")
     for name, r in results.items():
         print(f"{name:<15}{100 * r['class_linear_acc']:>17.1f}%{r['detail_ink_mass_r2']:>22.3f}")
-    print(f"paper's claim — uniform σ holds more class: {'yes' if claim_class else 'no'}; "
-          f"uniform t holds more fine detail: {'yes' if claim_detail else 'no'}")
-    record = {"benchmark": "drl_level_of_detail", "dataset": args.dataset, "args": vars(args),
-              "steps_per_sampler": steps, "claim_uniform_sigma_more_class": claim_class,
-              "claim_uniform_t_more_detail": claim_detail,
-              "results": {k: {kk: vv for kk, vv in v.items() if kk not in ("z2d", "labels")}
-                          for k, v in results.items()},
-              "wall_seconds": round(time.perf_counter() - started, 1), **environment()}
+    print(
+        f"paper's claim — uniform σ holds more class: {'yes' if claim_class else 'no'}; "
+        f"uniform t holds more fine detail: {'yes' if claim_detail else 'no'}"
+    )
+    record = {
+        "benchmark": "drl_level_of_detail",
+        "dataset": args.dataset,
+        "args": vars(args),
+        "steps_per_sampler": steps,
+        "claim_uniform_sigma_more_class": claim_class,
+        "claim_uniform_t_more_detail": claim_detail,
+        "results": {k: {kk: vv for kk, vv in v.items() if kk not in ("z2d", "labels")} for k, v in results.items()},
+        "wall_seconds": round(time.perf_counter() - started, 1),
+        **environment(),
+    }
     write_json(out / "drl_level_of_detail.json", record)
-    print(f"wrote {out / 'drl_level_of_detail.json'} and {out / 'drl_level_of_detail_codes.png'} "
-          f"({record['wall_seconds']:.0f} s)")
+    print(
+        f"wrote {out / 'drl_level_of_detail.json'} and {out / 'drl_level_of_detail_codes.png'} "
+        f"({record['wall_seconds']:.0f} s)"
+    )
     return record
 
 

@@ -56,7 +56,7 @@ def cuda_seconds(fn, repeats: int) -> float:
 def gemm_tflops(n: int = 8192, repeats: int = 10) -> float:
     a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
     b = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
-    return 2 * n ** 3 / cuda_seconds(lambda: a @ b, repeats) / 1e12
+    return 2 * n**3 / cuda_seconds(lambda: a @ b, repeats) / 1e12
 
 
 def training_step(preset: str, image_size: int, channels: int, batch: int, steps: int, gemm: float) -> dict:
@@ -81,15 +81,27 @@ def training_step(preset: str, image_size: int, channels: int, batch: int, steps
 
     seconds = cuda_seconds(step, steps)
     tflops = flops * batch / seconds / 1e12
-    return {"preset": preset, "batch": batch, "images_per_s": round(batch / seconds, 1),
-            "gflop_per_image": round(flops / 1e9, 4), "tflops": round(tflops, 2),
-            "ratio_to_bf16_gemm": round(tflops / gemm, 4)}
+    return {
+        "preset": preset,
+        "batch": batch,
+        "images_per_s": round(batch / seconds, 1),
+        "gflop_per_image": round(flops / 1e9, 4),
+        "tflops": round(tflops, 2),
+        "ratio_to_bf16_gemm": round(tflops / gemm, 4),
+    }
 
 
 def extraction(model: DDAEBackbone, data, device: str, readouts: list[Readout], batch: int) -> dict:
     rt = Runtime(accelerator="gpu" if device == "cuda" else "cpu")
-    extract_features(model, data.take(torch.arange(min(len(data), batch))), readouts, batch_size=batch,
-                     device=device, progress=False, runtime=rt)  # warm-up
+    extract_features(
+        model,
+        data.take(torch.arange(min(len(data), batch))),
+        readouts,
+        batch_size=batch,
+        device=device,
+        progress=False,
+        runtime=rt,
+    )  # warm-up
     if device == "cuda":
         torch.cuda.synchronize()
     start = time.perf_counter()
@@ -110,33 +122,52 @@ def readouts_agree(data_root: str | None, gpu: str = "cuda") -> dict:
     feats = {}
     for name, device, amp in (("cpu_fp32", "cpu", False), ("cuda_fp32", gpu, False), ("cuda_bf16", gpu, True)):
         rt = Runtime(accelerator="gpu" if device == "cuda" else "cpu")
-        feats[name] = [extract_features(model, d, readout, device=device, amp=amp, progress=False,
-                                        runtime=rt)[readout[0]] for d in (train, test)]
+        feats[name] = [
+            extract_features(model, d, readout, device=device, amp=amp, progress=False, runtime=rt)[readout[0]]
+            for d in (train, test)
+        ]
     ref = feats["cpu_fp32"]
     out = {}
     for name, (f_train, f_test) in feats.items():
         err = ((f_test - ref[1]).norm() / ref[1].norm()).item()
-        probe = linear_probe(f_train[:1500], train.labels[:1500], f_train[1500:], train.labels[1500:], f_test,
-                             test.labels, cs=(0.1, 1.0))
+        probe = linear_probe(
+            f_train[:1500], train.labels[:1500], f_train[1500:], train.labels[1500:], f_test, test.labels, cs=(0.1, 1.0)
+        )
         out[name] = {"relative_feature_error_vs_cpu_fp32": err, "linear_test_acc": probe.test_acc}
     return out
 
 
 def smoke_bench(data_root: str | None, timeout: float = 600) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
-        cmd = [sys.executable, "-m", "diffssl_plugin.cli", "bench", "--preset", "smoke", "--accelerator", "gpu",
-               "--out", tmp, "--no-progress"] + (["--data-root", data_root] if data_root else [])
+        cmd = [
+            sys.executable,
+            "-m",
+            "diffssl_plugin.cli",
+            "bench",
+            "--preset",
+            "smoke",
+            "--accelerator",
+            "gpu",
+            "--out",
+            tmp,
+            "--no-progress",
+        ] + (["--data-root", data_root] if data_root else [])
         start = time.perf_counter()
         try:
-            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False)
         except subprocess.TimeoutExpired as e:
             return {"returncode": None, "wall_seconds": timeout, "stderr_tail": str(e.stderr or "")[-1500:]}
         wall = time.perf_counter() - start
         records = Path(tmp, "records.jsonl")
         lines = records.read_text().splitlines() if records.is_file() else []
         devices = sorted({json.loads(line).get("runtime", {}).get("device") for line in lines})
-        return {"returncode": proc.returncode, "wall_seconds": round(wall, 1), "records": len(lines),
-                "record_devices": devices, "stderr_tail": proc.stderr[-1500:] if proc.returncode else ""}
+        return {
+            "returncode": proc.returncode,
+            "wall_seconds": round(wall, 1),
+            "records": len(lines),
+            "record_devices": devices,
+            "stderr_tail": proc.stderr[-1500:] if proc.returncode else "",
+        }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -149,18 +180,25 @@ def main(argv: list[str] | None = None) -> int:
     if not torch.cuda.is_available():
         print("gpu_check: torch sees no CUDA device here; nothing to check", file=sys.stderr)
         return 1
-    result: dict = {"gpu": torch.cuda.get_device_name(0), "torch": torch.__version__,
-                    "bf16_supported": torch.cuda.is_bf16_supported()}
+    result: dict = {
+        "gpu": torch.cuda.get_device_name(0),
+        "torch": torch.__version__,
+        "bf16_supported": torch.cuda.is_bf16_supported(),
+    }
     result["bf16_gemm_tflops"] = gemm = round(gemm_tflops(), 1)
     print(json.dumps(result), flush=True)
-    result["training_step"] = [training_step("fmnist_small", 28, 1, 512, 20, gemm),
-                               training_step("cifar10_ddpm", 32, 3, 128, 20, gemm)]
+    result["training_step"] = [
+        training_step("fmnist_small", 28, 1, 512, 20, gemm),
+        training_step("cifar10_ddpm", 32, 3, 128, 20, gemm),
+    ]
     print(json.dumps(result["training_step"]), flush=True)
     data = load_split("fashion_mnist", "test", root=args.data_root)
     model = DDAEBackbone("fmnist_small")
     readouts = [Readout(t, b, "avg2x2") for t in (0, 10, 50) for b in ("mid", "up0", "up1.0")]
-    result["extraction"] = [extraction(model, data, "cuda", readouts, 1024),
-                            extraction(model, data.take(torch.arange(2000)), "cpu", readouts, 256)]
+    result["extraction"] = [
+        extraction(model, data, "cuda", readouts, 1024),
+        extraction(model, data.take(torch.arange(2000)), "cpu", readouts, 256),
+    ]
     print(json.dumps(result["extraction"]), flush=True)
     result["cpu_vs_gpu_readout"] = readouts_agree(args.data_root)
     print(json.dumps(result["cpu_vs_gpu_readout"]), flush=True)

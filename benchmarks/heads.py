@@ -38,8 +38,15 @@ def _rss_mb() -> float:
     return float("nan")
 
 
-def run_head(name: str, checkpoint: str, config: dict, cache_dir: str, device: str, threads: int | None,
-             best_readout: dict | None) -> dict:
+def run_head(
+    name: str,
+    checkpoint: str,
+    config: dict,
+    cache_dir: str,
+    device: str,
+    threads: int | None,
+    best_readout: dict | None,
+) -> dict:
     """One head in this (fresh) process: returns its record plus the process's memory."""
     import torch
 
@@ -52,8 +59,15 @@ def run_head(name: str, checkpoint: str, config: dict, cache_dir: str, device: s
     from diffssl_plugin.loading import load_backbone
 
     model = load_backbone(checkpoint)
-    ctx = EvalContext(model, "ddae", model.pretrained_cfg.get("architecture", "ddae"), EvalConfig(**config),
-                      cache_dir=cache_dir, device=device, progress=False)
+    ctx = EvalContext(
+        model,
+        "ddae",
+        model.pretrained_cfg.get("architecture", "ddae"),
+        EvalConfig(**config),
+        cache_dir=cache_dir,
+        device=device,
+        progress=False,
+    )
     ctx.splits()
     baseline = _rss_mb()
     if device.startswith("cuda"):
@@ -68,25 +82,39 @@ def run_head(name: str, checkpoint: str, config: dict, cache_dir: str, device: s
         rec = next(r for r in records if r["protocol"]["name"] == "linear")
         best = ctx.best_readout
         train, val, test = ctx.splits()
-        feats = [extract_features(model, d, [best], cache_dir=cache_dir, model_hash=ctx.model_hash,
-                                  progress=False)[best] for d in (train, val, test)]
+        feats = [
+            extract_features(model, d, [best], cache_dir=cache_dir, model_hash=ctx.model_hash, progress=False)[best]
+            for d in (train, val, test)
+        ]
         t0 = time.perf_counter()
         linear_probe(feats[0], train.labels, feats[1], val.labels, cs=[rec["protocol"]["C"]], seed=0)
         fit = time.perf_counter() - t0
-        out.update(trainable_params=(feats[0].shape[1] + 1) * train.num_classes,
-                   train_images_per_s=round(len(train) / fit, 1), train_seconds=round(fit, 2),
-                   best_readout=asdict(best))
+        out.update(
+            trainable_params=(feats[0].shape[1] + 1) * train.num_classes,
+            train_images_per_s=round(len(train) / fit, 1),
+            train_seconds=round(fit, 2),
+            best_readout=asdict(best),
+        )
     else:
         if not records:
             return {**out, "skipped": True}
         rec = records[0]
-        out.update(trainable_params=rec["trainable_params"], train_images_per_s=rec["train_images_per_s"],
-                   train_seconds=rec["train_seconds"], feature_cache_mb=rec["cost"]["feature_cache_mb"],
-                   head_train_images=rec["head_train_images"], best_epoch=rec["best_epoch"])
-    out.update(test_acc=rec["value"], val_acc=rec.get("val_acc"), protocol=rec["protocol"],
-               peak_memory_mb=round(peak_memory_mb(device), 1),
-               peak_memory_kind="cuda_max_allocated" if device.startswith("cuda") else "process_max_rss",
-               records=records)
+        out.update(
+            trainable_params=rec["trainable_params"],
+            train_images_per_s=rec["train_images_per_s"],
+            train_seconds=rec["train_seconds"],
+            feature_cache_mb=rec["cost"]["feature_cache_mb"],
+            head_train_images=rec["head_train_images"],
+            best_epoch=rec["best_epoch"],
+        )
+    out.update(
+        test_acc=rec["value"],
+        val_acc=rec.get("val_acc"),
+        protocol=rec["protocol"],
+        peak_memory_mb=round(peak_memory_mb(device), 1),
+        peak_memory_kind="cuda_max_allocated" if device.startswith("cuda") else "process_max_rss",
+        records=records,
+    )
     return out
 
 
@@ -128,26 +156,43 @@ def main(argv: list[str] | None = None) -> int:
     if args.diffeed_train_images:
         extra.setdefault("diffeed", {})["train_images"] = args.diffeed_train_images
     if args.diffeed_epochs:
-        extra.setdefault("diffeed", {})["training_kwargs"] = {"epochs": args.diffeed_epochs,
-                                                              "eval_every": args.diffeed_epochs}
-    config = dict(train_images=args.train_images, val_images=args.val_images, test_images=args.test_images,
-                  extra=extra)
+        extra.setdefault("diffeed", {})["training_kwargs"] = {
+            "epochs": args.diffeed_epochs,
+            "eval_every": args.diffeed_epochs,
+        }
+    config = {
+        "train_images": args.train_images,
+        "val_images": args.val_images,
+        "test_images": args.test_images,
+        "extra": extra,
+    }
     load_before = os.getloadavg()
     rows, best = [], None
     ctx = mp.get_context("spawn")
     for name in args.heads.split(","):
         with ctx.Pool(1) as pool:
-            row = pool.apply(run_head, (name, checkpoint, config, str(out / "feature_cache"), args.device,
-                                        args.threads, best))
+            row = pool.apply(
+                run_head, (name, checkpoint, config, str(out / "feature_cache"), args.device, args.threads, best)
+            )
         if name == "linear":
             best = row["best_readout"]
         rows.append(row)
-        print(f"{name}: {json.dumps({k: v for k, v in row.items() if k not in ('records', 'protocol')})}",
-              file=sys.stderr, flush=True)
-    report = {"checkpoint": checkpoint, "pretrain": pretrain_info, "eval_config": config,
-              "device": args.device, "threads": args.threads, "loadavg_before": load_before,
-              "loadavg_after": os.getloadavg(), "cpu_count": os.cpu_count(),
-              "rows": [{k: v for k, v in r.items() if k != "records"} for r in rows]}
+        print(
+            f"{name}: {json.dumps({k: v for k, v in row.items() if k not in ('records', 'protocol')})}",
+            file=sys.stderr,
+            flush=True,
+        )
+    report = {
+        "checkpoint": checkpoint,
+        "pretrain": pretrain_info,
+        "eval_config": config,
+        "device": args.device,
+        "threads": args.threads,
+        "loadavg_before": load_before,
+        "loadavg_after": os.getloadavg(),
+        "cpu_count": os.cpu_count(),
+        "rows": [{k: v for k, v in r.items() if k != "records"} for r in rows],
+    }
     from diffssl_plugin.io import write_json
 
     write_json(out / "heads.json", report)
@@ -156,23 +201,29 @@ def main(argv: list[str] | None = None) -> int:
             for rec in r.get("records", []):
                 f.write(json.dumps(rec, default=str) + "\n")
     print(markdown(report["rows"]))
-    print(f"\nwritten {out / 'heads.json'}; load average {load_before} → {report['loadavg_after']} "
-          f"on {os.cpu_count()} CPUs")
+    print(
+        f"\nwritten {out / 'heads.json'}; load average {load_before} → {report['loadavg_after']} "
+        f"on {os.cpu_count()} CPUs"
+    )
     return 0
 
 
 def markdown(rows: list[dict]) -> str:
-    lines = ["| head | test acc % | val acc % | trainable params | train img/s | peak memory MB | cache MB "
-             "| wall s |", "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| head | test acc % | val acc % | trainable params | train img/s | peak memory MB | cache MB | wall s |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
         if r.get("skipped"):
             lines.append(f"| {r['head']} | skipped | | | | | | |")
             continue
         val = f"{100 * r['val_acc']:.1f}" if r.get("val_acc") is not None else "-"
-        lines.append(f"| {r['head']} | {100 * r['test_acc']:.1f} | {val} | {r['trainable_params']:,} | "
-                     f"{r['train_images_per_s']:.0f} | {r['peak_memory_mb']:.0f} | "
-                     f"{r.get('feature_cache_mb') if r.get('feature_cache_mb') is not None else '-'} | "
-                     f"{r['wall_seconds']:.0f} |")
+        lines.append(
+            f"| {r['head']} | {100 * r['test_acc']:.1f} | {val} | {r['trainable_params']:,} | "
+            f"{r['train_images_per_s']:.0f} | {r['peak_memory_mb']:.0f} | "
+            f"{r.get('feature_cache_mb') if r.get('feature_cache_mb') is not None else '-'} | "
+            f"{r['wall_seconds']:.0f} |"
+        )
     return "\n".join(lines)
 
 

@@ -59,9 +59,12 @@ def denoising(model, clean: torch.Tensor, sigmas=(0.1, 0.3, 0.5), seed: int = 0,
     for k, sigma in enumerate(sigmas):
         noisy = perturb(clean, torch.full((len(clean),), sigma), torch.Generator().manual_seed(seed + k))
         out = denoise(model.energy, noisy)
-        results[str(sigma)] = dict(
-            psnr_noisy=psnr(noisy, clean), psnr_denoised=psnr(out, clean),
-            psnr_noisy_clipped=psnr(noisy.clamp(0, 1), clean), psnr_denoised_clipped=psnr(out.clamp(0, 1), clean))
+        results[str(sigma)] = {
+            "psnr_noisy": psnr(noisy, clean),
+            "psnr_denoised": psnr(out, clean),
+            "psnr_noisy_clipped": psnr(noisy.clamp(0, 1), clean),
+            "psnr_denoised_clipped": psnr(out.clamp(0, 1), clean),
+        }
         r = results[str(sigma)]
         r["gain_db"] = r["psnr_denoised"] - r["psnr_noisy"]
         r["gain_over_clipping_db"] = r["psnr_denoised_clipped"] - r["psnr_noisy_clipped"]
@@ -72,26 +75,37 @@ def denoising(model, clean: torch.Tensor, sigmas=(0.1, 0.3, 0.5), seed: int = 0,
 def masks(size: int = 28) -> dict[str, torch.Tensor]:
     """True = pixel to fill."""
     lower = torch.zeros(1, 1, size, size, dtype=torch.bool)
-    lower[..., size // 2:, :] = True
+    lower[..., size // 2 :, :] = True
     centre = torch.zeros(1, 1, size, size, dtype=torch.bool)
     c = size // 2
-    centre[..., c - 6:c + 6, c - 6:c + 6] = True
+    centre[..., c - 6 : c + 6, c - 6 : c + 6] = True
     return {"lower_half": lower, "centre_12x12": centre}
 
 
-def inpainting(model, images: torch.Tensor, train_mean: torch.Tensor, temperatures: torch.Tensor,
-               step_size: float, seed: int = 0, show: int = 8):
+def inpainting(
+    model,
+    images: torch.Tensor,
+    train_mean: torch.Tensor,
+    temperatures: torch.Tensor,
+    step_size: float,
+    seed: int = 0,
+    show: int = 8,
+):
     """Masked-region MSE of MDSM inpainting and of the two mean baselines, per mask, and the grid images."""
     results, rows = {}, []
     for k, (name, mask) in enumerate(masks(images.shape[-1]).items()):
         m = mask.expand_as(images)
         with bf16():
-            out = inpaint(model.energy, images, mask, temperatures, step_size,
-                          generator=torch.Generator().manual_seed(seed + k))
+            out = inpaint(
+                model.energy, images, mask, temperatures, step_size, generator=torch.Generator().manual_seed(seed + k)
+            )
         context = images.masked_fill(m, 0).flatten(1).sum(1) / (~m).flatten(1).sum(1)
-        fills = {"mdsm": out.clamp(0, 1), "mdsm_unclipped": out,
-                 "baseline_train_mean": torch.where(m, train_mean.expand_as(images), images),
-                 "baseline_context_mean": torch.where(m, context.view(-1, 1, 1, 1).expand_as(images), images)}
+        fills = {
+            "mdsm": out.clamp(0, 1),
+            "mdsm_unclipped": out,
+            "baseline_train_mean": torch.where(m, train_mean.expand_as(images), images),
+            "baseline_context_mean": torch.where(m, context.view(-1, 1, 1, 1).expand_as(images), images),
+        }
         results[name] = {f"mse_{key}": float((v - images)[m].pow(2).mean()) for key, v in fills.items()}
         results[name]["masked_pixels"] = int(mask.sum())
         shown = images[:show]
@@ -106,8 +120,12 @@ def main(argv=None) -> dict:
     p.add_argument("--width", type=int, default=16, help="energy ResNet width (the paper's is 64)")
     p.add_argument("--lr", type=float, default=None, help="learning rate (default: the learner's)")
     p.add_argument("--langevin-steps", type=int, default=270, help="annealed Langevin steps (paper: 2700)")
-    p.add_argument("--step-size", type=float, default=None,
-                   help="Langevin step ε (default 0.02·√(2700/steps): the paper's total Langevin time)")
+    p.add_argument(
+        "--step-size",
+        type=float,
+        default=None,
+        help="Langevin step ε (default 0.02·√(2700/steps): the paper's total Langevin time)",
+    )
     p.add_argument("--samples", type=int, default=64)
     p.add_argument("--inpaint-images", type=int, default=32, help="images per mask")
     p.add_argument("--denoise-images", type=int, default=1000)
@@ -126,21 +144,38 @@ def main(argv=None) -> dict:
     started = time.perf_counter()
 
     method_kwargs = {"width": args.width} | ({"lr": args.lr} if args.lr else {})
-    result = pretrain("mdsm", "fashion_mnist", Budget.parse(args.budget), out / "pretrain", batch_size=128,
-                      method_kwargs=method_kwargs, progress=False, resume=not args.no_resume, seed=args.seed)
+    result = pretrain(
+        "mdsm",
+        "fashion_mnist",
+        Budget.parse(args.budget),
+        out / "pretrain",
+        batch_size=128,
+        method_kwargs=method_kwargs,
+        progress=False,
+        resume=not args.no_resume,
+        seed=args.seed,
+    )
     model = timm.create_model(f"local-dir:{out / 'pretrain' / 'export' / 'backbone'}", pretrained=True).eval()
     trained = time.perf_counter()
-    report: dict = {"budget": str(Budget.parse(args.budget)), "method_kwargs": method_kwargs, "sigma0": SIGMA0,
-                    "training": {"steps": result.steps, "images_seen": result.images_seen,
-                                 "wall_seconds": result.wall_seconds,
-                                 "images_per_second": result.images_seen / max(result.wall_seconds, 1e-9),
-                                 "flops_per_image": result.flops_per_image, "final_loss": result.final_loss,
-                                 "final_normalised_loss": (result.final_loss or 0.0) * SIGMA0 ** 4}}
+    report: dict = {
+        "budget": str(Budget.parse(args.budget)),
+        "method_kwargs": method_kwargs,
+        "sigma0": SIGMA0,
+        "training": {
+            "steps": result.steps,
+            "images_seen": result.images_seen,
+            "wall_seconds": result.wall_seconds,
+            "images_per_second": result.images_seen / max(result.wall_seconds, 1e-9),
+            "flops_per_image": result.flops_per_image,
+            "final_loss": result.final_loss,
+            "final_normalised_loss": (result.final_loss or 0.0) * SIGMA0**4,
+        },
+    }
 
     test = load_split("fashion_mnist", "test")
     timings = {}
     t = time.perf_counter()
-    report["denoising"], grid = denoising(model, test.floats()[:args.denoise_images], seed=args.seed)
+    report["denoising"], grid = denoising(model, test.floats()[: args.denoise_images], seed=args.seed)
     save_grid(grid, out / "denoising_pairs.png")
     timings["denoising"] = time.perf_counter() - t
 
@@ -155,11 +190,20 @@ def main(argv=None) -> dict:
 
     t = time.perf_counter()
     with bf16():
-        samples = sample(model.energy, (args.samples, 1, 28, 28), temps, step_size,
-                         generator=torch.Generator().manual_seed(args.seed))
+        samples = sample(
+            model.energy,
+            (args.samples, 1, 28, 28),
+            temps,
+            step_size,
+            generator=torch.Generator().manual_seed(args.seed),
+        )
     save_grid(samples, out / "samples.png")
-    report["samples"] = {"count": args.samples, "mean": float(samples.mean()), "std": float(samples.std()),
-                         "fraction_in_0_1": float(((samples >= 0) & (samples <= 1)).float().mean())}
+    report["samples"] = {
+        "count": args.samples,
+        "mean": float(samples.mean()),
+        "std": float(samples.std()),
+        "fraction_in_0_1": float(((samples >= 0) & (samples <= 1)).float().mean()),
+    }
     timings["sampling"] = time.perf_counter() - t
 
     t = time.perf_counter()
@@ -168,13 +212,19 @@ def main(argv=None) -> dict:
     timings["ood"] = time.perf_counter() - t
 
     report["langevin"] = {"schedule": "exp", "steps": args.langevin_steps, "step_size": step_size, "autocast": "bf16"}
-    report["timings_seconds"] = {"training_and_export": trained - started, **timings,
-                                 "total": time.perf_counter() - started}
+    report["timings_seconds"] = {
+        "training_and_export": trained - started,
+        **timings,
+        "total": time.perf_counter() - started,
+    }
     report["quick"] = args.quick
     report.update(environment())
     write_json(out / "mdsm.json", report)
-    print(json.dumps({k: report[k] for k in ("training", "denoising", "inpainting", "ood_auroc", "timings_seconds")},
-                     indent=1))
+    print(
+        json.dumps(
+            {k: report[k] for k in ("training", "denoising", "inpainting", "ood_auroc", "timings_seconds")}, indent=1
+        )
+    )
     return report
 
 

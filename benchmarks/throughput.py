@@ -51,7 +51,7 @@ def gemm_gflops(dtype: torch.dtype, n: int = 2048, repeats: int = 10, trials: in
         start = time.perf_counter()
         for _ in range(repeats):
             a @ b
-        rates.append(2 * n ** 3 * repeats / (time.perf_counter() - start) / 1e9)
+        rates.append(2 * n**3 * repeats / (time.perf_counter() - start) / 1e9)
     return statistics.median(rates)
 
 
@@ -71,7 +71,7 @@ class PlainLoop:
         seconds = []
         for _ in range(steps):
             start = time.perf_counter()
-            x = self.images[(self.step * self.batch) % (len(self.images) - self.batch):][:self.batch]
+            x = self.images[(self.step * self.batch) % (len(self.images) - self.batch) :][: self.batch]
             gen = torch.Generator().manual_seed(self.step)
             with torch.autocast("cpu", dtype=torch.bfloat16), cpu_math_attention("cpu"):
                 loss = self.model.training_loss(x.float() / 255, gen)
@@ -106,8 +106,9 @@ class StepTimer(pl.Callback):
         self._last = now
 
 
-def interleaved_step_seconds(images: torch.Tensor, batch: int, steps: int, rounds: int, skip: int
-                             ) -> tuple[list[float], list[float], list[float], float]:
+def interleaved_step_seconds(
+    images: torch.Tensor, batch: int, steps: int, rounds: int, skip: int
+) -> tuple[list[float], list[float], list[float], float]:
     """Per-step seconds of the bare loop and of ``diffssl pretrain``, measured in ``rounds`` alternating
     turns (Lightning resumes its own checkpoint each turn), so a drift of the machine's speed weighs on
     both alike. An untimed turn of ``2·skip`` steps each comes first (the first steps of a process are slow:
@@ -124,9 +125,18 @@ def interleaved_step_seconds(images: torch.Tensor, batch: int, steps: int, round
     with tempfile.TemporaryDirectory() as tmp:
 
         def lightning_until(step: int) -> None:
-            pretrain("ddae", budget=Budget(steps=step), out_dir=tmp, batch_size=batch, progress=False,
-                     logger=False, callbacks=[timer], resume=True, checkpoint_every=10 ** 6,
-                     max_images=len(images))
+            pretrain(
+                "ddae",
+                budget=Budget(steps=step),
+                out_dir=tmp,
+                batch_size=batch,
+                progress=False,
+                logger=False,
+                callbacks=[timer],
+                resume=True,
+                checkpoint_every=10**6,
+                max_images=len(images),
+            )
 
         done = 2 * skip
         plain_loop.run(done)  # the untimed warm-up turns
@@ -143,11 +153,10 @@ def interleaved_step_seconds(images: torch.Tensor, batch: int, steps: int, round
 
 def round_medians(seconds: list[float], per_round: int) -> list[float]:
     """Median step time of each consecutive run of ``per_round`` steps (one turn)."""
-    return [statistics.median(seconds[i:i + per_round]) for i in range(0, len(seconds), per_round)]
+    return [statistics.median(seconds[i : i + per_round]) for i in range(0, len(seconds), per_round)]
 
 
-def extraction_images_per_second(backbone, images: torch.Tensor, timesteps, blocks,
-                                 batch: int = 256) -> float:
+def extraction_images_per_second(backbone, images: torch.Tensor, timesteps, blocks, batch: int = 256) -> float:
     x = images[:batch].float() / 255 * 2 - 1
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         backbone.extract(x, timesteps, blocks, pool="avg")
@@ -161,8 +170,12 @@ def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--steps", type=int, default=200, help="timed training steps (after warm-up)")
     p.add_argument("--warmup", type=int, default=5, help="untimed steps at the start of every turn")
-    p.add_argument("--rounds", type=int, default=10,
-                   help="alternating turns of the bare loop and of Lightning the timed steps are split into")
+    p.add_argument(
+        "--rounds",
+        type=int,
+        default=10,
+        help="alternating turns of the bare loop and of Lightning the timed steps are split into",
+    )
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--out", default="runs/throughput.json")
     p.add_argument("--no-baselines", action="store_true", help="skip the SimCLR and MAE measurements")
@@ -174,7 +187,8 @@ def main(argv: list[str] | None = None) -> dict:
     result["gemm_bf16_gflops_at_start"] = gemm_gflops(torch.bfloat16)
 
     plain, lightning, gemm, flops_per_image = interleaved_step_seconds(
-        images, args.batch_size, args.steps, args.rounds, args.warmup)
+        images, args.batch_size, args.steps, args.rounds, args.warmup
+    )
     per_round = max(1, args.steps // args.rounds)
     result["gemm_bf16_gflops"] = statistics.median(gemm)  # measured between the timed turns
     result["gemm_bf16_gflops_per_turn"] = [round(g, 1) for g in gemm]
@@ -183,8 +197,10 @@ def main(argv: list[str] | None = None) -> dict:
     result["flops_per_image_train"] = flops_per_image
     result["steps_timed"] = {"plain_loop": len(plain), "lightning": len(lightning)}
     plain_rounds, lightning_rounds = round_medians(plain, per_round), round_medians(lightning, per_round)
-    result["median_step_seconds_per_round"] = {"plain_loop": [round(x, 4) for x in plain_rounds],
-                                               "lightning": [round(x, 4) for x in lightning_rounds]}
+    result["median_step_seconds_per_round"] = {
+        "plain_loop": [round(x, 4) for x in plain_rounds],
+        "lightning": [round(x, 4) for x in lightning_rounds],
+    }
     result["plain_loop_images_per_s"] = plain_ips
     result["lightning_images_per_s"] = lightning_ips
     result["plain_loop_images_per_s_mean"] = args.batch_size * len(plain) / sum(plain)
@@ -196,20 +212,19 @@ def main(argv: list[str] | None = None) -> dict:
     result["train_gflops_achieved"] = lightning_ips * flops_per_image / 1e9
     # headline ratio: each Lightning turn's median step against the GEMM rate measured just before that turn
     result["train_to_bf16_gemm_ratio_per_turn"] = [
-        round(args.batch_size / sec * flops_per_image / 1e9 / g, 3)
-        for sec, g in zip(lightning_rounds, gemm[1::2])]
+        round(args.batch_size / sec * flops_per_image / 1e9 / g, 3) for sec, g in zip(lightning_rounds, gemm[1::2])
+    ]
     result["train_to_bf16_gemm_ratio"] = statistics.median(result["train_to_bf16_gemm_ratio_per_turn"])
     result["train_to_bf16_gemm_ratio_overall"] = result["train_gflops_achieved"] / result["gemm_bf16_gflops"]
     # headline overhead: each round's Lightning turn against the bare-loop turn right before it
-    result["harness_overhead_per_round"] = [round(1 - p / q, 4)
-                                            for p, q in zip(plain_rounds, lightning_rounds)]
+    result["harness_overhead_per_round"] = [round(1 - p / q, 4) for p, q in zip(plain_rounds, lightning_rounds)]
     result["harness_overhead"] = statistics.median(result["harness_overhead_per_round"])
     result["harness_overhead_overall"] = 1 - lightning_ips / plain_ips
-    result["harness_overhead_mean"] = (1 - result["lightning_images_per_s_mean"]
-                                       / result["plain_loop_images_per_s_mean"])
+    result["harness_overhead_mean"] = 1 - result["lightning_images_per_s_mean"] / result["plain_loop_images_per_s_mean"]
     result["harness_overhead_best"] = 1 - min(plain) / min(lightning)
-    result["train_to_bf16_gemm_ratio_best"] = (result["lightning_images_per_s_best"] * flops_per_image / 1e9
-                                               / result["gemm_bf16_gflops"])
+    result["train_to_bf16_gemm_ratio_best"] = (
+        result["lightning_images_per_s_best"] * flops_per_image / 1e9 / result["gemm_bf16_gflops"]
+    )
 
     backbone = DDAE().backbone
     with torch.no_grad():
@@ -219,7 +234,8 @@ def main(argv: list[str] | None = None) -> dict:
     result["extract_flops_per_image_to_up1"] = fwd.get_total_flops() / 8
     result["extract_images_per_s_mid"] = extraction_images_per_second(backbone, images, [10], ["mid"])
     result["extract_images_per_s_all_blocks"] = extraction_images_per_second(
-        backbone, images, [10], ["down2", "mid", "up0", "up1", "up2"])
+        backbone, images, [10], ["down2", "mid", "up0", "up1", "up2"]
+    )
     if not args.no_baselines:
         sys.path.insert(0, str(Path(__file__).resolve().parent))
         from baselines_throughput import baselines_throughput

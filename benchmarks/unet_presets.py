@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -18,20 +19,19 @@ from torch.utils.flop_counter import FlopCounterMode
 from diffssl_plugin.backbones.ddae import UNET_PRESETS
 from diffssl_plugin.diffusion import ddpm_scheduler, epsilon_loss
 
-import sys  # noqa: E402
-
 sys.path.insert(0, str(Path(__file__).parent))
-from throughput import gemm_gflops  # noqa: E402  (same folder)
+from throughput import gemm_gflops
 
 BASE = UNET_PRESETS["fmnist_small"]
 CANDIDATES = {
     "32-64-64, 1 layer, mid attention (chosen)": {},
-    "32-64-64, 1 layer, no attention": dict(add_attention=False),
-    "64-128-128, 1 layer, mid attention": dict(block_out_channels=(64, 128, 128)),
-    "32-64-128, 2 layers, mid attention": dict(block_out_channels=(32, 64, 128), layers_per_block=2),
-    "32-64-64, 1 layer, attention at 14×14": dict(down_block_types=("DownBlock2D", "AttnDownBlock2D",
-                                                                    "DownBlock2D"),
-                                                  up_block_types=("UpBlock2D", "AttnUpBlock2D", "UpBlock2D")),
+    "32-64-64, 1 layer, no attention": {"add_attention": False},
+    "64-128-128, 1 layer, mid attention": {"block_out_channels": (64, 128, 128)},
+    "32-64-128, 2 layers, mid attention": {"block_out_channels": (32, 64, 128), "layers_per_block": 2},
+    "32-64-64, 1 layer, attention at 14×14": {
+        "down_block_types": ("DownBlock2D", "AttnDownBlock2D", "DownBlock2D"),
+        "up_block_types": ("UpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
+    },
 }
 
 
@@ -55,9 +55,12 @@ def measure(config: dict, batch: int, steps: int) -> dict:
     for _ in range(steps):
         step()
     seconds = (time.perf_counter() - start) / steps
-    return {"params_M": sum(p.numel() for p in unet.parameters()) / 1e6,
-            "gflop_per_image": counter.get_total_flops() / batch / 1e9,
-            "images_per_s": batch / seconds, "gflops": counter.get_total_flops() / seconds / 1e9}
+    return {
+        "params_M": sum(p.numel() for p in unet.parameters()) / 1e6,
+        "gflop_per_image": counter.get_total_flops() / batch / 1e9,
+        "images_per_s": batch / seconds,
+        "gflops": counter.get_total_flops() / seconds / 1e9,
+    }
 
 
 def main() -> None:
@@ -71,8 +74,10 @@ def main() -> None:
         r = measure({**BASE, **change}, args.batch_size, args.steps)
         r["ratio_to_bf16_gemm"] = r["gflops"] / result["gemm_bf16_gflops"]
         result["candidates"][name] = r
-        print(f"{name:45s} {r['params_M']:.2f}M  {r['gflop_per_image']:.2f} GFLOP/img  "
-              f"{r['images_per_s']:.0f} img/s  {r['gflops']:.0f} GFLOP/s ({r['ratio_to_bf16_gemm']:.2f} of GEMM)")
+        print(
+            f"{name:45s} {r['params_M']:.2f}M  {r['gflop_per_image']:.2f} GFLOP/img  "
+            f"{r['images_per_s']:.0f} img/s  {r['gflops']:.0f} GFLOP/s ({r['ratio_to_bf16_gemm']:.2f} of GEMM)"
+        )
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
 

@@ -6,4 +6,4 @@ ecosystem, and one harness that benchmarks them against SimCLR and MAE.
 
 __version__ = "0.1.0"
 
-from . import backbones  # noqa: F401,E402  (timm registration side effect)
+from . import backbones  # noqa: F401  (timm registration side effect)

@@ -18,7 +18,6 @@ from .loading import load_backbone
 from .methods.training import Budget, budget_spent, pretrain
 from .runtime import Runtime, current
 
-
 ALL_LEARNERS = ("ddae", "simclr", "mae", "drl", "vdrl", "mdsm")
 #: the default bench's protocols; the head protocols (attention, difformer, diffeed) cost several CPU-minutes
 #: each per diffusion backbone, so they run in the "heads" preset (or `diffssl eval --protocol ...`)
@@ -32,13 +31,20 @@ class BenchPreset:
 
     methods: tuple[str, ...] = ALL_LEARNERS
     protocols: tuple[str, ...] = ALL_PROTOCOLS
-    budget: Budget = Budget(minutes=1)
+    budget: Budget = Budget(minutes=1)  # noqa: RUF009 -- frozen, so one shared instance is safe
     batch_size: int = 128
     max_pretrain_images: int | None = None
-    eval: EvalConfig = field(default_factory=lambda: EvalConfig(
-        train_images=6000, val_images=2000, test_images=4000, sweep_train_images=3000, sweep_val_images=1500,
-        final_cs=(1e-2, 1e-1, 1.0),
-        extra=copy.deepcopy(_DEFAULT_EXTRA)))
+    eval: EvalConfig = field(
+        default_factory=lambda: EvalConfig(
+            train_images=6000,
+            val_images=2000,
+            test_images=4000,
+            sweep_train_images=3000,
+            sweep_val_images=1500,
+            final_cs=(1e-2, 1e-1, 1.0),
+            extra=copy.deepcopy(_DEFAULT_EXTRA),
+        )
+    )
     sample_images: int = 64
     sample_steps: int = 50
     #: per-learner arguments (``pretrain(method_kwargs=...)``)
@@ -50,19 +56,38 @@ class BenchPreset:
 #: ("eval_train"), and fine-tuning runs at 1% only; segmentation uses 100/50/100 scenes.
 _DEFAULT_EXTRA = {
     "finetune": {"train_images": 1000, "epochs": 1},
-    "semisup": {"pool": "eval_train", "ft_fractions": [0.01], "finetune": {"epochs": 1, "batch_size": 64},
-                "ft_val_images": 500, "ft_test_images": 1000, "cs": [0.01, 0.1, 1.0]},
+    "semisup": {
+        "pool": "eval_train",
+        "ft_fractions": [0.01],
+        "finetune": {"epochs": 1, "batch_size": 64},
+        "ft_val_images": 500,
+        "ft_test_images": 1000,
+        "cs": [0.01, 0.1, 1.0],
+    },
     "transfer": {"train_images": 1000, "val_images": 300, "test_images": 500},
-    "segmentation": {"train_images": 100, "val_images": 50, "test_images": 100, "head_epochs": 10,
-                     "mlp_pixels": 20000},
+    "segmentation": {"train_images": 100, "val_images": 50, "test_images": 100, "head_epochs": 10, "mlp_pixels": 20000},
 }
 _SMOKE_EXTRA = {
     "finetune": {"train_images": 200, "epochs": 1},
-    "semisup": {"fractions": [0.01], "ft_fractions": [0.01], "seeds": [0, 1], "finetune": {"epochs": 1, "batch_size": 32},
-                "ft_val_images": 100, "ft_test_images": 200, "cs": [0.1, 1.0]},
+    "semisup": {
+        "fractions": [0.01],
+        "ft_fractions": [0.01],
+        "seeds": [0, 1],
+        "finetune": {"epochs": 1, "batch_size": 32},
+        "ft_val_images": 100,
+        "ft_test_images": 200,
+        "cs": [0.1, 1.0],
+    },
     "transfer": {"train_images": 200, "val_images": 100, "test_images": 200},
-    "segmentation": {"train_images": 24, "val_images": 8, "test_images": 16, "head_epochs": 2, "mlp_pixels": 4000,
-                     "mlp_members": 3, "mlp_epochs": 1},
+    "segmentation": {
+        "train_images": 24,
+        "val_images": 8,
+        "test_images": 16,
+        "head_epochs": 2,
+        "mlp_pixels": 4000,
+        "mlp_members": 3,
+        "mlp_epochs": 1,
+    },
 }
 
 PRESETS: dict[str, BenchPreset] = {
@@ -71,21 +96,46 @@ PRESETS: dict[str, BenchPreset] = {
     # of the bench's evaluation time); the energy itself is unchanged
     "default": BenchPreset(method_kwargs={"mdsm": {"global_pool": "avg2x2"}}),
     # DDAE with GAP-linear beside the attention, DifFormer and DifFeed heads on the same checkpoint
-    "heads": BenchPreset(methods=("ddae",), protocols=("linear",) + HEAD_PROTOCOLS, budget=Budget(minutes=3),
-                         eval=EvalConfig(extra={"difformer": {"train_images": 5000, "val_images": 2000,
-                                                              "training_kwargs": {"epochs": 8}}})),
+    "heads": BenchPreset(
+        methods=("ddae",),
+        protocols=("linear", *HEAD_PROTOCOLS),
+        budget=Budget(minutes=3),
+        eval=EvalConfig(
+            extra={"difformer": {"train_images": 5000, "val_images": 2000, "training_kwargs": {"epochs": 8}}}
+        ),
+    ),
     # the same code path in about a minute, for tests and quick checks
-    "smoke": BenchPreset(budget=Budget(steps=15), batch_size=32, max_pretrain_images=1000,
-                         eval=EvalConfig(train_images=500, val_images=300, test_images=500, timesteps=(0, 10),
-                                         blocks=("mid", "up0"), pools=("avg",), final_cs=(0.1, 1.0),
-                                         extra=_SMOKE_EXTRA),
-                         sample_images=16, sample_steps=5),
+    "smoke": BenchPreset(
+        budget=Budget(steps=15),
+        batch_size=32,
+        max_pretrain_images=1000,
+        eval=EvalConfig(
+            train_images=500,
+            val_images=300,
+            test_images=500,
+            timesteps=(0, 10),
+            blocks=("mid", "up0"),
+            pools=("avg",),
+            final_cs=(0.1, 1.0),
+            extra=_SMOKE_EXTRA,
+        ),
+        sample_images=16,
+        sample_steps=5,
+    ),
 }
 
 
-def run_bench(preset: str = "default", out_dir: str | os.PathLike = "runs/bench", dataset: str | None = None,
-              budget: Budget | None = None, methods: tuple[str, ...] | None = None, data_root: str | None = None,
-              progress: bool = True, resume: bool = True, runtime: Runtime | None = None) -> tuple[str, list[dict]]:
+def run_bench(
+    preset: str = "default",
+    out_dir: str | os.PathLike = "runs/bench",
+    dataset: str | None = None,
+    budget: Budget | None = None,
+    methods: tuple[str, ...] | None = None,
+    data_root: str | None = None,
+    progress: bool = True,
+    resume: bool = True,
+    runtime: Runtime | None = None,
+) -> tuple[str, list[dict]]:
     """Run the benchmark and return (leaderboard Markdown, records).
 
     Hardware comes from ``runtime`` (default :func:`diffssl_plugin.runtime.current`). Under several
@@ -102,8 +152,14 @@ def run_bench(preset: str = "default", out_dir: str | os.PathLike = "runs/bench"
     eval_cfg = replace(cfg.eval, dataset=dataset or cfg.eval.dataset, data_root=data_root)
     out = Path(out_dir)
     started = time.perf_counter()
-    common = dict(config=eval_cfg, protocols=cfg.protocols, cache_dir=out / "feature_cache", out_dir=out,
-                  progress=progress, runtime=rt)
+    common = {
+        "config": eval_cfg,
+        "protocols": cfg.protocols,
+        "cache_dir": out / "feature_cache",
+        "out_dir": out,
+        "progress": progress,
+        "runtime": rt,
+    }
 
     records: list[dict] = []
 
@@ -114,17 +170,40 @@ def run_bench(preset: str = "default", out_dir: str | os.PathLike = "runs/bench"
             write_records(out / "records.jsonl", new)
             write_leaderboard(records, out, dataset=eval_cfg.dataset)
 
-    publish(evaluate(timm.create_model("raw_pixels", in_chans=_channels(eval_cfg), img_size=_size(eval_cfg)),
-                     "raw_pixels", "raw_pixels", **common))
+    publish(
+        evaluate(
+            timm.create_model("raw_pixels", in_chans=_channels(eval_cfg), img_size=_size(eval_cfg)),
+            "raw_pixels",
+            "raw_pixels",
+            **common,
+        )
+    )
     for method in cfg.methods:
-        result = pretrain(method, eval_cfg.dataset, cfg.budget, out / method, batch_size=cfg.batch_size,
-                          data_root=data_root, runtime=rt, progress=progress, resume=resume,
-                          max_images=cfg.max_pretrain_images, method_kwargs=cfg.method_kwargs.get(method))
+        result = pretrain(
+            method,
+            eval_cfg.dataset,
+            cfg.budget,
+            out / method,
+            batch_size=cfg.batch_size,
+            data_root=data_root,
+            runtime=rt,
+            progress=progress,
+            resume=resume,
+            max_images=cfg.max_pretrain_images,
+            method_kwargs=cfg.method_kwargs.get(method),
+        )
         export_dir = Path(result.out_dir) / "export"
         backbone = load_backbone(checkpoint=export_dir)
-        publish(evaluate(backbone, method, backbone.pretrained_cfg.get("architecture", method),
-                         budget=budget_spent(result), checkpoint_hash=file_sha256(export_dir / "backbone")[:16],
-                         **common))
+        publish(
+            evaluate(
+                backbone,
+                method,
+                backbone.pretrained_cfg.get("architecture", method),
+                budget=budget_spent(result),
+                checkpoint_hash=file_sha256(export_dir / "backbone")[:16],
+                **common,
+            )
+        )
         if (export_dir / "diffusers").is_dir() and rt.is_global_zero:
             from diffusers import DDPMPipeline
 
@@ -136,10 +215,17 @@ def run_bench(preset: str = "default", out_dir: str | os.PathLike = "runs/bench"
         return "", records
     markdown = write_leaderboard(records, out, dataset=eval_cfg.dataset)
     _copy_best_segmentation_picture(records, out)
-    write_json(out / "bench.json", {"preset": preset, "dataset": eval_cfg.dataset, "budget": str(cfg.budget),
-                                    "methods": list(cfg.methods), "wall_seconds": time.perf_counter() - started,
-                                    "runtime": {"device": str(rt.device), "world_size": rt.world_size,
-                                                "precision": rt.lightning_precision}})
+    write_json(
+        out / "bench.json",
+        {
+            "preset": preset,
+            "dataset": eval_cfg.dataset,
+            "budget": str(cfg.budget),
+            "methods": list(cfg.methods),
+            "wall_seconds": time.perf_counter() - started,
+            "runtime": {"device": str(rt.device), "world_size": rt.world_size, "precision": rt.lightning_precision},
+        },
+    )
     rt.barrier()
     return markdown, records
 

@@ -65,20 +65,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timesteps", default=None, help="comma-separated sweep timesteps, e.g. 0,10,50")
     p.add_argument("--blocks", default=None, help="comma-separated sweep blocks, e.g. mid,up0")
     p.add_argument("--pools", default=None, help="comma-separated poolings, e.g. avg,avg2x2")
-    p.add_argument("--protocol", default="linear",
-                   help="comma-separated protocols (see diffssl_plugin.eval.PROTOCOLS); default: linear")
+    p.add_argument(
+        "--protocol",
+        default="linear",
+        help="comma-separated protocols (see diffssl_plugin.eval.PROTOCOLS); default: linear",
+    )
     p.add_argument("--train-images", type=int, default=10000, help="class-balanced train subset")
     p.add_argument("--val-images", type=int, default=5000, help="class-balanced validation subset")
     p.add_argument("--test-images", type=int, default=None, help="class-balanced test subset (default: all)")
-    p.add_argument("--extra", type=_json_dict, default={},
-                   help='JSON dict of protocol settings (EvalConfig.extra), e.g. \'{"semisup": {"seeds": [0, 1, 2]}}\'')
+    p.add_argument(
+        "--extra",
+        type=_json_dict,
+        default={},
+        help='JSON dict of protocol settings (EvalConfig.extra), e.g. \'{"semisup": {"seeds": [0, 1, 2]}}\'',
+    )
     p.add_argument("--out", default="runs/eval")
     add_runtime_arguments(p)
 
     p = sub.add_parser("bench", help="the main job: pretrain all learners, evaluate, print a leaderboard")
-    p.add_argument("--preset", default="default",
-                   help="default (every learner and evaluation, under 20 min on 2 CPU cores), heads (DDAE with "
-                        "GAP-linear, attention, DifFormer, DifFeed), or smoke (the same code path in about 3 min)")
+    p.add_argument(
+        "--preset",
+        default="default",
+        help="default (every learner and evaluation, under 20 min on 2 CPU cores), heads (DDAE with "
+        "GAP-linear, attention, DifFormer, DifFeed), or smoke (the same code path in about 3 min)",
+    )
     p.add_argument("--dataset", default=None)
     p.add_argument("--data-root", default=None)
     p.add_argument("--budget", type=_budget, default=None, help="per-learner budget (default: the preset's)")
@@ -116,9 +126,19 @@ def cmd_pretrain(args) -> int:
         load_entry_point_methods()
         print("\n".join(sorted(METHODS)))
         return 0
-    result = pretrain(args.method, args.dataset, args.budget, args.out, batch_size=args.batch_size,
-                      data_root=args.data_root, resume=not args.no_resume, progress=not args.no_progress,
-                      seed=args.seed, method_kwargs=json.loads(args.method_args), max_images=args.max_images)
+    result = pretrain(
+        args.method,
+        args.dataset,
+        args.budget,
+        args.out,
+        batch_size=args.batch_size,
+        data_root=args.data_root,
+        resume=not args.no_resume,
+        progress=not args.no_progress,
+        seed=args.seed,
+        method_kwargs=json.loads(args.method_args),
+        max_images=args.max_images,
+    )
     print(json.dumps(result.as_record(), indent=2))
     return 0
 
@@ -131,17 +151,34 @@ def cmd_eval(args) -> int:
 
     backbone = load_backbone(args.checkpoint, args.model, args.weights)
     name = backbone.pretrained_cfg.get("architecture") or args.model or "backbone"
-    config = EvalConfig(dataset=args.dataset, data_root=args.data_root, train_images=args.train_images,
-                        val_images=args.val_images, test_images=args.test_images, extra=args.extra)
-    for field_name, text, cast in (("timesteps", args.timesteps, int), ("blocks", args.blocks, str),
-                                   ("pools", args.pools, str)):
+    config = EvalConfig(
+        dataset=args.dataset,
+        data_root=args.data_root,
+        train_images=args.train_images,
+        val_images=args.val_images,
+        test_images=args.test_images,
+        extra=args.extra,
+    )
+    for field_name, text, cast in (
+        ("timesteps", args.timesteps, int),
+        ("blocks", args.blocks, str),
+        ("pools", args.pools, str),
+    ):
         if text:
             setattr(config, field_name, _split(text, cast))
     out = Path(args.out)
     info = read_pretrain_info(args.checkpoint) if args.checkpoint else None  # an export says what it cost
-    records = evaluate(backbone, args.method or (info or {}).get("method") or name, name, config,
-                       protocols=_split(args.protocol), budget=budget_spent(info) if info else None,
-                       cache_dir=out / "feature_cache", out_dir=out, progress=not args.no_progress)
+    records = evaluate(
+        backbone,
+        args.method or (info or {}).get("method") or name,
+        name,
+        config,
+        protocols=_split(args.protocol),
+        budget=budget_spent(info) if info else None,
+        cache_dir=out / "feature_cache",
+        out_dir=out,
+        progress=not args.no_progress,
+    )
     if current().is_global_zero:  # every rank holds the same records; one writes them
         write_records(out / "records.jsonl", records)
         print(write_leaderboard(records, out, dataset=args.dataset))
@@ -151,9 +188,16 @@ def cmd_eval(args) -> int:
 def cmd_bench(args) -> int:
     from .bench import run_bench
 
-    markdown, _ = run_bench(args.preset, args.out, dataset=args.dataset, budget=args.budget,
-                            methods=_split(args.methods), data_root=args.data_root, progress=not args.no_progress,
-                            resume=not args.no_resume)
+    markdown, _ = run_bench(
+        args.preset,
+        args.out,
+        dataset=args.dataset,
+        budget=args.budget,
+        methods=_split(args.methods),
+        data_root=args.data_root,
+        progress=not args.no_progress,
+        resume=not args.no_resume,
+    )
     print(markdown)
     print(f"records, leaderboard, heatmaps and samples in {args.out}/")
     return 0
@@ -192,8 +236,14 @@ def _quiet_unless(loud: bool):
         yield
 
 
-COMMANDS = {"pretrain": cmd_pretrain, "eval": cmd_eval, "bench": cmd_bench, "leaderboard": cmd_leaderboard,
-            "export": cmd_export, "reproduce": cmd_reproduce}
+COMMANDS = {
+    "pretrain": cmd_pretrain,
+    "eval": cmd_eval,
+    "bench": cmd_bench,
+    "leaderboard": cmd_leaderboard,
+    "export": cmd_export,
+    "reproduce": cmd_reproduce,
+}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -69,7 +69,7 @@ def append_jsonl(path: str | os.PathLike, records: list[dict]) -> Path:
             data = b"\n" + data
         view = memoryview(data)
         while view:
-            view = view[os.write(fd, view):]
+            view = view[os.write(fd, view) :]
     finally:
         os.close(fd)
     return path
@@ -99,8 +99,9 @@ def state_dict_sha256(state_dict: dict[str, torch.Tensor]) -> str:
     return h.hexdigest()
 
 
-def save_safetensors(state_dict: dict[str, torch.Tensor], path: str | os.PathLike,
-                     metadata: dict[str, str] | None = None) -> Path:
+def save_safetensors(
+    state_dict: dict[str, torch.Tensor], path: str | os.PathLike, metadata: dict[str, str] | None = None
+) -> Path:
     from safetensors.torch import save_file
 
     tensors = {k: v.detach().cpu().contiguous() for k, v in state_dict.items()}
@@ -135,6 +136,7 @@ def load_weights(path: str | os.PathLike) -> dict[str, Any]:
             raise CheckpointError(f"cannot read checkpoint {path} (truncated or corrupted?): {e}") from e
         raise CheckpointError(
             f"refusing to load {path}: it is a pickle that needs code to load (untrusted checkpoints are never "
-            f"unpickled). Convert it to safetensors on a machine you trust. Detail: {str(e).splitlines()[0]}") from e
+            f"unpickled). Convert it to safetensors on a machine you trust. Detail: {str(e).splitlines()[0]}"
+        ) from e
     except (RuntimeError, EOFError, OSError, ValueError) as e:
         raise CheckpointError(f"cannot read checkpoint {path} (truncated or corrupted?): {e}") from e

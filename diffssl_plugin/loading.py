@@ -37,8 +37,10 @@ def load_backbone(checkpoint: str | None = None, model: str | None = None, weigh
         folder = Path(checkpoint)
         folder = folder / "backbone" if (folder / "backbone").is_dir() else folder
         if not (folder / "config.json").is_file():
-            raise CheckpointError(f"{folder} is not an exported backbone folder (no config.json); "
-                                  "run `diffssl export` on a training checkpoint first")
+            raise CheckpointError(
+                f"{folder} is not an exported backbone folder (no config.json); "
+                "run `diffssl export` on a training checkpoint first"
+            )
         try:
             return timm.create_model(f"local-dir:{folder}", pretrained=True)
         except (RuntimeError, OSError, ValueError) as e:
@@ -63,8 +65,13 @@ def is_export(folder: str | os.PathLike) -> bool:
         return False
 
 
-def load_checkpoint_backbone(path: str | os.PathLike, kind: str | None = None, device: str = "cpu",
-                             default_kind: str | None = None, settings: dict | None = None):
+def load_checkpoint_backbone(
+    path: str | os.PathLike,
+    kind: str | None = None,
+    device: str = "cpu",
+    default_kind: str | None = None,
+    settings: dict | None = None,
+):
     """A backbone from ``path``: our export folder (``kind="export"``) or a published checkpoint through
     :func:`diffssl_plugin.checkpoints.load_backbone_checkpoint`.
 
@@ -97,10 +104,13 @@ def load_learner_checkpoint(model_cls, path: str | os.PathLike, method: str):
         return model_cls.load_from_checkpoint(str(path), map_location="cpu", weights_only=True)
     except Exception as e:  # torch/Lightning raise many types for damaged or untrusted files
         if "weights only load failed" in str(e).lower():
-            raise CheckpointError(f"refusing to load {path}: it is a pickle that needs code to load "
-                                  "(untrusted checkpoints are never unpickled)") from e
-        raise CheckpointError(f"cannot load {path} as a {method} checkpoint (truncated or corrupted?): "
-                              f"{_first_line(e)}") from e
+            raise CheckpointError(
+                f"refusing to load {path}: it is a pickle that needs code to load "
+                "(untrusted checkpoints are never unpickled)"
+            ) from e
+        raise CheckpointError(
+            f"cannot load {path} as a {method} checkpoint (truncated or corrupted?): {_first_line(e)}"
+        ) from e
 
 
 def read_pretrain_info(export_dir: str | os.PathLike) -> dict | None:

@@ -30,15 +30,26 @@ from pathlib import Path
 from .errors import InputError
 
 #: keys a reproduction config adds to the reference-config keys (all of them are read here)
-PUBLISHED_KEYS = {"id", "value", "unit", "metric", "protocol", "source", "hand", "tag", "dataset", "comparable",
-                  "eval", "note"}
+PUBLISHED_KEYS = {
+    "id",
+    "value",
+    "unit",
+    "metric",
+    "protocol",
+    "source",
+    "hand",
+    "tag",
+    "dataset",
+    "comparable",
+    "eval",
+    "note",
+}
 PUBLISHED_REQUIRED = {"id", "value", "unit", "metric", "protocol", "source", "hand"}
 COMPUTE_KEYS = {"gpu_hours", "gpu", "basis", "pretrain_gpu_hours", "eval_gpu_hours", "published_runtime"}
 CHECKPOINT_KEYS = {"kind", "file", "url", "method", "backbone", "settings", "note"}
 DRY_RUN_KEYS = {"scale", "unet_overrides", "method_kwargs", "note"}
 UNITS = ("%", "fraction", "FID", "IS")
 HANDS = ("first-hand", "second-hand")
-
 
 
 # ---------------------------------------------------------------------------------------------- configs
@@ -101,8 +112,9 @@ def load_reproduction(name: str | os.PathLike) -> Reproduction:
     raw = load_config(path)
     for key in ("published", "eval", "compute"):
         if key not in raw:
-            raise InputError(f"{path}: missing key {key!r}: a reproduction config needs 'published', 'eval' "
-                             "and 'compute'")
+            raise InputError(
+                f"{path}: missing key {key!r}: a reproduction config needs 'published', 'eval' and 'compute'"
+            )
     if "method" not in raw and "checkpoint" not in raw:
         raise InputError(f"{path}: a config without 'method' (nothing to pretrain) needs a 'checkpoint'")
     published = raw["published"]
@@ -113,7 +125,7 @@ def load_reproduction(name: str | os.PathLike) -> Reproduction:
         check_name("unit", row["unit"], UNITS)
         check_name("hand", row["hand"], HANDS)
         if row["protocol"] is not None:
-            check_name("protocol", row["protocol"].split(":")[0], list(PROTOCOLS) + ["knn20", "knn200"])
+            check_name("protocol", row["protocol"].split(":")[0], [*list(PROTOCOLS), "knn20", "knn200"])
     eval_fields = dict(raw["eval"])
     protocols = tuple(eval_fields.pop("protocols", ("linear",)))
     for p in protocols:
@@ -128,8 +140,9 @@ def load_reproduction(name: str | os.PathLike) -> Reproduction:
         _check_keys(f"{path}: checkpoint", checkpoint, CHECKPOINT_KEYS, {"kind", "file"})
     dry_run = raw.get("dry_run") or {}
     _check_keys(f"{path}: dry_run", dry_run, DRY_RUN_KEYS)
-    return Reproduction(Path(path).stem, Path(path), raw, published, protocols, eval_fields, raw["compute"],
-                        checkpoint, dry_run)
+    return Reproduction(
+        Path(path).stem, Path(path), raw, published, protocols, eval_fields, raw["compute"], checkpoint, dry_run
+    )
 
 
 def eval_config(rep: Reproduction, overrides: dict | None = None, **changes):
@@ -172,10 +185,20 @@ def reference_field(rep: Reproduction, row: dict, ours: float | None, dry_run: b
     gap = None
     if ours is not None and row.get("comparable", True) and row["value"] is not None:
         gap = round(as_percent(ours, row["unit"]) - as_percent(row["value"], row["unit"]), 3)
-    return {"config": rep.name, "row": row["id"], "published": row["value"], "unit": row["unit"],
-            "metric": row["metric"], "source": row["source"], "hand": row["hand"], "tag": row.get("tag"),
-            "comparable": row.get("comparable", True), "ours": ours,
-            "gap_points": gap, "dry_run": dry_run}
+    return {
+        "config": rep.name,
+        "row": row["id"],
+        "published": row["value"],
+        "unit": row["unit"],
+        "metric": row["metric"],
+        "source": row["source"],
+        "hand": row["hand"],
+        "tag": row.get("tag"),
+        "comparable": row.get("comparable", True),
+        "ours": ours,
+        "gap_points": gap,
+        "dry_run": dry_run,
+    }
 
 
 def _fmt(value, unit: str, missing: str = "-") -> str:
@@ -193,8 +216,10 @@ def comparison_table(rep: Reproduction, refs: list[dict]) -> str:
             gap = "n/a (other setting)"
         else:
             gap = "-" if ref["gap_points"] is None else f"{ref['gap_points']:+.2f}"
-        lines.append(f"| {row['id']} | {row['metric']} | {_fmt(row['value'], row['unit'], 'not retrieved')} | {ours} | {gap} | "
-                     f"{row['source']} | {row['hand']} |")
+        lines.append(
+            f"| {row['id']} | {row['metric']} | {_fmt(row['value'], row['unit'], 'not retrieved')} | {ours} | {gap} | "
+            f"{row['source']} | {row['hand']} |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -205,10 +230,15 @@ def list_table() -> str:
         rep = load_reproduction(name)
         rows = [r for r in rep.published if r.get("comparable", True)]
         context = "" if rows else "context only (other dataset/model): "
-        paper = context + "; ".join(f"{r['id']}: {_fmt(r['value'], r['unit'], 'not retrieved')}"
-                          f"{'' if r['unit'] == 'fraction' or r['value'] is None else ' ' + r['unit']}"
-                          f"{' [2nd-hand]' if r['hand'] == 'second-hand' else ''}" for r in rows or rep.published)
+        paper = context + "; ".join(
+            f"{r['id']}: {_fmt(r['value'], r['unit'], 'not retrieved')}"
+            f"{'' if r['unit'] == 'fraction' or r['value'] is None else ' ' + r['unit']}"
+            f"{' [2nd-hand]' if r['hand'] == 'second-hand' else ''}"
+            for r in rows or rep.published
+        )
         mode = f"eval-only ({rep.checkpoint['kind']})" if rep.eval_only else "pretrain + eval"
-        lines.append(f"| {name} | {rep.dataset} | {mode} | {', '.join(rep.protocols)} | {paper} | "
-                     f"{rep.compute['gpu_hours']} ({rep.compute['gpu']}) |")
+        lines.append(
+            f"| {name} | {rep.dataset} | {mode} | {', '.join(rep.protocols)} | {paper} | "
+            f"{rep.compute['gpu_hours']} ({rep.compute['gpu']}) |"
+        )
     return "\n".join(lines) + "\n"

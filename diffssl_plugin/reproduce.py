@@ -36,9 +36,13 @@ from .published import (
 #: shape facts of the standard datasets, used when a dataset is not registered (yet) on this machine:
 #: (channels, image size the configs use, classes, training images)
 DATASET_SHAPES: dict[str, tuple[int, int, int, int]] = {
-    "cifar10": (3, 32, 10, 50_000), "cifar100": (3, 32, 100, 50_000), "stl10": (3, 96, 10, 105_000),
-    "tiny_imagenet": (3, 64, 200, 100_000), "imagenet": (3, 256, 1000, 1_281_167),
-    "imagenet_1pct": (3, 256, 1000, 12_811), "imagenet_10pct": (3, 256, 1000, 128_116),
+    "cifar10": (3, 32, 10, 50_000),
+    "cifar100": (3, 32, 100, 50_000),
+    "stl10": (3, 96, 10, 105_000),
+    "tiny_imagenet": (3, 64, 200, 100_000),
+    "imagenet": (3, 256, 1000, 1_281_167),
+    "imagenet_1pct": (3, 256, 1000, 12_811),
+    "imagenet_10pct": (3, 256, 1000, 128_116),
     "fashion_mnist": (1, 28, 10, 60_000),
 }
 
@@ -90,8 +94,17 @@ def tiny_dataset(name: str, root: str | None, images: int = 8, seed: int = 0) ->
     classes = (DATASETS[name].class_names if name in DATASETS else ()) or tuple(str(i) for i in range(num_classes))
     from .data.registry import _load_arrays
 
-    register_dataset(DatasetSpec(tiny, lambda root=None, download=False: arrays, classes, channels, size,
-                                 f"dry-run stand-in for {name} ({kind} images)", val_fraction=0.5))
+    register_dataset(
+        DatasetSpec(
+            tiny,
+            lambda root=None, download=False: arrays,
+            classes,
+            channels,
+            size,
+            f"dry-run stand-in for {name} ({kind} images)",
+            val_fraction=0.5,
+        )
+    )
     _load_arrays.cache_clear()
     return tiny, kind
 
@@ -104,8 +117,9 @@ def build_config_backbone(rep: Reproduction, full_scale: bool = False):
 
     spec = dict((rep.checkpoint or {}).get("backbone") or {})
     if spec.get("type", "ddae_unet") != "ddae_unet":
-        raise InputError(f"{rep.name}: checkpoint.backbone.type {spec.get('type')!r} is not supported; "
-                         "valid: ddae_unet")
+        raise InputError(
+            f"{rep.name}: checkpoint.backbone.type {spec.get('type')!r} is not supported; valid: ddae_unet"
+        )
     unet = dict(spec.get("unet_config") or {})
     if not full_scale:
         unet.update(rep.dry_run.get("unet_overrides") or {})
@@ -148,8 +162,18 @@ def _dry_eval_config(rep: Reproduction, dataset: str):
             e["training_kwargs"] = {**e.get("training_kwargs", {}), "epochs": 1, "batch_size": 4, "eval_every": 1}
     if "finetune" in rep.protocols:
         extra.setdefault("finetune", {}).update(epochs=1, batch_size=4, train_images=None)
-    return replace(config, dataset=dataset, data_root=None, train_images=None, val_images=None,
-                   test_images=None, batch_size=4, sweep_cs=(1.0,), final_cs=(1.0,), extra=extra)
+    return replace(
+        config,
+        dataset=dataset,
+        data_root=None,
+        train_images=None,
+        val_images=None,
+        test_images=None,
+        batch_size=4,
+        sweep_cs=(1.0,),
+        final_cs=(1.0,),
+        extra=extra,
+    )
 
 
 def reproduce(name: str, options: RunOptions) -> tuple[str, list[dict]]:
@@ -165,8 +189,10 @@ def reproduce(name: str, options: RunOptions) -> tuple[str, list[dict]]:
     data_note = None
     if options.dry_run:
         dataset, kind = tiny_dataset(rep.dataset, options.data_root)
-        data_note = (f"dry run on {kind} images of {rep.dataset}'s shape "
-                     f"{'(the dataset is not installed here)' if kind == 'synthetic' else '(a few real images)'}")
+        data_note = (
+            f"dry run on {kind} images of {rep.dataset}'s shape "
+            f"{'(the dataset is not installed here)' if kind == 'synthetic' else '(a few real images)'}"
+        )
         lines.append(data_note)
     else:
         dataset = rep.dataset
@@ -175,20 +201,29 @@ def reproduce(name: str, options: RunOptions) -> tuple[str, list[dict]]:
 
     if options.checkpoint:
         ck = rep.checkpoint or {}
-        backbone = load_checkpoint_backbone(options.checkpoint, options.checkpoint_kind, device,
-                                            default_kind=ck.get("kind"), settings=ck.get("settings"))
+        backbone = load_checkpoint_backbone(
+            options.checkpoint,
+            options.checkpoint_kind,
+            device,
+            default_kind=ck.get("kind"),
+            settings=ck.get("settings"),
+        )
         checkpoint_hash = _path_hash(options.checkpoint)
         lines.append(f"evaluating checkpoint {options.checkpoint}")
     elif rep.eval_only:
         if not options.dry_run:
             ck = rep.checkpoint
-            raise InputError(f"{rep.name} is eval-only: pass --checkpoint PATH to {ck['file']} "
-                             f"({ck.get('url', 'see the config')}); kind {ck['kind']!r}")
+            raise InputError(
+                f"{rep.name} is eval-only: pass --checkpoint PATH to {ck['file']} "
+                f"({ck.get('url', 'see the config')}); kind {ck['kind']!r}"
+            )
         backbone = build_config_backbone(rep, options.full_scale)
         scale = "full scale" if options.full_scale or not rep.dry_run.get("unet_overrides") else "dry-run scale"
-        lines.append(f"backbone built without weights at {scale}: "
-                     f"{sum(p.numel() for p in backbone.parameters()) / 1e6:.1f}M parameters"
-                     + (f" ({sum_params_note(rep)})" if scale == "dry-run scale" else ""))
+        lines.append(
+            f"backbone built without weights at {scale}: "
+            f"{sum(p.numel() for p in backbone.parameters()) / 1e6:.1f}M parameters"
+            + (f" ({sum_params_note(rep)})" if scale == "dry-run scale" else "")
+        )
     else:
         backbone, budget, checkpoint_hash, note = _pretrain(rep, dataset, options)
         lines.append(note)
@@ -197,12 +232,25 @@ def reproduce(name: str, options: RunOptions) -> tuple[str, list[dict]]:
     refs: list[dict | None] = [None] * len(rep.published)
     groups = row_groups(rep)[:1] if options.dry_run else row_groups(rep)
     for overrides, rows in groups:
-        config = _dry_eval_config(rep, dataset) if options.dry_run else eval_config(rep, overrides,
-                                                                                     data_root=options.data_root)
-        got = evaluate(backbone, rep.method_name(), rep.name, config, protocols=rep.protocols, budget=budget,
-                       checkpoint_hash=checkpoint_hash, cache_dir=None if options.dry_run else
-                       options.out / "feature_cache", out_dir=options.out, device=device,
-                       progress=options.progress, runtime=rt)
+        config = (
+            _dry_eval_config(rep, dataset)
+            if options.dry_run
+            else eval_config(rep, overrides, data_root=options.data_root)
+        )
+        got = evaluate(
+            backbone,
+            rep.method_name(),
+            rep.name,
+            config,
+            protocols=rep.protocols,
+            budget=budget,
+            checkpoint_hash=checkpoint_hash,
+            cache_dir=None if options.dry_run else options.out / "feature_cache",
+            out_dir=options.out,
+            device=device,
+            progress=options.progress,
+            runtime=rt,
+        )
         for row in rows:
             i = rep.published.index(row)
             ours = record_value(row, got)
@@ -211,16 +259,22 @@ def reproduce(name: str, options: RunOptions) -> tuple[str, list[dict]]:
                 if r.get("split") == "test" and r["protocol"]["name"] == row["protocol"]:
                     r.setdefault("reference", []).append(refs[i])
         for r in got:
-            r["reproduction"] = {"config": rep.name, "eval_overrides": overrides, "dry_run": options.dry_run,
-                                 "data": data_note or "real"}
+            r["reproduction"] = {
+                "config": rep.name,
+                "eval_overrides": overrides,
+                "dry_run": options.dry_run,
+                "data": data_note or "real",
+            }
         records += got
     for i, row in enumerate(rep.published):  # rows the dry run skipped, or that nothing measures
         if refs[i] is None:
             refs[i] = reference_field(rep, row, None, options.dry_run)
     lines.append(comparison_table(rep, refs))
     if options.dry_run:
-        lines.append("(dry run: the 'ours' column comes from a tiny untrained or one-step model on "
-                     f"{'synthetic' if 'synthetic' in (data_note or '') else 'a few'} images, not a result)")
+        lines.append(
+            "(dry run: the 'ours' column comes from a tiny untrained or one-step model on "
+            f"{'synthetic' if 'synthetic' in (data_note or '') else 'a few'} images, not a result)"
+        )
     if rt.is_global_zero:  # every rank holds the same records; one writes them
         write_records(options.out / "records.jsonl", records)
         lines.append(write_leaderboard(records, options.out))
@@ -258,15 +312,22 @@ def _pretrain(rep: Reproduction, dataset: str, options: RunOptions):
     from .methods.reference_configs import pretrain_kwargs
     from .methods.training import Budget, budget_spent, pretrain
 
-    common = dict(out_dir=str(options.out / "pretrain"), data_root=options.data_root, runtime=_runtime(options),
-                  progress=options.progress)
+    common = {
+        "out_dir": str(options.out / "pretrain"),
+        "data_root": options.data_root,
+        "runtime": _runtime(options),
+        "progress": options.progress,
+    }
     if options.dry_run:
-        common.update(dataset=dataset, max_images=4, batch_size=2, budget=Budget(steps=1), data_root=None,
-                      checkpoint_every=10 ** 9)
+        common.update(
+            dataset=dataset, max_images=4, batch_size=2, budget=Budget(steps=1), data_root=None, checkpoint_every=10**9
+        )
     raw, scale = rep.raw, "full scale"
     if options.dry_run and not options.full_scale and rep.dry_run.get("method_kwargs"):
-        raw, scale = {**rep.raw, "method_kwargs": _merged(rep.raw.get("method_kwargs") or {},
-                                                          rep.dry_run["method_kwargs"])}, "dry-run scale"
+        raw, scale = (
+            {**rep.raw, "method_kwargs": _merged(rep.raw.get("method_kwargs") or {}, rep.dry_run["method_kwargs"])},
+            "dry-run scale",
+        )
     kwargs = pretrain_kwargs(raw, **common)
     result = pretrain(**kwargs)
     export_dir = Path(result.out_dir) / "export"
@@ -275,13 +336,18 @@ def _pretrain(rep: Reproduction, dataset: str, options: RunOptions):
     _, _, _, train_images = dataset_shape(rep.dataset, options.data_root)
     full_flops = result.flops_per_image * train_images * float(rep.raw["epochs"])
     params = sum(p.numel() for p in backbone.parameters()) / 1e6
-    note = (f"model at {scale} ({params:.1f}M backbone parameters"
-            f"{'; ' + rep.dry_run['note'] if scale == 'dry-run scale' and rep.dry_run.get('note') else ''}); "
-            f"pretrained {result.method} {result.steps} step(s) of batch {result.global_batch_size} in "
-            f"{result.wall_seconds:.1f} s; training FLOPs per image {result.flops_per_image / 1e9:.2f} G "
-            + (f"→ the config's {rep.raw['epochs']} epochs of {train_images} images ≈ {full_flops:.2e} FLOPs "
-               if scale == "full scale" else "(of the reduced model) ")
-            + f"(expected cost: {rep.compute['gpu_hours']} GPU-hours on {rep.compute['gpu']})")
+    note = (
+        f"model at {scale} ({params:.1f}M backbone parameters"
+        f"{'; ' + rep.dry_run['note'] if scale == 'dry-run scale' and rep.dry_run.get('note') else ''}); "
+        f"pretrained {result.method} {result.steps} step(s) of batch {result.global_batch_size} in "
+        f"{result.wall_seconds:.1f} s; training FLOPs per image {result.flops_per_image / 1e9:.2f} G "
+        + (
+            f"→ the config's {rep.raw['epochs']} epochs of {train_images} images ≈ {full_flops:.2e} FLOPs "
+            if scale == "full scale"
+            else "(of the reduced model) "
+        )
+        + f"(expected cost: {rep.compute['gpu_hours']} GPU-hours on {rep.compute['gpu']})"
+    )
     return backbone, budget, file_sha256(export_dir / "backbone")[:16], note
 
 
@@ -290,14 +356,22 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     """The ``diffssl reproduce`` arguments (wired into :mod:`diffssl_plugin.cli`)."""
     p.add_argument("name", nargs="?", help="config name (see --list) or a YAML path")
     p.add_argument("--list", action="store_true", help="list the configs with paper numbers and GPU-hours")
-    p.add_argument("--dry-run", action="store_true",
-                   help="build everything and run one step on the CPU (synthetic images if no data)")
-    p.add_argument("--full-scale", action="store_true",
-                   help="dry run: build eval-only backbones at their real size (ADM-256: ~550M parameters)")
+    p.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="build everything and run one step on the CPU (synthetic images if no data)",
+    )
+    p.add_argument(
+        "--full-scale",
+        action="store_true",
+        help="dry run: build eval-only backbones at their real size (ADM-256: ~550M parameters)",
+    )
     p.add_argument("--checkpoint", default=None, help="evaluate this checkpoint only (no pretraining)")
-    p.add_argument("--checkpoint-kind", default=None,
-                   help="export (a `diffssl pretrain` export folder), diffusers_ddpm, adm or mdsm "
-                        "(default: the config's)")
+    p.add_argument(
+        "--checkpoint-kind",
+        default=None,
+        help="export (a `diffssl pretrain` export folder), diffusers_ddpm, adm or mdsm (default: the config's)",
+    )
     p.add_argument("--data-root", default=None, help="folder with the dataset (see `diffssl_plugin.data`)")
     p.add_argument("--out", default=None, help="output folder (default runs/reproduce/NAME; dry run: a temp dir)")
     from .runtime import add_runtime_arguments
@@ -314,10 +388,15 @@ def run_cli(args: argparse.Namespace) -> int:
         raise InputError(f"name a config (one of: {', '.join(config_names())}) or pass --list")
     with tempfile.TemporaryDirectory(prefix="diffssl-dryrun-") as tmp:
         default = Path(tmp) if args.dry_run else Path("runs/reproduce") / Path(args.name).stem
-        options = RunOptions(out=Path(args.out) if args.out else default, data_root=args.data_root,
-                             checkpoint=args.checkpoint, checkpoint_kind=args.checkpoint_kind,
-                             progress=not args.no_progress, dry_run=args.dry_run,
-                             full_scale=args.full_scale)
+        options = RunOptions(
+            out=Path(args.out) if args.out else default,
+            data_root=args.data_root,
+            checkpoint=args.checkpoint,
+            checkpoint_kind=args.checkpoint_kind,
+            progress=not args.no_progress,
+            dry_run=args.dry_run,
+            full_scale=args.full_scale,
+        )
         report, _ = reproduce(args.name, options)
         print(report)
     return 0

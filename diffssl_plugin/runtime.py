@@ -64,12 +64,17 @@ class Runtime:
         """``"cuda"``, ``"mps"`` or ``"cpu"``: the accelerator asked for, if this machine has it."""
         if self.accelerator in ("gpu", "cuda", "auto") and torch.cuda.is_available():
             return "cuda"
-        if self.accelerator in ("mps", "auto") and getattr(torch.backends, "mps", None) \
-                and torch.backends.mps.is_available():
+        if (
+            self.accelerator in ("mps", "auto")
+            and getattr(torch.backends, "mps", None)
+            and torch.backends.mps.is_available()
+        ):
             return "mps"
         if self.accelerator in ("gpu", "cuda"):
-            raise InputError("--accelerator gpu was asked for, but torch sees no CUDA device here "
-                             f"(torch {torch.__version__}, CUDA build: {torch.version.cuda or 'no'})")
+            raise InputError(
+                "--accelerator gpu was asked for, but torch sees no CUDA device here "
+                f"(torch {torch.__version__}, CUDA build: {torch.version.cuda or 'no'})"
+            )
         return "cpu"
 
     @property
@@ -140,9 +145,14 @@ class Runtime:
     def trainer_kwargs(self) -> dict[str, Any]:
         """Arguments for ``pytorch_lightning.Trainer`` (hardware and precision only)."""
         accelerator = {"cuda": "gpu"}.get(self.accelerator, self.accelerator)
-        return {"accelerator": accelerator, "devices": self.devices, "strategy": self.strategy,
-                "num_nodes": self.num_nodes, "precision": self.lightning_precision,
-                "sync_batchnorm": self.sync_batchnorm and self.requested_world_size > 1}
+        return {
+            "accelerator": accelerator,
+            "devices": self.devices,
+            "strategy": self.strategy,
+            "num_nodes": self.num_nodes,
+            "precision": self.lightning_precision,
+            "sync_batchnorm": self.sync_batchnorm and self.requested_world_size > 1,
+        }
 
     def launch(self) -> Runtime:
         """Start this runtime's processes (once; a no-op on one process or when they already run) and
@@ -154,8 +164,7 @@ class Runtime:
 
         strategy = "ddp" if self.strategy == "auto" else self.strategy
         accelerator = {"cuda": "gpu"}.get(self.accelerator, self.accelerator)
-        fabric = Fabric(accelerator=accelerator, devices=self.devices, strategy=strategy,
-                        num_nodes=self.num_nodes)
+        fabric = Fabric(accelerator=accelerator, devices=self.devices, strategy=strategy, num_nodes=self.num_nodes)
         fabric.launch()
         if self.device_type == "cuda":
             torch.cuda.set_device(self.device)
@@ -208,7 +217,7 @@ class Runtime:
         rows = []
         for r, part in enumerate(parts):
             per, extra = divmod(n, self.world_size)
-            rows.append(part[:per + (r < extra)])
+            rows.append(part[: per + (r < extra)])
         return torch.cat(rows).to(local.device)
 
 
@@ -236,14 +245,24 @@ def use(runtime: Runtime) -> Iterator[Runtime]:
 def add_runtime_arguments(p: argparse.ArgumentParser) -> None:
     """The hardware options of every command that computes (pretrain, eval, bench, reproduce)."""
     p.add_argument("--accelerator", default="auto", help="cpu, gpu or auto (Lightning)")
-    p.add_argument("--devices", default="1",
-                   help="devices per node (Lightning), e.g. 8, auto, or a list 0,1; more than one starts one "
-                        "process per device (DDP)")
+    p.add_argument(
+        "--devices",
+        default="1",
+        help="devices per node (Lightning), e.g. 8, auto, or a list 0,1; more than one starts one "
+        "process per device (DDP)",
+    )
     p.add_argument("--strategy", default="auto", help="Lightning strategy, e.g. ddp (auto: ddp for several devices)")
-    p.add_argument("--num-nodes", type=int, default=1, help="nodes (each node's processes started by this "
-                                                              "command, torchrun or SLURM)")
-    p.add_argument("--precision", default="auto",
-                   help="auto (bf16 autocast where supported, else fp16), bf16-mixed, 16-mixed or 32-true")
+    p.add_argument(
+        "--num-nodes",
+        type=int,
+        default=1,
+        help="nodes (each node's processes started by this command, torchrun or SLURM)",
+    )
+    p.add_argument(
+        "--precision",
+        default="auto",
+        help="auto (bf16 autocast where supported, else fp16), bf16-mixed, 16-mixed or 32-true",
+    )
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
 
@@ -252,5 +271,10 @@ def from_args(args: argparse.Namespace) -> Runtime | None:
     if not hasattr(args, "accelerator"):
         return None
     devices = int(args.devices) if str(args.devices).isdigit() else args.devices
-    return Runtime(accelerator=args.accelerator, devices=devices, strategy=args.strategy, num_nodes=args.num_nodes,
-                   precision=args.precision)
+    return Runtime(
+        accelerator=args.accelerator,
+        devices=devices,
+        strategy=args.strategy,
+        num_nodes=args.num_nodes,
+        precision=args.precision,
+    )

@@ -54,8 +54,9 @@ def warmup_cosine(step: int, warmup: int, total: int) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
 
 
-def shuffled_batches(n: int, batch_size: int, generator: torch.Generator, drop_last: bool = True,
-                     min_rows: int = 1) -> Plan:
+def shuffled_batches(
+    n: int, batch_size: int, generator: torch.Generator, drop_last: bool = True, min_rows: int = 1
+) -> Plan:
     """An epoch plan: a fresh permutation of ``range(n)`` from ``generator`` cut into batches of
     ``batch_size``. ``drop_last``: full batches only (one batch of all ``n`` rows when ``n < batch_size``);
     else the last, smaller batch too when it has at least ``min_rows`` rows."""
@@ -64,7 +65,7 @@ def shuffled_batches(n: int, batch_size: int, generator: torch.Generator, drop_l
         perm = torch.randperm(n, generator=generator)
         if drop_last:
             size = min(batch_size, n)
-            return list(perm[:n // size * size].split(size))
+            return list(perm[: n // size * size].split(size))
         return [b for b in perm.split(batch_size) if len(b) >= min_rows]
 
     return plan
@@ -95,7 +96,7 @@ class RankBatches:
         for batch in batches:
             per, extra = divmod(len(batch), self.world_size)
             start = self.rank * per + min(self.rank, extra)
-            part = batch[start:start + per + (self.rank < extra)]
+            part = batch[start : start + per + (self.rank < extra)]
             self.steps += 1
             self.rows += len(batch)
             yield part, self.world_size * len(part) / len(batch)
@@ -127,9 +128,24 @@ class FitResult:
 class SupervisedModule(pl.LightningModule):
     """The LightningModule :func:`fit` trains: ``net`` with the loop's plan, loss, optimiser and selection."""
 
-    def __init__(self, net: nn.Module, plan: Plan, load: Callable, loss: Callable, optimizer, scheduler,
-                 epochs: int, validate: Callable | None, validate_every: int, start_score: float | None,
-                 select_best: bool, snapshot: Callable, train_mode: bool, check_loss: bool, desc: str):
+    def __init__(
+        self,
+        net: nn.Module,
+        plan: Plan,
+        load: Callable,
+        loss: Callable,
+        optimizer,
+        scheduler,
+        epochs: int,
+        validate: Callable | None,
+        validate_every: int,
+        start_score: float | None,
+        select_best: bool,
+        snapshot: Callable,
+        train_mode: bool,
+        check_loss: bool,
+        desc: str,
+    ):
         super().__init__()
         self.net = net
         self.plan, self.load, self.loss = plan, load, loss
@@ -146,8 +162,9 @@ class SupervisedModule(pl.LightningModule):
     def train_dataloader(self):
         self.sampler = RankBatches(self.plan, self.trainer.global_rank, self.trainer.world_size)
         # own generator: the DataLoader's per-epoch seed draw must not move the global stream the model draws from
-        return torch.utils.data.DataLoader(_Loaded(self.load), batch_size=None, sampler=self.sampler,
-                                           num_workers=0, generator=torch.Generator())
+        return torch.utils.data.DataLoader(
+            _Loaded(self.load), batch_size=None, sampler=self.sampler, num_workers=0, generator=torch.Generator()
+        )
 
     def configure_optimizers(self):
         if self.scheduler is None:
@@ -239,7 +256,7 @@ class _RankStreams(pl.Callback):
     rank 0's stream on every rank afterwards (so later draws agree across ranks)."""
 
     def __init__(self):
-        self.seed = int(torch.randint(2 ** 62, ()))  # drawn before fit: the same on every rank
+        self.seed = int(torch.randint(2**62, ()))  # drawn before fit: the same on every rank
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         torch.manual_seed(self.seed + trainer.global_rank)
@@ -261,15 +278,29 @@ def resolve_runtime(device: str | torch.device | None = None, runtime: Runtime |
     return Runtime(accelerator=torch.device(device).type)
 
 
-def fit(model: nn.Module, plan: Plan, load: Callable[[torch.Tensor], Any],
-        loss: Callable[[nn.Module, Any], torch.Tensor | tuple[torch.Tensor, torch.Tensor]],
-        optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LRScheduler | None = None, *,
-        epochs: int, validate: Callable[[nn.Module, torch.device], float] | None = None, validate_every: int = 1,
-        start_score: float | None = None, select_best: bool = True,
-        snapshot: Callable[[nn.Module], dict] | None = None, train_mode: bool = True, amp: bool = False,
-        unused_parameters: bool = False, check_loss: bool = True, desc: str = "training",
-        progress: bool = False, device: str | torch.device | None = None,
-        runtime: Runtime | None = None) -> FitResult:
+def fit(
+    model: nn.Module,
+    plan: Plan,
+    load: Callable[[torch.Tensor], Any],
+    loss: Callable[[nn.Module, Any], torch.Tensor | tuple[torch.Tensor, torch.Tensor]],
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
+    *,
+    epochs: int,
+    validate: Callable[[nn.Module, torch.device], float] | None = None,
+    validate_every: int = 1,
+    start_score: float | None = None,
+    select_best: bool = True,
+    snapshot: Callable[[nn.Module], dict] | None = None,
+    train_mode: bool = True,
+    amp: bool = False,
+    unused_parameters: bool = False,
+    check_loss: bool = True,
+    desc: str = "training",
+    progress: bool = False,
+    device: str | torch.device | None = None,
+    runtime: Runtime | None = None,
+) -> FitResult:
     """Train ``model`` for ``epochs`` epochs on the runtime's devices and restore the kept epoch's weights.
 
     * ``plan()``: one epoch's global batches (row tensors, rows along dim 0), drawn once per epoch;
@@ -288,30 +319,65 @@ def fit(model: nn.Module, plan: Plan, load: Callable[[torch.Tensor], Any],
     """
     rt = resolve_runtime(device, runtime)
     distributed = rt.distributed
-    module = SupervisedModule(model, plan, load, loss, optimizer, scheduler, epochs, validate, validate_every,
-                              start_score, select_best,
-                              snapshot or (lambda m: {k: v.detach().clone() for k, v in m.state_dict().items()}),
-                              train_mode, check_loss, desc)
+    module = SupervisedModule(
+        model,
+        plan,
+        load,
+        loss,
+        optimizer,
+        scheduler,
+        epochs,
+        validate,
+        validate_every,
+        start_score,
+        select_best,
+        snapshot or (lambda m: {k: v.detach().clone() for k, v in m.state_dict().items()}),
+        train_mode,
+        check_loss,
+        desc,
+    )
     kwargs = rt.trainer_kwargs()
-    kwargs.update(precision=replace(rt, precision="auto").lightning_precision if amp else "32-true",
-                  sync_batchnorm=distributed and rt.device_type == "cuda")  # torch's SyncBatchNorm needs a GPU
+    kwargs.update(
+        precision=replace(rt, precision="auto").lightning_precision if amp else "32-true",
+        sync_batchnorm=distributed and rt.device_type == "cuda",
+    )  # torch's SyncBatchNorm needs a GPU
     if distributed and unused_parameters and kwargs["strategy"] in ("auto", "ddp"):
         kwargs["strategy"] = DDPStrategy(static_graph=True)  # finds the unused ones once, not at every step
     callbacks = ([_EpochBar(desc)] if progress else []) + ([_RankStreams()] if distributed else [])
     with _quiet():
-        trainer = pl.Trainer(**kwargs, max_epochs=epochs, logger=False, enable_checkpointing=False,
-                             enable_model_summary=False, enable_progress_bar=progress, callbacks=callbacks,
-                             use_distributed_sampler=False, num_sanity_val_steps=0)
+        trainer = pl.Trainer(
+            **kwargs,
+            max_epochs=epochs,
+            logger=False,
+            enable_checkpointing=False,
+            enable_model_summary=False,
+            enable_progress_bar=progress,
+            callbacks=callbacks,
+            use_distributed_sampler=False,
+            num_sanity_val_steps=0,
+        )
         trainer.fit(module)
     model.to(module.trained_on)  # Lightning's teardown moved it to the CPU
     score, epoch, state = module.best
     if state is not None:
         model.load_state_dict(state, strict=False)
     sampler = module.sampler  # None when there was nothing to train (epochs=0)
-    return FitResult(best_score=score, best_epoch=epoch if state is not None else epochs, history=module.history,
-                     train_seconds=module.seconds, steps=sampler.steps if sampler else 0,
-                     rows_seen=sampler.rows if sampler else 0)
+    return FitResult(
+        best_score=score,
+        best_epoch=epoch if state is not None else epochs,
+        history=module.history,
+        train_seconds=module.seconds,
+        steps=sampler.steps if sampler else 0,
+        rows_seen=sampler.rows if sampler else 0,
+    )
 
 
-__all__ = ["FitResult", "RankBatches", "SupervisedModule", "fit", "resolve_runtime", "shuffled_batches",
-           "warmup_cosine"]
+__all__ = [
+    "FitResult",
+    "RankBatches",
+    "SupervisedModule",
+    "fit",
+    "resolve_runtime",
+    "shuffled_batches",
+    "warmup_cosine",
+]

@@ -36,12 +36,14 @@ WRAPPER_KEYS = ("state_dict", "model_state_dict", "model", "net", "netE", "ema",
 
 def is_state_dict(obj: object) -> bool:
     """A non-empty mapping of string names to tensors."""
-    return (isinstance(obj, Mapping) and len(obj) > 0
-            and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()))
+    return (
+        isinstance(obj, Mapping)
+        and len(obj) > 0
+        and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items())
+    )
 
 
-def unwrap_state_dict(obj: object, path: str | os.PathLike, wrapper_key: str | None = None
-                      ) -> dict[str, torch.Tensor]:
+def unwrap_state_dict(obj: object, path: str | os.PathLike, wrapper_key: str | None = None) -> dict[str, torch.Tensor]:
     """The tensor mapping inside a loaded checkpoint: the object itself, ``obj[wrapper_key]``, or the first of
     :data:`WRAPPER_KEYS` that holds one. Anything else raises :class:`CheckpointError` naming the file."""
     if wrapper_key is not None:
@@ -56,21 +58,23 @@ def unwrap_state_dict(obj: object, path: str | os.PathLike, wrapper_key: str | N
             if is_state_dict(obj.get(key)):
                 return dict(obj[key])
         keys = sorted(map(str, obj))[:20]
-        raise CheckpointError(f"{path}: no state dict found (top-level keys: {keys}); pass wrapper_key= to "
-                              "name the entry that holds the weights")
-    raise CheckpointError(f"{path}: expected a state dict (a mapping of names to tensors), got "
-                          f"{type(obj).__name__}")
+        raise CheckpointError(
+            f"{path}: no state dict found (top-level keys: {keys}); pass wrapper_key= to "
+            "name the entry that holds the weights"
+        )
+    raise CheckpointError(f"{path}: expected a state dict (a mapping of names to tensors), got {type(obj).__name__}")
 
 
 def strip_prefix(state_dict: Mapping[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
     """Remove ``prefix`` from every key if *all* keys carry it (``nn.DataParallel``/DDP save ``module.``)."""
     if state_dict and all(k.startswith(prefix) for k in state_dict):
-        return {k[len(prefix):]: v for k, v in state_dict.items()}
+        return {k[len(prefix) :]: v for k, v in state_dict.items()}
     return dict(state_dict)
 
 
-def read_state_dict(path: str | os.PathLike, wrapper_key: str | None = None,
-                    prefixes: tuple[str, ...] = ("module.",)) -> dict[str, torch.Tensor]:
+def read_state_dict(
+    path: str | os.PathLike, wrapper_key: str | None = None, prefixes: tuple[str, ...] = ("module.",)
+) -> dict[str, torch.Tensor]:
     """Safely load ``path`` and return its state dict, unwrapped and with wrapper prefixes stripped."""
     sd = unwrap_state_dict(load_weights(path), path, wrapper_key)
     for prefix in prefixes:
@@ -84,8 +88,11 @@ def load_strict(module: nn.Module, state_dict: Mapping[str, torch.Tensor], sourc
     own = module.state_dict()
     missing = [k for k in own if k not in state_dict]
     unexpected = [k for k in state_dict if k not in own]
-    shapes = [f"{k}: checkpoint {tuple(state_dict[k].shape)} vs model {tuple(own[k].shape)}"
-              for k in own if k in state_dict and tuple(state_dict[k].shape) != tuple(own[k].shape)]
+    shapes = [
+        f"{k}: checkpoint {tuple(state_dict[k].shape)} vs model {tuple(own[k].shape)}"
+        for k in own
+        if k in state_dict and tuple(state_dict[k].shape) != tuple(own[k].shape)
+    ]
     if missing or unexpected or shapes:
         parts = []
         for label, items in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", shapes)):
@@ -128,8 +135,10 @@ def unet_dir_of(folder: str | os.PathLike) -> Path:
         raise CheckpointError(f"diffusers folder not found: {root} (expected unet/ with config.json and weights)")
     unet_dir = root / "unet" if (root / "unet").is_dir() else root
     if not (unet_dir / "config.json").is_file():
-        raise CheckpointError(f"no config.json in {unet_dir}: not a diffusers UNet2DModel folder "
-                              "(google/ddpm-cifar10-32 layout: unet/config.json + unet/diffusion_pytorch_model.*)")
+        raise CheckpointError(
+            f"no config.json in {unet_dir}: not a diffusers UNet2DModel folder "
+            "(google/ddpm-cifar10-32 layout: unet/config.json + unet/diffusion_pytorch_model.*)"
+        )
     return unet_dir
 
 

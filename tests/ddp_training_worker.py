@@ -43,16 +43,21 @@ def main(out_dir: str, devices: int) -> None:
         head = AttentionHead((1, 28, 28), 10, dim=16, pool_size=7, depth=1, num_heads=4, mlp_ratio=2.0)
         rows = [tensor_rows(x[s], y[s]) for s in (slice(0, 320), slice(320, 420), slice(420, 520))]
         res = train_head(head, rows[0], rows[1], HeadTraining(epochs=3, batch_size=64, lr=1e-2, warmup_epochs=0.5))
-        result["attention"] = {"val_acc": res.val_acc, "test_acc": accuracy(head, rows[2]),
-                               "best_epoch": res.best_epoch, "loss": [h["loss"] for h in res.history],
-                               "images_seen": res.images_seen}
+        result["attention"] = {
+            "val_acc": res.val_acc,
+            "test_acc": accuracy(head, rows[2]),
+            "best_epoch": res.best_epoch,
+            "loss": [h["loss"] for h in res.history],
+            "images_seen": res.images_seen,
+        }
         weights.update({f"attention.{k}": v for k, v in head.state_dict().items()})
 
         splits = load_eval_splits(EvalConfig(train_images=200, val_images=100, test_images=100))
         torch.manual_seed(0)
         cnn = timm.create_model("simclr_resnet18_cifar", layers=(1, 1, 1, 1), channels=(8, 16, 32, 64))
-        ft = finetune(cnn, *splits, recipe=FinetuneRecipe(epochs=2, batch_size=40, probe_cs=(0.1,), amp=False,
-                                                          select_best=False))
+        ft = finetune(
+            cnn, *splits, recipe=FinetuneRecipe(epochs=2, batch_size=40, probe_cs=(0.1,), amp=False, select_best=False)
+        )
         result["finetune"] = {"val_acc": ft.val_acc, "test_acc": ft.test_acc, "val_curve": ft.val_curve}
         weights.update({f"finetune.{k}": v for k, v in ft.model.state_dict().items()})
 
@@ -72,13 +77,22 @@ def main(out_dir: str, devices: int) -> None:
             return total, (t != scenes.ignore_index).sum()
 
         opt = torch.optim.SGD(conv.parameters(), lr=0.5)
-        fitted = fit(conv, shuffled_batches(30, 7, torch.Generator().manual_seed(0), drop_last=False),
-                     lambda idx: (images[idx], masks[idx]), loss, opt, epochs=2, check_loss=False)
+        fitted = fit(
+            conv,
+            shuffled_batches(30, 7, torch.Generator().manual_seed(0), drop_last=False),
+            lambda idx: (images[idx], masks[idx]),
+            loss,
+            opt,
+            epochs=2,
+            check_loss=False,
+        )
         result["pixels"] = {"loss": [h["loss"] for h in fitted.history], "steps": fitted.steps}
         weights.update({f"pixels.{k}": v for k, v in conv.state_dict().items()})
         n = rt.world_size  # each rank's first draw while training, and a draw after it
-        result["draws"] = {"training": rt.gather_shards(torch.tensor([first_draws[:1]]), n).flatten().tolist(),
-                           "after": rt.gather_shards(torch.rand(1, 1), n).flatten().tolist()}
+        result["draws"] = {
+            "training": rt.gather_shards(torch.tensor([first_draws[:1]]), n).flatten().tolist(),
+            "after": rt.gather_shards(torch.rand(1, 1), n).flatten().tolist(),
+        }
 
         if rt.is_global_zero:
             Path(out_dir).mkdir(parents=True, exist_ok=True)

@@ -171,13 +171,20 @@ def test_data_config_and_transform(fmnist_uint8):
 def _plain_hook_features(model: DDAEBackbone, x: torch.Tensor, t: int) -> dict[str, torch.Tensor]:
     """Block outputs from an ordinary full ``model.unet(x_t, t)`` forward, captured by our own hooks."""
     unet = model.unet
-    modules = {"down0": unet.down_blocks[0], "down1": unet.down_blocks[1], "mid": unet.mid_block,
-               "up0.1": unet.up_blocks[0].resnets[1], "up0": unet.up_blocks[0], "up1": unet.up_blocks[1]}
+    modules = {
+        "down0": unet.down_blocks[0],
+        "down1": unet.down_blocks[1],
+        "mid": unet.mid_block,
+        "up0.1": unet.up_blocks[0].resnets[1],
+        "up0": unet.up_blocks[0],
+        "up1": unet.up_blocks[1],
+    }
     feats = {}
 
     def keep(name):
         def hook(module, args, output):
             feats[name] = output[0] if isinstance(output, tuple) else output
+
         return hook
 
     handles = [m.register_forward_hook(keep(n)) for n, m in modules.items()]
@@ -221,9 +228,13 @@ def test_one_unet_forward_per_timestep(tiny_backbone, x8):
 
 def test_extraction_stops_after_last_block_needed(tiny_backbone, x8):
     unet = tiny_backbone.unet
-    with torch.no_grad(), CallCounter(unet.up_blocks[-1], pre=False) as last_up, \
-            CallCounter(unet.mid_block) as mid, CallCounter(unet.down_blocks[1]) as down1, \
-            CallCounter(unet.conv_in) as first:
+    with (
+        torch.no_grad(),
+        CallCounter(unet.up_blocks[-1], pre=False) as last_up,
+        CallCounter(unet.mid_block) as mid,
+        CallCounter(unet.down_blocks[1]) as down1,
+        CallCounter(unet.conv_in) as first,
+    ):
         out = tiny_backbone.extract(x8, [10], ["down0"], pool="avg")
     assert first.n == 1
     assert down1.n == 0 and mid.n == 0 and last_up.n == 0
@@ -233,8 +244,11 @@ def test_extraction_stops_after_last_block_needed(tiny_backbone, x8):
         tiny_backbone.extract(x8, [10], ["mid"], pool="avg")
     assert last_up.n == 0 and norm_out.n == 0
 
-    with torch.no_grad(), CallCounter(unet.up_blocks[-1], pre=False) as last_up, \
-            CallCounter(unet.conv_norm_out) as norm_out:
+    with (
+        torch.no_grad(),
+        CallCounter(unet.up_blocks[-1], pre=False) as last_up,
+        CallCounter(unet.conv_norm_out) as norm_out,
+    ):
         tiny_backbone.extract(x8, [10], ["up1", "down0"], pool="avg")
     assert last_up.n == 1 and norm_out.n == 0  # the decoder ran to up1, the output head did not
     assert _no_hooks_left(tiny_backbone)
@@ -361,8 +375,11 @@ def test_bad_images_raise_input_error(tiny_backbone, x8, case, entry):
     """Every forward checks the metadata; the values (range, NaN: host syncs) are checked by check_inputs,
     once per dataset, and by every forward only with strict_inputs."""
     bad, needle = _bad_inputs(x8)[case]
-    call = {"forward": tiny_backbone, "extract": lambda b: tiny_backbone.extract(b, [10], ["mid"]),
-            "check_inputs": tiny_backbone.check_inputs}[entry]
+    call = {
+        "forward": tiny_backbone,
+        "extract": lambda b: tiny_backbone.extract(b, [10], ["mid"]),
+        "check_inputs": tiny_backbone.check_inputs,
+    }[entry]
     if case in ("0..255", "nan") and entry != "check_inputs":
         with torch.no_grad():
             call(bad)
@@ -387,12 +404,15 @@ def test_check_inputs_without_values_reads_metadata_only(tiny_backbone, x8):
 
 @pytest.mark.slow  # a fresh interpreter imports the package (5-15 s here)
 def test_strict_inputs_from_the_environment():
-    code = ("import torch, diffssl_plugin; from diffssl_plugin.backbones import DDAEBackbone; "
-            "m = DDAEBackbone(unet_config='fmnist_small'); print(m.strict_inputs); "
-            "m(torch.full((1, 1, 28, 28), 5.0))")
+    code = (
+        "import torch, diffssl_plugin; from diffssl_plugin.backbones import DDAEBackbone; "
+        "m = DDAEBackbone(unet_config='fmnist_small'); print(m.strict_inputs); "
+        "m(torch.full((1, 1, 28, 28), 5.0))"
+    )
     env = {**os.environ, "DIFFSSL_STRICT_INPUTS": "1"}
-    run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300,
-                         check=False)
+    run = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300, check=False
+    )
     assert run.stdout.strip() == "True" and "expects values in [-1, 1]" in run.stderr
 
 
@@ -487,7 +507,8 @@ def test_from_diffusers_reads_schedule_and_unet_only_folder(tmp_path, tiny_unet_
     torch.manual_seed(2)
     unet = UNet2DModel(**tiny_unet_config)
     DDPMPipeline(unet=unet, scheduler=DDPMScheduler(num_train_timesteps=500, beta_end=0.03)).save_pretrained(
-        tmp_path / "p")
+        tmp_path / "p"
+    )
     m = DDAEBackbone.from_diffusers(tmp_path / "p")
     assert m.num_train_timesteps == 500 and m.scheduler_config["beta_end"] == pytest.approx(0.03)
     with pytest.raises(InputError, match=r"0\.\.499"):

@@ -13,20 +13,33 @@ from diffssl_plugin.backbones import DDAEBackbone
 #: every model this package registers with timm (a module tag is the last part of the module's name)
 OURS = [name for tag in ("timm_models", "drl", "ebm", "baselines") for name in timm.list_models(module=tag)]
 #: smaller versions of the big ones, where the constructor allows it
-SMALL = {"mdsm_ebm_fmnist": dict(width=4), "mdsm_ebm_cifar10": dict(width=4), "mae_vit_tiny_p4": dict(depth=2)}
+SMALL = {"mdsm_ebm_fmnist": {"width": 4}, "mdsm_ebm_cifar10": {"width": 4}, "mae_vit_tiny_p4": {"depth": 2}}
 #: a module that gradient checkpointing recomputes in the backward (None: the model has no blocks)
 RECOMPUTED = {
-    "ddae_unet_cifar10": "unet.down_blocks.0.resnets.0", "ddae_unet_fmnist": "unet.down_blocks.0.resnets.0",
-    "raw_pixels": None, "drl_encoder_fmnist": "encoder.blocks.1", "drl_time_encoder_fmnist": "encoder.blocks.1",
-    "vdrl_time_encoder_fmnist": "encoder.blocks.1", "mdsm_ebm_cifar10": "stages.0", "mdsm_ebm_fmnist": "stages.0",
-    "mae_vit_tiny_p4": "blocks.0", "simclr_resnet18_cifar": "layer1.0",
+    "ddae_unet_cifar10": "unet.down_blocks.0.resnets.0",
+    "ddae_unet_fmnist": "unet.down_blocks.0.resnets.0",
+    "raw_pixels": None,
+    "drl_encoder_fmnist": "encoder.blocks.1",
+    "drl_time_encoder_fmnist": "encoder.blocks.1",
+    "vdrl_time_encoder_fmnist": "encoder.blocks.1",
+    "mdsm_ebm_cifar10": "stages.0",
+    "mdsm_ebm_fmnist": "stages.0",
+    "mae_vit_tiny_p4": "blocks.0",
+    "simclr_resnet18_cifar": "layer1.0",
 }
 #: ops that copy a tensor's value to the host (a device sync on a GPU)
 HOST_READS = ("aten::_local_scalar_dense", "aten::item", "aten::is_nonzero", "aten::nonzero")
 
-TINY_UNET = dict(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8, 16), layers_per_block=1,
-                 down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
-                 norm_num_groups=8)
+TINY_UNET = {
+    "sample_size": 8,
+    "in_channels": 1,
+    "out_channels": 1,
+    "block_out_channels": (8, 16),
+    "layers_per_block": 1,
+    "down_block_types": ("DownBlock2D", "DownBlock2D"),
+    "up_block_types": ("UpBlock2D", "UpBlock2D"),
+    "norm_num_groups": 8,
+}
 
 
 def test_every_registered_model_is_covered():

@@ -23,9 +23,14 @@ from diffssl_plugin.methods.training import Budget, pretrain
 
 # tiny versions of both learners: same code, CPU-test sizes
 TINY = {
-    "simclr": dict(backbone_args=dict(layers=(1, 1, 1, 1), channels=(8, 16, 32, 64))),
-    "mae": dict(backbone_args=dict(embed_dim=32, depth=2, num_heads=2), decoder_dim=32, decoder_depth=1,
-                decoder_heads=2, warmup_steps=1),
+    "simclr": {"backbone_args": {"layers": (1, 1, 1, 1), "channels": (8, 16, 32, 64)}},
+    "mae": {
+        "backbone_args": {"embed_dim": 32, "depth": 2, "num_heads": 2},
+        "decoder_dim": 32,
+        "decoder_depth": 1,
+        "decoder_heads": 2,
+        "warmup_steps": 1,
+    },
 }
 
 
@@ -156,12 +161,26 @@ def test_loss_decreases_on_real_fashion_mnist(name, images01):
 def test_budget_exports_and_records(name, tmp_path):
     """Stops at the step budget, a FLOP budget too; the export loads through timm with identical outputs; the
     harness's records carry the budget."""
-    res = pretrain(name, budget=Budget(steps=3), out_dir=tmp_path / "steps", batch_size=16, max_images=200,
-                   progress=False, method_kwargs=TINY[name])
+    res = pretrain(
+        name,
+        budget=Budget(steps=3),
+        out_dir=tmp_path / "steps",
+        batch_size=16,
+        max_images=200,
+        progress=False,
+        method_kwargs=TINY[name],
+    )
     assert abs(res.steps - 3) <= 1 and res.images_seen == res.steps * 16
     assert res.flops_per_image > 0 and res.train_flops == pytest.approx(res.flops_per_image * 16 * res.steps)
-    res2 = pretrain(name, budget=Budget(flops=2.5 * 16 * res.flops_per_image), out_dir=tmp_path / "flops",
-                    batch_size=16, max_images=200, progress=False, method_kwargs=TINY[name])
+    res2 = pretrain(
+        name,
+        budget=Budget(flops=2.5 * 16 * res.flops_per_image),
+        out_dir=tmp_path / "flops",
+        batch_size=16,
+        max_images=200,
+        progress=False,
+        method_kwargs=TINY[name],
+    )
     assert abs(res2.steps - 2) <= 1
 
     folder = tmp_path / "steps" / "export" / "backbone"
@@ -178,10 +197,8 @@ def test_budget_exports_and_records(name, tmp_path):
     assert loaded.num_features == model.backbone.num_features
 
     budget = {"budget": res.budget, "steps": res.steps, "train_flops": res.train_flops}
-    cfg = EvalConfig(train_images=100, val_images=50, test_images=100, knn_ks=(5,), final_cs=(1.0,),
-                     sweep_cs=(1.0,))
-    records = evaluate(loaded, name, config["architecture"], cfg, protocols=("linear",), budget=budget,
-                       progress=False)
+    cfg = EvalConfig(train_images=100, val_images=50, test_images=100, knn_ks=(5,), final_cs=(1.0,), sweep_cs=(1.0,))
+    records = evaluate(loaded, name, config["architecture"], cfg, protocols=("linear",), budget=budget, progress=False)
     assert records and all(r["budget"] == budget for r in records)
     assert {r["protocol"]["name"] for r in records if r["split"] == "test"} >= {"linear", "knn5"}
 
@@ -204,8 +221,15 @@ def test_reference_configs_load_and_run_one_step(name, method, tmp_path):
     assert get_method(config["method"])["model"] is method
     assert config["dataset"] == "cifar10" and config["batch_size"] == 128 and config["epochs"] == 200
     assert config["reference"]  # the published numbers stand beside the settings
-    res = pretrain_from_config(name, dataset="fashion_mnist", budget=Budget(steps=1), batch_size=8,
-                               max_images=40, out_dir=tmp_path, progress=False)
+    res = pretrain_from_config(
+        name,
+        dataset="fashion_mnist",
+        budget=Budget(steps=1),
+        batch_size=8,
+        max_images=40,
+        out_dir=tmp_path,
+        progress=False,
+    )
     assert res.steps == 1 and res.final_loss is not None and res.final_loss == res.final_loss
 
 

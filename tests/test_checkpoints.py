@@ -62,11 +62,20 @@ def test_diffusers_folder_round_trip(tmp_path, tiny_unet_config, x8):
 
 def test_diffusers_folder_defaults_are_ddae_out6_at_t11(tmp_path):
     # the DDPM CIFAR-10 U-Net's structure (google/ddpm-cifar10-32) with narrow channels
-    cfg = dict(sample_size=32, in_channels=3, out_channels=3, block_out_channels=(32, 64, 64, 64),
-               layers_per_block=2,
-               down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"),
-               up_block_types=("UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D"), downsample_padding=0,
-               flip_sin_to_cos=False, freq_shift=1, norm_eps=1e-6, attention_head_dim=None)
+    cfg = {
+        "sample_size": 32,
+        "in_channels": 3,
+        "out_channels": 3,
+        "block_out_channels": (32, 64, 64, 64),
+        "layers_per_block": 2,
+        "down_block_types": ("DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"),
+        "up_block_types": ("UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
+        "downsample_padding": 0,
+        "flip_sin_to_cos": False,
+        "freq_shift": 1,
+        "norm_eps": 1e-6,
+        "attention_head_dim": None,
+    }
     _save_ddpm_folder(tmp_path / "c", UNet2DModel(**cfg))
     m = load_backbone_checkpoint("diffusers_ddpm", tmp_path / "c")
     assert (m.block, m.timestep) == ("up1.2", 10)
@@ -101,10 +110,16 @@ def test_ddae_timestep_matches_the_schedules():
 
 def test_diffusers_folder_with_pre_0_15_attention_names(tmp_path):
     # google/ddpm-cifar10-32's files predate diffusers 0.15: attention weights are query/key/value/proj_attn
-    cfg = dict(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(32, 32), layers_per_block=1,
-               down_block_types=("AttnDownBlock2D", "DownBlock2D"),
-               up_block_types=("UpBlock2D", "AttnUpBlock2D"),
-               attention_head_dim=None)
+    cfg = {
+        "sample_size": 8,
+        "in_channels": 1,
+        "out_channels": 1,
+        "block_out_channels": (32, 32),
+        "layers_per_block": 1,
+        "down_block_types": ("AttnDownBlock2D", "DownBlock2D"),
+        "up_block_types": ("UpBlock2D", "AttnUpBlock2D"),
+        "attention_head_dim": None,
+    }
     unet = UNet2DModel(**cfg).eval()
     _save_ddpm_folder(tmp_path / "old", unet)
     legacy = {"to_q": "query", "to_k": "key", "to_v": "value", "to_out.0": "proj_attn"}
@@ -146,8 +161,11 @@ class _Custom:  # a class a weights-only unpickler cannot rebuild
 
 @pytest.mark.parametrize("payload", ["custom_class", "whole_module"])
 def test_pickles_that_need_code_are_refused(tmp_path, tiny_unet_config, payload):
-    obj = {"state_dict": {"w": torch.zeros(1)}, "extra": _Custom()} if payload == "custom_class" else \
-        EnergyResNet(width=4)
+    obj = (
+        {"state_dict": {"w": torch.zeros(1)}, "extra": _Custom()}
+        if payload == "custom_class"
+        else EnergyResNet(width=4)
+    )
     torch.save(obj, tmp_path / "ckpt.pt")
     for kind in ("mdsm", "adm"):
         with pytest.raises(CheckpointError, match="needs code to load.*safetensors"):
@@ -236,27 +254,54 @@ def random_adm_state_dict(cfg, seed: int = 0) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     shapes: dict[str, tuple] = {}
     mc, temb = cfg.num_channels, 4 * cfg.num_channels
-    shapes.update({"time_embed.0.weight": (temb, mc), "time_embed.0.bias": (temb,),
-                   "time_embed.2.weight": (temb, temb), "time_embed.2.bias": (temb,)})
+    shapes.update(
+        {
+            "time_embed.0.weight": (temb, mc),
+            "time_embed.0.bias": (temb,),
+            "time_embed.2.weight": (temb, temb),
+            "time_embed.2.bias": (temb,),
+        }
+    )
     for p, (kind, cin, cout, _) in _adm_modules(cfg):
         if kind == "conv":
             shapes.update({f"{p}.weight": (cout, cin, 3, 3), f"{p}.bias": (cout,)})
         elif kind == "attn":
-            shapes.update({f"{p}.norm.weight": (cout,), f"{p}.norm.bias": (cout,),
-                           f"{p}.qkv.weight": (3 * cout, cout, 1), f"{p}.qkv.bias": (3 * cout,),
-                           f"{p}.proj_out.weight": (cout, cout, 1), f"{p}.proj_out.bias": (cout,)})
+            shapes.update(
+                {
+                    f"{p}.norm.weight": (cout,),
+                    f"{p}.norm.bias": (cout,),
+                    f"{p}.qkv.weight": (3 * cout, cout, 1),
+                    f"{p}.qkv.bias": (3 * cout,),
+                    f"{p}.proj_out.weight": (cout, cout, 1),
+                    f"{p}.proj_out.bias": (cout,),
+                }
+            )
         else:
             emb_out = 2 * cout if cfg.use_scale_shift_norm else cout
-            shapes.update({f"{p}.in_layers.0.weight": (cin,), f"{p}.in_layers.0.bias": (cin,),
-                           f"{p}.in_layers.2.weight": (cout, cin, 3, 3), f"{p}.in_layers.2.bias": (cout,),
-                           f"{p}.emb_layers.1.weight": (emb_out, temb), f"{p}.emb_layers.1.bias": (emb_out,),
-                           f"{p}.out_layers.0.weight": (cout,), f"{p}.out_layers.0.bias": (cout,),
-                           f"{p}.out_layers.3.weight": (cout, cout, 3, 3), f"{p}.out_layers.3.bias": (cout,)})
+            shapes.update(
+                {
+                    f"{p}.in_layers.0.weight": (cin,),
+                    f"{p}.in_layers.0.bias": (cin,),
+                    f"{p}.in_layers.2.weight": (cout, cin, 3, 3),
+                    f"{p}.in_layers.2.bias": (cout,),
+                    f"{p}.emb_layers.1.weight": (emb_out, temb),
+                    f"{p}.emb_layers.1.bias": (emb_out,),
+                    f"{p}.out_layers.0.weight": (cout,),
+                    f"{p}.out_layers.0.bias": (cout,),
+                    f"{p}.out_layers.3.weight": (cout, cout, 3, 3),
+                    f"{p}.out_layers.3.bias": (cout,),
+                }
+            )
             if cin != cout:
-                shapes.update({f"{p}.skip_connection.weight": (cout, cin, 1, 1),
-                               f"{p}.skip_connection.bias": (cout,)})
-    shapes.update({"out.0.weight": (mc,), "out.0.bias": (mc,), "out.2.weight": (cfg.out_channels, mc, 3, 3),
-                   "out.2.bias": (cfg.out_channels,)})
+                shapes.update({f"{p}.skip_connection.weight": (cout, cin, 1, 1), f"{p}.skip_connection.bias": (cout,)})
+    shapes.update(
+        {
+            "out.0.weight": (mc,),
+            "out.0.bias": (mc,),
+            "out.2.weight": (cfg.out_channels, mc, 3, 3),
+            "out.2.bias": (cfg.out_channels,),
+        }
+    )
     sd = {}
     for k, shape in shapes.items():
         t = torch.randn(shape, generator=g)
@@ -301,7 +346,7 @@ def _ref_attn(sd, p, x, heads, legacy):
         q, k, v = qkv.reshape(b * heads, 3 * d, -1).split(d, dim=1)
     else:  # QKVAttention: split q/k/v, then heads
         q, k, v = (z.reshape(b * heads, d, -1) for z in qkv.chunk(3, dim=1))
-    s = d ** -0.25
+    s = d**-0.25
     w = torch.softmax(torch.einsum("bct,bcs->bts", q * s, k * s), dim=-1)
     a = torch.einsum("bts,bcs->bct", w, v).reshape(b, c, -1)
     h = F.conv1d(a, sd[f"{p}.proj_out.weight"], sd[f"{p}.proj_out.bias"])
@@ -315,8 +360,11 @@ def adm_reference_forward(sd, cfg, x, t, capture: dict | None = None, legacy: bo
     freqs = torch.exp(-math.log(10000) * torch.arange(half, dtype=torch.float32) / half)
     args = t[:, None].float() * freqs[None]
     emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
-    emb = F.linear(F.silu(F.linear(emb, sd["time_embed.0.weight"], sd["time_embed.0.bias"])),
-                   sd["time_embed.2.weight"], sd["time_embed.2.bias"])
+    emb = F.linear(
+        F.silu(F.linear(emb, sd["time_embed.0.weight"], sd["time_embed.0.bias"])),
+        sd["time_embed.2.weight"],
+        sd["time_embed.2.bias"],
+    )
     inputs, middle, outputs = _adm_layout(cfg)
     heads = (lambda c: c // cfg.num_head_channels) if cfg.num_head_channels > 0 else (lambda c: cfg.num_heads)
 
@@ -371,8 +419,10 @@ def test_adm_256_preset_is_the_diffssl_backbone():
     shapes = {}
     for p, (kind, cin, cout, _) in _adm_modules(cfg):
         shapes[p] = (kind, cin, cout)
-    n_params = sum(t.numel() for t in random_adm_state_dict(adm_config("adm256_uncond", num_channels=8,
-                                                                       num_head_channels=8)).values())
+    n_params = sum(
+        t.numel()
+        for t in random_adm_state_dict(adm_config("adm256_uncond", num_channels=8, num_head_channels=8)).values()
+    )
     assert n_params > 0  # the full-size dict (554M floats) is not built in the test suite
     # the full model, built on the meta device: ~554M parameters (papers.md §3.1)
     with torch.device("meta"):
@@ -437,14 +487,25 @@ def test_adm_checkpoint_file_as_backbone_reads_diffssl_blocks(tmp_path, tiny_adm
         adm_reference_forward(sd16, cfg, x_t, torch.tensor([150, 150]), capture)
         readable = [b for b in range(1, 38) if diffssl_block_name(b) in m.block_names]
         feats = m.extract(x, [150], [diffssl_block_name(b) for b in readable], pool=None, noise=noise)
-    assert readable == [4, 7, 10, 13, 16, 18] + list(range(19, 38))
+    assert readable == [4, 7, 10, 13, 16, 18, *list(range(19, 38))]
     for b in readable:
         _close(feats[(150, diffssl_block_name(b))], capture[b])
     # every diffssl block has the shape diffssl's ssl_diff/const.py lists for the 256 model (FEAT_DIM_LIST,
     # FEAT_SIZE_LIST), scaled to this model's 32 channels (÷8) and 64 pixels (÷4)
     dims = [256] * 7 + [512] * 6 + [1024] * 12 + [512] * 6 + [256] * 6
-    sizes = [256] * 3 + [128] * 3 + [64] * 3 + [32] * 3 + [16] * 3 + [8] * 6 + [16] * 3 + [32] * 3 + [64] * 3 \
-        + [128] * 3 + [256] * 4
+    sizes = (
+        [256] * 3
+        + [128] * 3
+        + [64] * 3
+        + [32] * 3
+        + [16] * 3
+        + [8] * 6
+        + [16] * 3
+        + [32] * 3
+        + [64] * 3
+        + [128] * 3
+        + [256] * 4
+    )
     for b in range(1, 38):
         assert m.unit_shapes[diffssl_block_name(b)] == (dims[b - 1] // 8, sizes[b - 1] // 4, sizes[b - 1] // 4), b
     assert m.block_shapes["up1.1"] == (128, 4, 4)  # block 24: 1024 ch @ 16 in the 256 model
@@ -458,8 +519,7 @@ def test_adm_converted_folder_loads_without_converting(tmp_path, tiny_adm):
     out = save_adm_as_diffusers(tmp_path / "adm.safetensors", tmp_path / "converted", preset="adm_tiny")
     assert (out / "unet" / "diffusion_pytorch_model.safetensors").is_file()
     a = load_backbone_checkpoint("adm", out, block="b30", timestep=90)
-    b = load_backbone_checkpoint("adm", tmp_path / "adm.safetensors", preset="adm_tiny", block="up3.1",
-                                 timestep=90)
+    b = load_backbone_checkpoint("adm", tmp_path / "adm.safetensors", preset="adm_tiny", block="up3.1", timestep=90)
     assert a.block == b.block == "up3.1"
     x = torch.rand(2, 3, 64, 64) * 2 - 1
     with torch.no_grad():
@@ -471,8 +531,14 @@ def test_diffssl_block_table():
     assert table[1] == "conv_in" and table[19] == "mid" and table[24] == "up1.1"
     assert [table[b] for b in (4, 7, 10, 13, 16, 18)] == ["down0", "down1", "down2", "down3", "down4", "down5"]
     assert [table[b] for b in (22, 25, 28, 31, 34, 37)] == ["up0", "up1", "up2", "up3", "up4", "up5"]
-    assert [table[b] for b in (2, 5, 8, 11, 14, 17)] == ["down0.0", "down1.0", "down2.0", "down3.0", "down4.0",
-                                                         "down5.0"]
+    assert [table[b] for b in (2, 5, 8, 11, 14, 17)] == [
+        "down0.0",
+        "down1.0",
+        "down2.0",
+        "down3.0",
+        "down4.0",
+        "down5.0",
+    ]
     assert all(diffssl_block_number(name) == b for b, name in table.items())
     assert diffssl_block_number("up5.2") == 37 and diffssl_block_number("down5.1") == 18
     for bad in (0, 38, "24", True):
@@ -538,6 +604,7 @@ def random_official_mdsm(width: int, blocks_per_stage: int, in_chans: int, hw: i
 
 def official_mdsm_energy(sd, x, blocks_per_stage):
     """The official forward (ELU, no normalisation, mean-pool as the average of the four strided slices)."""
+
     def mean_pool(h):
         return (h[:, :, ::2, ::2] + h[:, :, 1::2, ::2] + h[:, :, ::2, 1::2] + h[:, :, 1::2, 1::2]) / 4
 
@@ -547,8 +614,9 @@ def official_mdsm_energy(sd, x, blocks_per_stage):
         sc_w, sc_b = sd[f"{name}.conv_shortcut.conv{wrap}.weight"], sd[f"{name}.conv_shortcut.conv{wrap}.bias"]
         shortcut = F.conv2d(mean_pool(h) if down else h, sc_w, sc_b)
         out = F.conv2d(F.elu(h), sd[f"{name}.conv_1.conv.weight"], None, padding=1)
-        out = F.conv2d(F.elu(out), sd[f"{name}.conv_2.conv{wrap}.weight"], sd[f"{name}.conv_2.conv{wrap}.bias"],
-                       padding=1)
+        out = F.conv2d(
+            F.elu(out), sd[f"{name}.conv_2.conv{wrap}.weight"], sd[f"{name}.conv_2.conv{wrap}.bias"], padding=1
+        )
         h = shortcut + (mean_pool(out) if down else out)
     h = h.flatten(1)
     lin = {k: F.linear(h, sd[f"{k}.weight"], sd[f"{k}.bias"]) for k in ("ln1", "ln2")}

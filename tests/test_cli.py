@@ -14,8 +14,14 @@ from diffssl_plugin.cli import main
 
 
 def run_cli(*args, cwd=None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "diffssl_plugin.cli", *args], capture_output=True, text=True,
-                          timeout=600, cwd=cwd)
+    return subprocess.run(
+        [sys.executable, "-m", "diffssl_plugin.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=cwd,
+        check=False,
+    )
 
 
 @pytest.mark.slow
@@ -29,19 +35,48 @@ def test_bench_smoke_end_to_end(tmp_path):
     ddae = [r for r in records if r["method"] == "ddae" and r["protocol"]["name"] == "linear"]
     assert len(ddae) == 1 and ddae[0]["budget"]["steps"] == 15 and ddae[0]["readout"]["block"]
     assert ddae[0]["checkpoint_hash"] and ddae[0]["versions"]["diffusers"]
-    for name in ("leaderboard.md", "leaderboard.csv", "samples_ddae.png", "sweep_ddae_unet_fmnist.png",
-                 "segmentation_best.png"):
+    for name in (
+        "leaderboard.md",
+        "leaderboard.csv",
+        "samples_ddae.png",
+        "sweep_ddae_unet_fmnist.png",
+        "segmentation_best.png",
+    ):
         assert (out / name).stat().st_size > 0, name
     # every learner has a number in each evaluation family of the leaderboard
     header = (out / "leaderboard.md").read_text().splitlines()[0]
-    for title in ("linear", "kNN k=20", "fine-tune", "1% linear", "1% fine-tune", "→ MNIST-5k", "→ digits",
-                  "→ FMNIST tops", "seg. mIoU (linear)", "seg. mIoU (MLP)"):
+    for title in (
+        "linear",
+        "kNN k=20",
+        "fine-tune",
+        "1% linear",
+        "1% fine-tune",
+        "→ MNIST-5k",
+        "→ digits",
+        "→ FMNIST tops",
+        "seg. mIoU (linear)",
+        "seg. mIoU (MLP)",
+    ):
         assert f" {title} |" in header, title
     names = {r["protocol"]["name"] for r in records if r["method"] == "simclr" and r["split"] == "test"}
     assert {"semisup1_linear", "transfer_digits", "segmentation", "segmentation_mlp"} <= names
     # the exported checkpoint evaluates again through `diffssl eval`, from the cached features
-    proc = run_cli("eval", "--checkpoint", str(out / "ddae" / "export"), "--timesteps", "0", "--blocks", "mid",
-                   "--pools", "avg", "--train-images", "300", "--out", str(tmp_path / "eval"), "--no-progress")
+    proc = run_cli(
+        "eval",
+        "--checkpoint",
+        str(out / "ddae" / "export"),
+        "--timesteps",
+        "0",
+        "--blocks",
+        "mid",
+        "--pools",
+        "avg",
+        "--train-images",
+        "300",
+        "--out",
+        str(tmp_path / "eval"),
+        "--no-progress",
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "ddae_unet_fmnist" in proc.stdout
     # leaderboard re-renders from records alone
@@ -83,11 +118,14 @@ class Payload:  # unpickling this would need code: a stand-in for an untrusted c
         return (print, ("pwned",))
 
 
-@pytest.mark.parametrize("content, message", [
-    (b"", "truncated or corrupted"),
-    (b"PK\x03\x04garbage" * 10, "truncated or corrupted"),
-    (pickle.dumps({"state_dict": Payload()}), "refusing to load"),
-])
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (b"", "truncated or corrupted"),
+        (b"PK\x03\x04garbage" * 10, "truncated or corrupted"),
+        (pickle.dumps({"state_dict": Payload()}), "refusing to load"),
+    ],
+)
 def test_export_refuses_bad_checkpoints(capsys, tmp_path, content, message):
     path = tmp_path / "last.ckpt"
     path.write_bytes(content)
@@ -102,11 +140,27 @@ def test_export_round_trip_from_a_training_checkpoint(tmp_path, capsys):
 
     from diffssl_plugin.methods.training import Budget, pretrain
 
-    tiny = dict(sample_size=28, in_channels=1, out_channels=1, block_out_channels=(8, 16), layers_per_block=1,
-                down_block_types=("DownBlock2D",) * 2, up_block_types=("UpBlock2D",) * 2, norm_num_groups=8,
-                add_attention=False)
-    pretrain("ddae", budget=Budget(steps=2), out_dir=tmp_path / "run", batch_size=16, max_images=100,
-             progress=False, logger=False, method_kwargs={"unet_config": tiny})
+    tiny = {
+        "sample_size": 28,
+        "in_channels": 1,
+        "out_channels": 1,
+        "block_out_channels": (8, 16),
+        "layers_per_block": 1,
+        "down_block_types": ("DownBlock2D",) * 2,
+        "up_block_types": ("UpBlock2D",) * 2,
+        "norm_num_groups": 8,
+        "add_attention": False,
+    }
+    pretrain(
+        "ddae",
+        budget=Budget(steps=2),
+        out_dir=tmp_path / "run",
+        batch_size=16,
+        max_images=100,
+        progress=False,
+        logger=False,
+        method_kwargs={"unet_config": tiny},
+    )
     assert main(["export", str(tmp_path / "run" / "checkpoints" / "last.ckpt"), str(tmp_path / "exp")]) == 0
     a = timm.create_model(f"local-dir:{tmp_path / 'exp' / 'backbone'}", pretrained=True)
     b = timm.create_model(f"local-dir:{tmp_path / 'run' / 'export' / 'backbone'}", pretrained=True)

@@ -137,7 +137,7 @@ def test_epsilon_loss_is_deterministic_given_seed_and_zero_for_perfect_model():
 def test_ema_decay_schedule():
     assert ema_decay(0, 0.9999) == pytest.approx(0.1)
     assert ema_decay(1, 0.9999) == pytest.approx(2 / 11)
-    assert ema_decay(10 ** 7, 0.999) == 0.999
+    assert ema_decay(10**7, 0.999) == 0.999
     assert ema_decay(0, 0.9, warmup=False) == 0.9
 
 
@@ -222,8 +222,9 @@ def test_sample_images_ddim_shape_range_and_seed(tiny_unet):
     ref = DDIMPipeline(unet=tiny_unet, scheduler=DDIMScheduler.from_config(sched.config))
     ref.set_progress_bar_config(disable=True)
     with torch.no_grad():
-        ref = ref(batch_size=3, generator=torch.Generator().manual_seed(0), num_inference_steps=2, eta=0.0,
-                  output_type="np").images
+        ref = ref(
+            batch_size=3, generator=torch.Generator().manual_seed(0), num_inference_steps=2, eta=0.0, output_type="np"
+        ).images
     torch.testing.assert_close(a, torch.from_numpy(ref).permute(0, 3, 1, 2))
 
 

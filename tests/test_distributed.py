@@ -21,18 +21,35 @@ DETERMINISTIC = ("sweep_linear", "linear", "knn20", "knn200")  # and semisup{fra
 
 def _deterministic(name: str) -> bool:
     return name in DETERMINISTIC or (name.startswith("semisup") and name.endswith("_linear"))
+
+
 PROTOCOLS = "linear,semisup,attention,finetune"
-EXTRA = {"semisup": {"fractions": [0.01, 0.1], "ft_fractions": [0.1], "seeds": [0, 1],
-                     "finetune": {"epochs": 1, "batch_size": 16}, "ft_val_images": 100, "ft_test_images": 100,
-                     "cs": [0.1, 1.0]},
-         "attention": {"train_images": 400, "val_images": 200, "training_kwargs": {"epochs": 4, "batch_size": 32}},
-         "finetune": {"train_images": 200, "epochs": 1, "batch_size": 32}}
+EXTRA = {
+    "semisup": {
+        "fractions": [0.01, 0.1],
+        "ft_fractions": [0.1],
+        "seeds": [0, 1],
+        "finetune": {"epochs": 1, "batch_size": 16},
+        "ft_val_images": 100,
+        "ft_test_images": 100,
+        "cs": [0.1, 1.0],
+    },
+    "attention": {"train_images": 400, "val_images": 200, "training_kwargs": {"epochs": 4, "batch_size": 32}},
+    "finetune": {"train_images": 200, "epochs": 1, "batch_size": 32},
+}
 
 
 def _cli(args: list[str], cwd: Path, timeout: int = 600) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.run([sys.executable, "-m", "diffssl_plugin.cli", *args], capture_output=True, text=True,
-                          timeout=timeout, env=env, cwd=cwd, check=False)
+    proc = subprocess.run(
+        [sys.executable, "-m", "diffssl_plugin.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+        cwd=cwd,
+        check=False,
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
     return proc
 
@@ -43,8 +60,15 @@ def _records(path: Path) -> list[dict]:
 
 def _key(r: dict) -> tuple:
     p = r["protocol"]
-    return (p["name"], r.get("split"), r.get("dataset"), json.dumps(r.get("readout"), sort_keys=True),
-            p.get("fraction"), p.get("seed", r.get("seed")), r.get("metric"))
+    return (
+        p["name"],
+        r.get("split"),
+        r.get("dataset"),
+        json.dumps(r.get("readout"), sort_keys=True),
+        p.get("fraction"),
+        p.get("seed", r.get("seed")),
+        r.get("metric"),
+    )
 
 
 @pytest.fixture(scope="module")
@@ -54,16 +78,46 @@ def tiny_export(tmp_path_factory) -> Path:
 
     out = tmp_path_factory.mktemp("ddae")
     unet = {**TINY_UNET, "sample_size": 28}
-    pretrain("ddae", budget=Budget(steps=4), out_dir=out, batch_size=16, max_images=200, progress=False,
-             logger=False, runtime=Runtime(accelerator="cpu"), method_kwargs={"unet_config": unet, "warmup_steps": 2})
+    pretrain(
+        "ddae",
+        budget=Budget(steps=4),
+        out_dir=out,
+        batch_size=16,
+        max_images=200,
+        progress=False,
+        logger=False,
+        runtime=Runtime(accelerator="cpu"),
+        method_kwargs={"unet_config": unet, "warmup_steps": 2},
+    )
     return out / "export"
 
 
 @pytest.mark.slow
 def test_eval_on_two_processes_matches_one(tiny_export, tmp_path):
-    common = ["eval", "--checkpoint", str(tiny_export), "--protocol", PROTOCOLS, "--train-images", "600",
-              "--val-images", "300", "--test-images", "400", "--timesteps", "0,10", "--blocks", "mid,up0",
-              "--pools", "avg", "--extra", json.dumps(EXTRA), "--accelerator", "cpu", "--no-progress"]
+    common = [
+        "eval",
+        "--checkpoint",
+        str(tiny_export),
+        "--protocol",
+        PROTOCOLS,
+        "--train-images",
+        "600",
+        "--val-images",
+        "300",
+        "--test-images",
+        "400",
+        "--timesteps",
+        "0,10",
+        "--blocks",
+        "mid,up0",
+        "--pools",
+        "avg",
+        "--extra",
+        json.dumps(EXTRA),
+        "--accelerator",
+        "cpu",
+        "--no-progress",
+    ]
     _cli([*common, "--out", str(tmp_path / "one")], tmp_path)
     two = _cli([*common, "--out", str(tmp_path / "two"), "--devices", "2", "--strategy", "ddp"], tmp_path)
     assert two.stdout.count("| method") <= 1  # one leaderboard printed, by rank 0
@@ -90,8 +144,26 @@ def test_eval_on_two_processes_matches_one(tiny_export, tmp_path):
 
 @pytest.mark.slow
 def test_bench_smoke_on_two_processes_writes_one_set_of_records(tmp_path):
-    _cli(["bench", "--preset", "smoke", "--methods", "ddae", "--accelerator", "cpu", "--devices", "2",
-          "--strategy", "ddp", "--out", str(tmp_path / "bench"), "--no-progress"], tmp_path, timeout=900)
+    _cli(
+        [
+            "bench",
+            "--preset",
+            "smoke",
+            "--methods",
+            "ddae",
+            "--accelerator",
+            "cpu",
+            "--devices",
+            "2",
+            "--strategy",
+            "ddp",
+            "--out",
+            str(tmp_path / "bench"),
+            "--no-progress",
+        ],
+        tmp_path,
+        timeout=900,
+    )
     records = _records(tmp_path / "bench" / "records.jsonl")
     assert {r["method"] for r in records} == {"raw_pixels", "ddae"}
     counts = Counter((r["method"], *_key(r)) for r in records)

@@ -23,15 +23,23 @@ from diffssl_plugin.methods import get_method
 from diffssl_plugin.methods.drl import DRL, VDRL
 
 # 8×8 grey networks: small enough to train for a hundred steps in a test
-TINY_ENCODER = dict(in_chans=1, image_size=8, channels=(8, 16, 32), norm_num_groups=8)
-TINY_SCORE_NET = dict(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(16, 32),
-                      layers_per_block=1, down_block_types=("DownBlock2D", "DownBlock2D"),
-                      up_block_types=("UpBlock2D", "UpBlock2D"), norm_num_groups=8, add_attention=False)
+TINY_ENCODER = {"in_chans": 1, "image_size": 8, "channels": (8, 16, 32), "norm_num_groups": 8}
+TINY_SCORE_NET = {
+    "sample_size": 8,
+    "in_channels": 1,
+    "out_channels": 1,
+    "block_out_channels": (16, 32),
+    "layers_per_block": 1,
+    "down_block_types": ("DownBlock2D", "DownBlock2D"),
+    "up_block_types": ("UpBlock2D", "UpBlock2D"),
+    "norm_num_groups": 8,
+    "add_attention": False,
+}
 
 
 def tiny_drl(cls=DRL, **kw) -> DRL:
     torch.manual_seed(0)
-    args = dict(encoder_config=TINY_ENCODER, unet_config=TINY_SCORE_NET, code_dim=8, warmup_steps=1)
+    args = {"encoder_config": TINY_ENCODER, "unet_config": TINY_SCORE_NET, "code_dim": 8, "warmup_steps": 1}
     return cls(**{**args, **kw})
 
 
@@ -53,8 +61,7 @@ def x28(real_batch28):
 def test_ve_schedule_endpoints_and_inverse():
     s = VESchedule()
     assert (s.sigma_min, s.sigma_max) == (0.01, 50.0)
-    torch.testing.assert_close(s.sigma(torch.tensor([0.0, 0.5, 1.0])),
-                               torch.tensor([0.01, math.sqrt(0.01 * 50), 50.0]))
+    torch.testing.assert_close(s.sigma(torch.tensor([0.0, 0.5, 1.0])), torch.tensor([0.01, math.sqrt(0.01 * 50), 50.0]))
     t = torch.linspace(0, 1, 11)
     torch.testing.assert_close(s.t_of_sigma(s.sigma(t)), t, atol=1e-6, rtol=0)
 
@@ -92,7 +99,7 @@ def test_dsm_loss_matches_hand_computation():
     g = torch.Generator().manual_seed(3)
     u = torch.rand(2, generator=g)
     eps = torch.randn(2, 1, 2, 2, generator=g)
-    sigma = 0.01 * 5000.0 ** u
+    sigma = 0.01 * 5000.0**u
     expected = [((sigma[i] * c[0] + eps[i]) ** 2).mean() for i in range(2)]
     torch.testing.assert_close(per, torch.stack(expected))
     torch.testing.assert_close(loss, (expected[0] + expected[1]) / 2)
@@ -160,8 +167,8 @@ def test_concatenated_codes_and_extract(x28):
     assert out.shape == (4, 24)
     assert m.block == "codes" and set(m.block_names) == {"code", "codes"}
     for i, k in enumerate((0, 500, 1000)):
-        torch.testing.assert_close(out[:, 8 * i:8 * (i + 1)], m.code(x28, k / 1000), rtol=1e-4, atol=1e-5)
-        torch.testing.assert_close(feats[(k, "code")], out[:, 8 * i:8 * (i + 1)], rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(out[:, 8 * i : 8 * (i + 1)], m.code(x28, k / 1000), rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(feats[(k, "code")], out[:, 8 * i : 8 * (i + 1)], rtol=1e-4, atol=1e-5)
         torch.testing.assert_close(feats[(k, "codes")], out, rtol=1e-4, atol=1e-5)
     assert maps[(500, "code")].shape == (4, 8, 1, 1) and maps[(500, "codes")].shape == (4, 24, 1, 1)
     with pytest.raises(InputError, match="out of range"):
@@ -236,13 +243,16 @@ def test_encoder_conditioned_dsm_beats_unconditional(fmnist8):
         m = tiny_drl(conditional=conditional, time_dependent=False, sigma_range=(0.3, 3.0))
         opt = torch.optim.Adam([p for p in m.parameters() if p.requires_grad], lr=3e-3)
         for s in range(steps):
-            loss = m.training_loss(fmnist8[(s * batch) % 128:][:batch], torch.Generator().manual_seed(s))
+            loss = m.training_loss(fmnist8[(s * batch) % 128 :][:batch], torch.Generator().manual_seed(s))
             opt.zero_grad()
             loss.backward()
             opt.step()
         with torch.no_grad():
-            results[conditional] = torch.stack([m.training_loss(fmnist8, torch.Generator().manual_seed(10_000 + i))
-                                                for i in range(4)]).mean().item()
+            results[conditional] = (
+                torch.stack([m.training_loss(fmnist8, torch.Generator().manual_seed(10_000 + i)) for i in range(4)])
+                .mean()
+                .item()
+            )
     assert results[True] < 0.98 * results[False], results
 
 
@@ -281,9 +291,14 @@ def test_backbone_rejects_bad_images():
 
 
 # ================================================================ timm, export, classifier
-@pytest.mark.parametrize("name,time_dependent,variational,num_features",
-                         [("drl_encoder_fmnist", False, False, 64), ("drl_time_encoder_fmnist", True, False, 192),
-                          ("vdrl_time_encoder_fmnist", True, True, 192)])
+@pytest.mark.parametrize(
+    "name,time_dependent,variational,num_features",
+    [
+        ("drl_encoder_fmnist", False, False, 64),
+        ("drl_time_encoder_fmnist", True, False, 192),
+        ("vdrl_time_encoder_fmnist", True, True, 192),
+    ],
+)
 def test_timm_create_model(name, time_dependent, variational, num_features, x28):
     m = timm.create_model(name).eval()
     assert isinstance(m, DRLBackbone) and isinstance(m, TimeDRLBackbone) == time_dependent
@@ -347,11 +362,22 @@ def test_pretrain_with_lightning_exports_a_loadable_encoder(tmp_path, x28):
     from diffssl_plugin.methods.training import Budget, pretrain
     from diffssl_plugin.runtime import Runtime
 
-    kwargs = dict(code_dim=4, readout_t=[0.0, 1.0],
-                  encoder_config=dict(in_chans=1, image_size=28, channels=[8, 16], norm_num_groups=8),
-                  unet_config={**TINY_SCORE_NET, "sample_size": 28})
-    result = pretrain("vdrl", budget=Budget(steps=2), out_dir=tmp_path, batch_size=16, max_images=64,
-                      progress=False, runtime=Runtime(accelerator="cpu"), method_kwargs=kwargs)
+    kwargs = {
+        "code_dim": 4,
+        "readout_t": [0.0, 1.0],
+        "encoder_config": {"in_chans": 1, "image_size": 28, "channels": [8, 16], "norm_num_groups": 8},
+        "unet_config": {**TINY_SCORE_NET, "sample_size": 28},
+    }
+    result = pretrain(
+        "vdrl",
+        budget=Budget(steps=2),
+        out_dir=tmp_path,
+        batch_size=16,
+        max_images=64,
+        progress=False,
+        runtime=Runtime(accelerator="cpu"),
+        method_kwargs=kwargs,
+    )
     assert result.steps == 2 and math.isfinite(result.final_loss)
     state = torch.load(result.checkpoint, map_location="cpu", weights_only=True)["state_dict"]
     assert int(state["ema.num_updates"]) == 2  # one encoder-EMA update per optimiser step
@@ -366,14 +392,28 @@ def test_harness_sweeps_the_readout_time(tmp_path):
     through its output."""
     from diffssl_plugin.eval import EvalConfig, evaluate
 
-    config = EvalConfig(train_images=100, val_images=50, test_images=100, timesteps=(0, 500, 1000),
-                        blocks=("code", "codes"), pools=("avg",), sweep_cs=(1.0,), final_cs=(1.0,), knn_ks=(20,))
-    records = evaluate(timm.create_model("drl_time_encoder_fmnist"), "drl", "drl_time_encoder_fmnist", config,
-                       cache_dir=tmp_path, progress=False)
+    config = EvalConfig(
+        train_images=100,
+        val_images=50,
+        test_images=100,
+        timesteps=(0, 500, 1000),
+        blocks=("code", "codes"),
+        pools=("avg",),
+        sweep_cs=(1.0,),
+        final_cs=(1.0,),
+        knn_ks=(20,),
+    )
+    records = evaluate(
+        timm.create_model("drl_time_encoder_fmnist"),
+        "drl",
+        "drl_time_encoder_fmnist",
+        config,
+        cache_dir=tmp_path,
+        progress=False,
+    )
     swept = {(r["readout"]["timestep"], r["readout"]["block"]) for r in records if r["split"] == "val"}
     assert swept == {(k, b) for k in (0, 500, 1000) for b in ("code", "codes")}
     assert {r["protocol"]["name"] for r in records if r["split"] == "test"} == {"linear", "knn20"}
-    static = evaluate(timm.create_model("drl_encoder_fmnist"), "drl", "drl_encoder_fmnist", config,
-                      progress=False)
+    static = evaluate(timm.create_model("drl_encoder_fmnist"), "drl", "drl_encoder_fmnist", config, progress=False)
     assert [r["readout"]["block"] for r in static] == [None, None]
     assert all(0.0 <= r["value"] <= 1.0 for r in records + static)

@@ -13,7 +13,7 @@ from diffssl_plugin.eval import PROTOCOLS, EvalConfig, Readout, evaluate
 from diffssl_plugin.eval.finetune import FinetuneRecipe, finetune
 from diffssl_plugin.eval.harness import load_eval_splits
 
-SMALL = dict(train_images=600, val_images=200, test_images=400)
+SMALL = {"train_images": 600, "val_images": 200, "test_images": 400}
 RECIPE = {"epochs": 2, "batch_size": 50, "probe_cs": (0.1,)}
 
 
@@ -40,8 +40,15 @@ def test_raw_pixels_record_carries_recipe_and_budget():
     """Raw pixels have no weights: the protocol is then a linear classifier, well above chance (10%)."""
     budget = {"budget": "3steps", "steps": 3}
     cfg = EvalConfig(**SMALL, extra={"finetune": {**RECIPE, "epochs": 3}})
-    records = evaluate(timm.create_model("raw_pixels"), "raw_pixels", "raw_pixels", cfg,
-                       protocols=("finetune",), budget=budget, progress=False)
+    records = evaluate(
+        timm.create_model("raw_pixels"),
+        "raw_pixels",
+        "raw_pixels",
+        cfg,
+        protocols=("finetune",),
+        budget=budget,
+        progress=False,
+    )
     assert len(records) == 1
     r = records[0]
     assert r["protocol"]["name"] == "finetune" and r["split"] == "test" and r["budget"] == budget
@@ -74,8 +81,15 @@ def test_ddae_backbone_fine_tunes_its_unet_at_the_swept_readout(tiny_unet_config
     unet = {**tiny_unet_config, "sample_size": 28}
     model = DDAEBackbone(unet_config=unet, timestep=10, block="up0", pool="avg")
     before = _state(model)
-    cfg = EvalConfig(**SMALL, timesteps=(10,), blocks=("mid",), pools=("avg2x2",), final_cs=(1.0,),
-                     knn_ks=(20,), extra={"finetune": RECIPE})
+    cfg = EvalConfig(
+        **SMALL,
+        timesteps=(10,),
+        blocks=("mid",),
+        pools=("avg2x2",),
+        final_cs=(1.0,),
+        knn_ks=(20,),
+        extra={"finetune": RECIPE},
+    )
     records = evaluate(model, "ddae", "tiny", cfg, protocols=("linear", "finetune"), progress=False)
     linear = next(r for r in records if r["protocol"]["name"] == "linear")
     ft = [r for r in records if r["protocol"]["name"] == "finetune"]

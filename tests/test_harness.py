@@ -11,14 +11,32 @@ from torch import nn
 
 import diffssl_plugin  # noqa: F401
 from diffssl_plugin.data import load_split
-from diffssl_plugin.eval import (EvalConfig, Readout, evaluate, extract_features, knn_accuracy, linear_probe,
-                                 read_records, render_markdown, write_leaderboard, write_records)
+from diffssl_plugin.errors import UnknownNameError
+from diffssl_plugin.eval import (
+    EvalConfig,
+    Readout,
+    evaluate,
+    extract_features,
+    knn_accuracy,
+    linear_probe,
+    read_records,
+    render_markdown,
+    write_leaderboard,
+    write_records,
+)
 from diffssl_plugin.eval.features import OUTPUT, FeatureCache, model_fingerprint
 from diffssl_plugin.eval.leaderboard import leaderboard_rows
-from diffssl_plugin.errors import UnknownNameError
 
-SMALL = EvalConfig(train_images=200, val_images=100, test_images=200, timesteps=(0, 10), blocks=("mid", "up0"),
-                   pools=("avg",), final_cs=(0.1, 1.0), knn_ks=(20,))
+SMALL = EvalConfig(
+    train_images=200,
+    val_images=100,
+    test_images=200,
+    timesteps=(0, 10),
+    blocks=("mid", "up0"),
+    pools=("avg",),
+    final_cs=(0.1, 1.0),
+    knn_ks=(20,),
+)
 
 
 @pytest.fixture
@@ -27,8 +45,16 @@ def tiny_fmnist_backbone():
     from diffssl_plugin.backbones import DDAEBackbone
 
     torch.manual_seed(0)
-    cfg = dict(sample_size=28, in_channels=1, out_channels=1, block_out_channels=(8, 16, 16), layers_per_block=1,
-               down_block_types=("DownBlock2D",) * 3, up_block_types=("UpBlock2D",) * 3, norm_num_groups=8)
+    cfg = {
+        "sample_size": 28,
+        "in_channels": 1,
+        "out_channels": 1,
+        "block_out_channels": (8, 16, 16),
+        "layers_per_block": 1,
+        "down_block_types": ("DownBlock2D",) * 3,
+        "up_block_types": ("UpBlock2D",) * 3,
+        "norm_num_groups": 8,
+    }
     return DDAEBackbone(unet_config=cfg, timestep=10, block="mid", pool="avg")
 
 
@@ -39,20 +65,25 @@ def fmnist_small():
 
 def _count_forwards(model):
     calls = []
-    handle = model.register_forward_pre_hook(lambda m, a: calls.append(1)) if not hasattr(model, "unet") else \
-        model.unet.conv_in.register_forward_pre_hook(lambda m, a: calls.append(1))
+    handle = (
+        model.register_forward_pre_hook(lambda m, a: calls.append(1))
+        if not hasattr(model, "unet")
+        else model.unet.conv_in.register_forward_pre_hook(lambda m, a: calls.append(1))
+    )
     return calls, handle
 
 
 def test_features_are_cached_and_not_recomputed(tmp_path, tiny_fmnist_backbone, fmnist_small):
     readouts = [Readout(0, "mid", "avg"), Readout(10, "mid", "avg2x2"), Readout(10, "up0", "avg")]
     calls, handle = _count_forwards(tiny_fmnist_backbone)
-    first = extract_features(tiny_fmnist_backbone, fmnist_small, readouts, batch_size=32, cache_dir=tmp_path,
-                             progress=False)
+    first = extract_features(
+        tiny_fmnist_backbone, fmnist_small, readouts, batch_size=32, cache_dir=tmp_path, progress=False
+    )
     n_batches = 2
     assert len(calls) == n_batches * 2  # one U-Net forward per (batch, timestep), all blocks at once
-    again = extract_features(tiny_fmnist_backbone, fmnist_small, readouts, batch_size=32, cache_dir=tmp_path,
-                             progress=False)
+    again = extract_features(
+        tiny_fmnist_backbone, fmnist_small, readouts, batch_size=32, cache_dir=tmp_path, progress=False
+    )
     assert len(calls) == n_batches * 2  # nothing recomputed
     handle.remove()
     for r in readouts:
@@ -66,7 +97,7 @@ def test_damaged_cache_entry_is_recomputed(tmp_path, tiny_fmnist_backbone, fmnis
     good = extract_features(tiny_fmnist_backbone, fmnist_small, [r], cache_dir=tmp_path, progress=False)[r]
     cache = FeatureCache(tmp_path)
     path = cache.path(model_fingerprint(tiny_fmnist_backbone), fmnist_small, r)
-    path.write_bytes(path.read_bytes()[: 40])  # a truncated file, as after a crash mid-write
+    path.write_bytes(path.read_bytes()[:40])  # a truncated file, as after a crash mid-write
     again = extract_features(tiny_fmnist_backbone, fmnist_small, [r], cache_dir=tmp_path, progress=False)[r]
     torch.testing.assert_close(good, again)
 
@@ -86,8 +117,9 @@ def test_linear_probe_chooses_c_on_validation_and_scores_test():
     res = linear_probe(x[:150], y[:150], x[150:225], y[150:225], x[225:], y[225:], cs=(1e-4, 1.0))
     assert res.test_acc > 0.95 and res.val_acc > 0.95
     assert res.params["C"] in (1e-4, 1.0)
-    noise = linear_probe(torch.randn(150, 16, generator=gen), y[:150], torch.randn(75, 16, generator=gen),
-                         y[150:225], cs=(1.0,))
+    noise = linear_probe(
+        torch.randn(150, 16, generator=gen), y[:150], torch.randn(75, 16, generator=gen), y[150:225], cs=(1.0,)
+    )
     assert noise.val_acc < 0.6 and noise.test_acc is None
 
 
@@ -101,8 +133,9 @@ def test_knn_accuracy_on_clusters_and_labels_matter():
 
 def test_evaluate_raw_pixels_records_carry_the_protocol(tmp_path):
     model = timm.create_model("raw_pixels")
-    records = evaluate(model, "raw_pixels", "raw_pixels", SMALL, budget={"steps": 0}, cache_dir=tmp_path,
-                       progress=False)
+    records = evaluate(
+        model, "raw_pixels", "raw_pixels", SMALL, budget={"steps": 0}, cache_dir=tmp_path, progress=False
+    )
     names = [r["protocol"]["name"] for r in records]
     assert names == ["linear", "knn20"]
     lin = records[0]
@@ -113,8 +146,9 @@ def test_evaluate_raw_pixels_records_carry_the_protocol(tmp_path):
 
 
 def test_evaluate_sweeps_blocks_and_timesteps_and_draws_heatmap(tmp_path, tiny_fmnist_backbone):
-    records = evaluate(tiny_fmnist_backbone, "ddae", "tiny", SMALL, cache_dir=tmp_path / "c", out_dir=tmp_path,
-                       progress=False)
+    records = evaluate(
+        tiny_fmnist_backbone, "ddae", "tiny", SMALL, cache_dir=tmp_path / "c", out_dir=tmp_path, progress=False
+    )
     sweep = [r for r in records if r["protocol"]["name"] == "sweep_linear"]
     assert len(sweep) == 4 and all(r["split"] == "val" for r in sweep)
     best = max(sweep, key=lambda r: r["value"])
@@ -146,8 +180,15 @@ def test_leaderboard_from_records(tmp_path):
     records = [
         {**base, "method": "a", "backbone": "A", "protocol": {"name": "linear"}, "value": 0.8},
         {**base, "method": "a", "backbone": "A", "protocol": {"name": "semisup_1pct"}, "value": 0.5, "std": 0.02},
-        {**base, "method": "b", "backbone": "B", "protocol": {"name": "linear"}, "value": 0.9,
-         "readout": {"block": "mid", "timestep": 10, "pool": "avg"}, "budget": {"steps": 5, "wall_seconds": 60}},
+        {
+            **base,
+            "method": "b",
+            "backbone": "B",
+            "protocol": {"name": "linear"},
+            "value": 0.9,
+            "readout": {"block": "mid", "timestep": 10, "pool": "avg"},
+            "budget": {"steps": 5, "wall_seconds": 60},
+        },
         {**base, "method": "b", "backbone": "B", "protocol": {"name": "sweep_linear"}, "value": 0.99, "split": "val"},
     ]
     rows = leaderboard_rows(records)
@@ -168,8 +209,9 @@ def test_backbones_without_diffusion_blocks_sweep_their_own_grid(tmp_path):
     its concatenated codes and the code at single times t. The heatmap leaves the pooled output to its title."""
     vit = timm.create_model("mae_vit_tiny_p4", in_chans=1, num_classes=0)
     drl = timm.create_model("drl_time_encoder_fmnist", num_classes=0)
-    config = EvalConfig(train_images=100, val_images=50, test_images=50, final_cs=(1.0,), knn_ks=(20,),
-                        sweep_cs=(1.0,), pools=("avg",))
+    config = EvalConfig(
+        train_images=100, val_images=50, test_images=50, final_cs=(1.0,), knn_ks=(20,), sweep_cs=(1.0,), pools=("avg",)
+    )
     vit_readouts = config.readouts(vit)
     assert vit_readouts[0] == OUTPUT and {r.block for r in vit_readouts[1:]} == {"blocks.6", "blocks.9", "blocks.11"}
     drl_readouts = config.readouts(drl)

@@ -27,7 +27,7 @@ from diffssl_plugin.heads import (
     training_preset,
 )
 
-SMALL = dict(dim=16, pool_size=4, depth=2, num_heads=8, mlp_ratio=2.0)
+SMALL = {"dim": 16, "pool_size": 4, "depth": 2, "num_heads": 8, "mlp_ratio": 2.0}
 
 
 @pytest.fixture
@@ -96,8 +96,9 @@ def test_prelayer_layernorm_over_c_h_w():
 
 
 # ================================================================ DifFormer
-@pytest.mark.parametrize("blocks,timesteps", [(["mid"], [10]), (["mid", "up0"], [0, 50]),
-                                              (["down1", "up0.1", "up1"], [0, 10, 300])])
+@pytest.mark.parametrize(
+    "blocks,timesteps", [(["mid"], [10]), (["mid", "up0"], [0, 50]), (["down1", "up0.1", "up1"], [0, 10, 300])]
+)
 def test_difformer_shapes(tiny_backbone, x8, blocks, timesteps):
     feats = _maps(tiny_backbone, x8, timesteps, blocks)
     head = DifFormer({b: tiny_backbone.block_shapes[b] for b in blocks}, timesteps, 4, **SMALL).eval()
@@ -113,8 +114,9 @@ def test_difformer_shares_the_transformer_across_timesteps(tiny_backbone, x8):
     feats = _maps(tiny_backbone, x8, timesteps, blocks)
     head = DifFormer({b: tiny_backbone.block_shapes[b] for b in blocks}, timesteps, 3, **SMALL).eval()
     with torch.no_grad():
-        per_t = [head.transformer(torch.cat([pre(feats[(t, b)]) for pre, b in zip(head.pre, blocks)], 1))
-                 for t in timesteps]
+        per_t = [
+            head.transformer(torch.cat([pre(feats[(t, b)]) for pre, b in zip(head.pre, blocks)], 1)) for t in timesteps
+        ]
         torch.testing.assert_close(head.forward_features(feats), torch.cat(per_t, 1), rtol=1e-4, atol=1e-5)
     assert len(head.pre) == len(blocks)  # one pre-layer per block, not per (block, timestep)
     with pytest.raises(InputError, match="needs features"):
@@ -130,6 +132,7 @@ def test_mirror_is_the_skip_each_decoder_unit_consumes(tiny_backbone, x8):
     def keep(name, skip_channels):
         def pre_hook(module, args):
             consumed[name] = args[0][:, -skip_channels:]
+
         return pre_hook
 
     handles = []
@@ -157,15 +160,16 @@ def test_edit_of_a_down_block_reaches_next_block_and_skip(tiny_backbone, x8):
     plain = _maps(tiny_backbone, x8, [10], ["down0", "down1", "up1"])
     noise = tiny_backbone.draw_noise(x8)
     with torch.no_grad():
-        edited = tiny_backbone.extract(x8, [10], ["down0", "down1", "up1"], pool=None, noise=noise,
-                                       edits={"down0": lambda h: h + 1.0})
+        edited = tiny_backbone.extract(
+            x8, [10], ["down0", "down1", "up1"], pool=None, noise=noise, edits={"down0": lambda h: h + 1.0}
+        )
     torch.testing.assert_close(edited[(10, "down0")], plain[(10, "down0")] + 1.0)
     assert not torch.allclose(edited[(10, "down1")], plain[(10, "down1")])  # the next block saw it
     # the skip of down0 is read by up0.1 (before up1's upsample): check it through a pre-hook
     seen = {}
 
     def keep_skip(module, args):  # returns None: only looks
-        seen["in"] = args[0][:, -tiny_backbone.unit_shapes["down0"][0]:]
+        seen["in"] = args[0][:, -tiny_backbone.unit_shapes["down0"][0] :]
 
     h = tiny_backbone.unet.up_blocks[0].resnets[1].register_forward_pre_hook(keep_skip)
     try:
@@ -277,8 +281,9 @@ def test_attention_head_learns_cached_maps(tiny_backbone, real_batch, fmnist_uin
     maps = _maps(tiny_backbone, real_batch, [10], ["mid"])[(10, "mid")]
     head = AttentionHead(maps.shape[1:], 10, **SMALL)
     rows = tensor_rows(maps, labels)
-    res = train_head(head, rows, rows, HeadTraining(epochs=30, batch_size=32, lr=1e-2, weight_decay=0.0,
-                                                    warmup_epochs=0, amp=False))
+    res = train_head(
+        head, rows, rows, HeadTraining(epochs=30, batch_size=32, lr=1e-2, weight_decay=0.0, warmup_epochs=0, amp=False)
+    )
     assert res.val_acc > 0.25  # chance is 0.1 (± 0.04 on 64 images); random tiny U-Net features
     assert res.history[-1]["loss"] < 0.8 * res.history[0]["loss"]
 
@@ -327,14 +332,28 @@ _FAST = {"head_kwargs": {"dim": 16, "pool_size": 4}, "training_kwargs": {"epochs
 TINY_EXTRA = {
     "attention": _FAST,
     "difformer": {**_FAST, "blocks": ("mid", "up0")},
-    "diffeed": {"head_kwargs": {"dim": 16, "pool_size": 4}, "train_images": 60,
-                "training_kwargs": {"epochs": 1, "batch_size": 20}},
+    "diffeed": {
+        "head_kwargs": {"dim": 16, "pool_size": 4},
+        "train_images": 60,
+        "training_kwargs": {"epochs": 1, "batch_size": 20},
+    },
 }
 
 
 def _tiny_config(**kw):
-    return EvalConfig(train_images=100, val_images=50, test_images=60, timesteps=(0, 10), blocks=("mid",),
-                      pools=("avg",), sweep_cs=(1.0,), final_cs=(1.0,), knn_ks=(20,), extra=TINY_EXTRA, **kw)
+    return EvalConfig(
+        train_images=100,
+        val_images=50,
+        test_images=60,
+        timesteps=(0, 10),
+        blocks=("mid",),
+        pools=("avg",),
+        sweep_cs=(1.0,),
+        final_cs=(1.0,),
+        knn_ks=(20,),
+        extra=TINY_EXTRA,
+        **kw,
+    )
 
 
 def test_protocols_on_a_tiny_ddae(tiny_unet_config, tmp_path):
@@ -342,8 +361,9 @@ def test_protocols_on_a_tiny_ddae(tiny_unet_config, tmp_path):
     model = DDAEBackbone(unet_config=tiny_unet_config, timestep=10, block="mid", dynamic_img_size=True).eval()
     before = _unet_state(model)
     protocols = ("linear", "attention", "difformer", "diffeed")
-    records = evaluate(model, "tiny", "tiny_ddae", _tiny_config(), protocols=protocols,
-                       cache_dir=tmp_path / "cache", progress=False)
+    records = evaluate(
+        model, "tiny", "tiny_ddae", _tiny_config(), protocols=protocols, cache_dir=tmp_path / "cache", progress=False
+    )
     by_name = {r["protocol"]["name"]: r for r in records if r["split"] == "test"}
     assert {"linear", "attention", "difformer", "diffeed"} <= set(by_name)
     for name in ("attention", "difformer", "diffeed"):
@@ -380,9 +400,15 @@ def test_protocols_on_a_timm_backbone(caplog, tmp_path):
     """Attention works on any backbone with forward_intermediates; DifFormer and DifFeed skip at once."""
     model = timm.create_model("raw_pixels")
     with caplog.at_level(logging.WARNING):
-        records = evaluate(model, "raw", "raw_pixels", _tiny_config(), protocols=("attention", "difformer",
-                                                                                  "diffeed"),
-                           cache_dir=tmp_path, progress=False)
+        records = evaluate(
+            model,
+            "raw",
+            "raw_pixels",
+            _tiny_config(),
+            protocols=("attention", "difformer", "diffeed"),
+            cache_dir=tmp_path,
+            progress=False,
+        )
     assert [r["protocol"]["name"] for r in records] == ["attention"]
     assert records[0]["protocol"]["input"] == "forward_intermediates[-1]"
     assert "difformer" in caplog.text and "diffeed" in caplog.text and "skipped" in caplog.text

@@ -32,7 +32,7 @@ def imports_of(name: str, file: Path, is_package: bool, modules: set[str]) -> se
         elif isinstance(node, ast.ImportFrom):
             base = node.module or ""
             if node.level:  # relative: `from ..x import y` in a.b.c is a.x
-                base = ".".join(here[:len(here) - node.level + 1] + [base]).rstrip(".")
+                base = ".".join([*here[: len(here) - node.level + 1], base]).rstrip(".")
             targets += [base] + [f"{base}.{a.name}" for a in node.names]
     found = set()
     for target in targets:
@@ -54,7 +54,7 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
         path.append(node)
         for nxt in sorted(graph[node]):
             if state.get(nxt) == 1:
-                return path[path.index(nxt):] + [nxt]
+                return [*path[path.index(nxt) :], nxt]
             if nxt not in state and (cycle := visit(nxt)):
                 return cycle
         path.pop()

@@ -29,8 +29,12 @@ class NeedsCode:
 
 def _state_dict():
     g = torch.Generator().manual_seed(0)
-    return {"conv.weight": torch.randn(8, 4, 3, 3, generator=g), "conv.bias": torch.randn(8, generator=g),
-            "steps": torch.arange(5), "mask": torch.tensor([True, False, True])}
+    return {
+        "conv.weight": torch.randn(8, 4, 3, 3, generator=g),
+        "conv.bias": torch.randn(8, generator=g),
+        "steps": torch.arange(5),
+        "mask": torch.tensor([True, False, True]),
+    }
 
 
 def _equal_dicts(a, b):
@@ -83,8 +87,11 @@ def test_append_jsonl_round_trip(tmp_path):
     append_jsonl(p, [{"step": 1, "loss": 0.5}])
     append_jsonl(p, [{"step": 2, "loss": 0.25}, {"step": 3, "note": "x"}])
     lines = p.read_text().splitlines()
-    assert [json.loads(line) for line in lines] == [{"step": 1, "loss": 0.5}, {"step": 2, "loss": 0.25},
-                                                    {"step": 3, "note": "x"}]
+    assert [json.loads(line) for line in lines] == [
+        {"step": 1, "loss": 0.5},
+        {"step": 2, "loss": 0.25},
+        {"step": 3, "note": "x"},
+    ]
     # a file whose last line lacks its newline still gets whole lines appended
     q = tmp_path / "partial.jsonl"
     q.write_text('{"a": 1}')

@@ -54,8 +54,7 @@ def test_published_kind_goes_through_the_checkpoint_loader(tmp_path, tiny_unet_c
     unet = UNet2DModel(**{**tiny_unet_config, "layers_per_block": 2}).eval()  # has DDAE's default out_6
     DDPMPipeline(unet=unet, scheduler=DDPMScheduler()).save_pretrained(tmp_path / "ddpm")
     assert not is_export(tmp_path / "ddpm")
-    backbone = load_checkpoint_backbone(tmp_path / "ddpm", default_kind="diffusers_ddpm",
-                                        settings={"block": "mid"})
+    backbone = load_checkpoint_backbone(tmp_path / "ddpm", default_kind="diffusers_ddpm", settings={"block": "mid"})
     direct = DDAEBackbone(unet=unet, block="mid", timestep=backbone.timestep).eval()
     x = torch.rand(2, 1, 8, 8) * 2 - 1
     with torch.no_grad():

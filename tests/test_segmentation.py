@@ -17,8 +17,17 @@ from diffssl_plugin.eval.segmentation import segmentation_settings
 from diffssl_plugin.eval.segmentation_features import dense_features, dense_spec, feature_model
 from diffssl_plugin.eval.segmentation_heads import IoUMeter, mean_iou
 
-TINY = {"train_images": 24, "val_images": 8, "test_images": 8, "head_epochs": 3, "head_lr": 0.03,
-        "mlp_pixels": 3000, "mlp_epochs": 1, "mlp_members": 3, "pictures": 2}
+TINY = {
+    "train_images": 24,
+    "val_images": 8,
+    "test_images": 8,
+    "head_epochs": 3,
+    "head_lr": 0.03,
+    "mlp_pixels": 3000,
+    "mlp_epochs": 1,
+    "mlp_members": 3,
+    "pictures": 2,
+}
 
 
 # ---------------------------------------------------------------------------------------------- scenes
@@ -26,8 +35,9 @@ def test_scene_labels_match_their_pixels(fmnist_uint8):
     from diffssl_plugin.data import load_split
 
     labels = load_split("fashion_mnist", "test", download=False).labels[:64]
-    images, masks, layout = compose_scenes(fmnist_uint8, labels, 30, canvas=56, items_per_scene=(2, 4),
-                                           threshold=32, seed=3)
+    images, masks, layout = compose_scenes(
+        fmnist_uint8, labels, 30, canvas=56, items_per_scene=(2, 4), threshold=32, seed=3
+    )
     assert images.shape == (30, 1, 56, 56) and masks.shape == (30, 56, 56)
     assert images.dtype == masks.dtype == torch.uint8
     for n in range(30):
@@ -38,11 +48,11 @@ def test_scene_labels_match_their_pixels(fmnist_uint8):
             i = int(layout.items[n, k])
             if i < 0:
                 continue
-            t, l = int(layout.top[n, k]), int(layout.left[n, k])
+            top, left = int(layout.top[n, k]), int(layout.left[n, k])
             item = fmnist_uint8[i, 0].numpy()
             on = item >= 32
-            owner[t:t + 28, l:l + 28][on] = i
-            value[t:t + 28, l:l + 28][on] = item[on]
+            owner[top : top + 28, left : left + 28][on] = i
+            value[top : top + 28, left : left + 28][on] = item[on]
         expected = np.where(owner >= 0, labels.numpy()[np.maximum(owner, 0)] + 1, 0)
         np.testing.assert_array_equal(masks[n].numpy(), expected)
         np.testing.assert_array_equal(images[n, 0].numpy(), value)
@@ -58,8 +68,7 @@ def test_later_items_cover_earlier_ones_and_faint_pixels_are_not_drawn():
     half[:, :, :14] = 100  # class 5: on in the left half
     half[:, :, 14:] = 20  # faint (below the threshold 32): never drawn
     items = torch.stack([full, half])
-    images, masks, layout = compose_scenes(items, torch.tensor([3, 5]), 40, canvas=28, items_per_scene=(2, 2),
-                                           seed=0)
+    images, masks, layout = compose_scenes(items, torch.tensor([3, 5]), 40, canvas=28, items_per_scene=(2, 2), seed=0)
     seen = set()
     for n in range(40):
         order = tuple(layout.items[n].tolist())
@@ -101,16 +110,21 @@ def test_miou_equals_a_hand_computation():
     meter.update(preds[:1], target[:1])  # accumulated over batches: a dataset-level confusion matrix
     meter.update(preds[1:], target[1:])
     assert meter.miou() == pytest.approx(expected, abs=1e-6)
-    assert meter.class_iou() == [pytest.approx(1.0), pytest.approx(1 / 3, abs=1e-5), pytest.approx(1 / 3, abs=1e-5),
-                                 None]
+    assert meter.class_iou() == [
+        pytest.approx(1.0),
+        pytest.approx(1 / 3, abs=1e-5),
+        pytest.approx(1 / 3, abs=1e-5),
+        None,
+    ]
     with pytest.raises(InputError):
         meter.update(torch.tensor([[7]]), torch.tensor([[0]]))
 
 
 # ---------------------------------------------------------------------------------------------- features
 def _ctx(model, extra=None, **kw) -> EvalContext:
-    return EvalContext(model, "m", "m", EvalConfig(extra={"segmentation": {**TINY, **(extra or {})}}), progress=False,
-                       **kw)
+    return EvalContext(
+        model, "m", "m", EvalConfig(extra={"segmentation": {**TINY, **(extra or {})}}), progress=False, **kw
+    )
 
 
 @pytest.mark.parametrize("size", [56, 60])
@@ -197,15 +211,25 @@ class RandomFeatures(nn.Module):
 def test_both_protocols_write_records_and_pictures(tmp_path, name):
     model = timm.create_model(name, num_classes=0)
     config = EvalConfig(train_images=50, val_images=20, test_images=20, extra={"segmentation": TINY})
-    records = evaluate(model, name, name, config, protocols=("segmentation", "segmentation_mlp"),
-                       cache_dir=tmp_path / "cache", out_dir=tmp_path, progress=False)
+    records = evaluate(
+        model,
+        name,
+        name,
+        config,
+        protocols=("segmentation", "segmentation_mlp"),
+        cache_dir=tmp_path / "cache",
+        out_dir=tmp_path,
+        progress=False,
+    )
     assert [r["protocol"]["name"] for r in records] == ["segmentation", "segmentation_mlp"]
     for r in records:
         assert r["metric"] == "miou" and r["dataset"] == "fashion_scenes" and r["split"] == "test"
         assert 0.0 <= r["value"] <= 1.0
         assert r["scenes"] == {"train": 24, "val": 8, "test": 8}
-        assert set(r["per_class_iou"]) == {"background", *load_segmentation("fashion_scenes", "test",
-                                                                            num_images=1).class_names[1:]}
+        assert set(r["per_class_iou"]) == {
+            "background",
+            *load_segmentation("fashion_scenes", "test", num_images=1).class_names[1:],
+        }
     assert records[0]["val_miou"] is not None and len(records[0]["protocol"]["val_curve"]) == 3
     assert (tmp_path / f"segmentation_{name}.png").stat().st_size > 0
     assert (tmp_path / f"segmentation_mlp_{name}.png").stat().st_size > 0
@@ -215,8 +239,7 @@ def test_both_protocols_write_records_and_pictures(tmp_path, name):
 
 def test_raw_pixels_score_clearly_above_random_features():
     # enough steps (150) for the head to find the intensity threshold between background and items
-    extra = {**TINY, "train_images": 40, "val_images": 20, "test_images": 40, "head_epochs": 15,
-             "head_batch_size": 4}
+    extra = {**TINY, "train_images": 40, "val_images": 20, "test_images": 40, "head_epochs": 15, "head_batch_size": 4}
     config = EvalConfig(train_images=50, val_images=20, test_images=20, extra={"segmentation": extra})
     scores = {}
     for name, model in (("raw", timm.create_model("raw_pixels", num_classes=0)), ("random", RandomFeatures())):
@@ -260,8 +283,7 @@ def test_ade20k_and_voc_folders_load_resized(tmp_path):
     for official, n in (("training", 4), ("validation", 2)):
         for i in range(n):
             stem = f"ADE_{official}_{i:08d}"
-            _write_pair(ade / "images" / official / f"{stem}.jpg", ade / "annotations" / official / f"{stem}.png",
-                        mask)
+            _write_pair(ade / "images" / official / f"{stem}.jpg", ade / "annotations" / official / f"{stem}.png", mask)
     test = load_segmentation("ade20k", "test", root=tmp_path, size=16)
     assert test.images.shape == (2, 3, 16, 16) and test.masks.shape == (2, 16, 16)
     assert set(test.masks.unique().tolist()) == {2, 255} and test.num_classes == 150

@@ -25,8 +25,13 @@ from diffssl_plugin.eval.transfer import TOPS, adapt_images, fashion_mnist_tops,
 
 SMALL = {"train_images": 200, "val_images": 300, "test_images": 500, "final_cs": (0.1, 1.0)}
 #: 0.2% of Fashion-MNIST's 54,000 train images: 11 labels per class (1% works the same, only slower)
-SEMISUP = {"fractions": [0.002], "seeds": [0, 1, 2], "finetune": {"epochs": 1, "batch_size": 32},
-           "ft_val_images": 200, "ft_test_images": 300}
+SEMISUP = {
+    "fractions": [0.002],
+    "seeds": [0, 1, 2],
+    "finetune": {"epochs": 1, "batch_size": 32},
+    "ft_val_images": 200,
+    "ft_test_images": 300,
+}
 TRANSFER = {"train_images": 300, "val_images": 200, "test_images": 400}
 
 
@@ -36,8 +41,11 @@ class RandomFeatures(nn.Module):
     def __init__(self, dim: int = 32, in_chans: int = 1, img_size: int = 28):
         super().__init__()
         self.num_features, self.num_classes = dim, 0
-        self.pretrained_cfg = {**default_data_cfg(in_chans, img_size), "mean": (0.0,) * in_chans,
-                               "std": (1.0,) * in_chans}
+        self.pretrained_cfg = {
+            **default_data_cfg(in_chans, img_size),
+            "mean": (0.0,) * in_chans,
+            "std": (1.0,) * in_chans,
+        }
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         return torch.randn(x.shape[0], self.num_features)
@@ -119,18 +127,23 @@ def test_semisup_raw_pixels_above_chance_random_features_at_chance(tmp_path):
     # the same seeds give the same split files, whatever the backbone
     files = sorted(p.name for p in (tmp_path / "raw" / "splits").iterdir())
     assert files == [f"fashion_mnist-train-0.2pct-seed{s}.json" for s in (0, 1, 2)]
-    assert all((tmp_path / "raw" / "splits" / f).read_bytes() == (tmp_path / "rnd" / "splits" / f).read_bytes()
-               for f in files)
+    assert all(
+        (tmp_path / "raw" / "splits" / f).read_bytes() == (tmp_path / "rnd" / "splits" / f).read_bytes() for f in files
+    )
     # the leaderboard shows the summaries (mean ± std), not one seed's number
     rows = leaderboard_rows(raw)
-    assert rows[0]["values"]["semisup0.2_linear"] == (_summaries(raw)["semisup0.2_linear"]["value"],
-                                                      _summaries(raw)["semisup0.2_linear"]["std"])
+    assert rows[0]["values"]["semisup0.2_linear"] == (
+        _summaries(raw)["semisup0.2_linear"]["value"],
+        _summaries(raw)["semisup0.2_linear"]["std"],
+    )
     assert "±" in render_markdown(rows)
 
 
 def test_semisup_eval_train_pool_draws_from_the_cached_subset(tmp_path):
-    cfg = EvalConfig(**{**SMALL, "train_images": 500},
-                     extra={"semisup": {**SEMISUP, "pool": "eval_train", "protocols": ["linear"], "seeds": [0]}})
+    cfg = EvalConfig(
+        **{**SMALL, "train_images": 500},
+        extra={"semisup": {**SEMISUP, "pool": "eval_train", "protocols": ["linear"], "seeds": [0]}},
+    )
     ctx = EvalContext(raw_pixels(), "m", "m", cfg, out_dir=tmp_path, progress=False)
     records = PROTOCOLS["semisup"](ctx)
     summary = _summaries(records)["semisup0.2_linear"]
@@ -215,8 +228,9 @@ def test_transfer_adapts_targets_whose_channels_and_size_differ(source, backbone
     def remake(split: str, n: int) -> ImageSet:
         data = fashion_mnist_tops(split).balanced_subset(total=n, seed=0)
         x = F.interpolate(data.images.float(), size=(size, size), mode="bilinear").round().to(torch.uint8)
-        return ImageSet("toy_tops", split, x.expand(-1, channels, -1, -1).contiguous(), data.labels,
-                        data.class_names, data.indices)
+        return ImageSet(
+            "toy_tops", split, x.expand(-1, channels, -1, -1).contiguous(), data.labels, data.class_names, data.indices
+        )
 
     # the class itself: timm.create_model("raw_pixels", in_chans=3, img_size=32) keeps the registered 1×28×28 cfg
     model = RawPixels(in_chans=backbone[0], img_size=backbone[1])
@@ -229,20 +243,44 @@ def test_transfer_adapts_targets_whose_channels_and_size_differ(source, backbone
 # ---------------------------------------------------------------------------------------------- bad input
 def test_bad_settings_raise_clear_errors(train_pool):
     with pytest.raises(UnknownNameError, match="no_such_set"):
-        evaluate(raw_pixels(), "m", "m", EvalConfig(extra={"transfer": {"targets": ["no_such_set"]}}),
-                 protocols=("transfer",), progress=False)
+        evaluate(
+            raw_pixels(),
+            "m",
+            "m",
+            EvalConfig(extra={"transfer": {"targets": ["no_such_set"]}}),
+            protocols=("transfer",),
+            progress=False,
+        )
     with pytest.raises(UnknownNameError, match="no_such_set"):
         load_target("no_such_set", "train")
     with pytest.raises(InputError, match="pretraining dataset"):
-        evaluate(raw_pixels(), "m", "m", EvalConfig(extra={"transfer": {"targets": ["fashion_mnist"]}}),
-                 protocols=("transfer",), progress=False)
+        evaluate(
+            raw_pixels(),
+            "m",
+            "m",
+            EvalConfig(extra={"transfer": {"targets": ["fashion_mnist"]}}),
+            protocols=("transfer",),
+            progress=False,
+        )
     with pytest.raises(InputError, match="tragets"):
-        evaluate(raw_pixels(), "m", "m", EvalConfig(extra={"transfer": {"tragets": ["digits"]}}),
-                 protocols=("transfer",), progress=False)
+        evaluate(
+            raw_pixels(),
+            "m",
+            "m",
+            EvalConfig(extra={"transfer": {"tragets": ["digits"]}}),
+            protocols=("transfer",),
+            progress=False,
+        )
     for fraction in (0, -0.1, 1.5):
         with pytest.raises(InputError, match=r"\(0, 1\]"):
-            evaluate(raw_pixels(), "m", "m", EvalConfig(extra={"semisup": {"fractions": [fraction]}}),
-                     protocols=("semisup",), progress=False)
+            evaluate(
+                raw_pixels(),
+                "m",
+                "m",
+                EvalConfig(extra={"semisup": {"fractions": [fraction]}}),
+                protocols=("semisup",),
+                progress=False,
+            )
         with pytest.raises(InputError, match=r"\(0, 1\]"):
             labelled_subset(train_pool, fraction, seed=0)
     with pytest.raises(UnknownNameError, match="lienar"):
@@ -260,14 +298,43 @@ def test_cli_passes_protocol_settings(tmp_path, capsys):
     from diffssl_plugin.cli import main
 
     extra = {"transfer": {"targets": ["digits"], "train_images": 200, "val_images": 100, "test_images": 200}}
-    assert main(["eval", "--model", "raw_pixels", "--protocol", "transfer", "--extra", json.dumps(extra),
-                 "--out", str(tmp_path), "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "eval",
+                "--model",
+                "raw_pixels",
+                "--protocol",
+                "transfer",
+                "--extra",
+                json.dumps(extra),
+                "--out",
+                str(tmp_path),
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     (record,) = (json.loads(line) for line in (tmp_path / "records.jsonl").read_text().splitlines())
     assert record["protocol"]["name"] == "transfer_digits" and record["target_images"]["train"] == 200
     assert "→ digits" in (tmp_path / "leaderboard.md").read_text()  # the column of transfer_digits
     bad = {"transfer": {"targets": ["no_such_set"]}}
-    assert main(["eval", "--model", "raw_pixels", "--protocol", "transfer", "--extra", json.dumps(bad),
-                 "--out", str(tmp_path)]) == 2
+    assert (
+        main(
+            [
+                "eval",
+                "--model",
+                "raw_pixels",
+                "--protocol",
+                "transfer",
+                "--extra",
+                json.dumps(bad),
+                "--out",
+                str(tmp_path),
+            ]
+        )
+        == 2
+    )
     assert "no_such_set" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["eval", "--model", "raw_pixels", "--extra", "{not json", "--out", str(tmp_path)])

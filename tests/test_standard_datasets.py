@@ -30,8 +30,19 @@ from diffssl_plugin.data import (
 from diffssl_plugin.data import cache as cache_mod
 from diffssl_plugin.errors import DatasetNotFoundError, InputError, UnknownNameError
 
-NEW_SETS = ["cifar10", "cifar100", "stl10", "tiny_imagenet", "imagenet", "flowers102", "oxford_pets",
-            "fgvc_aircraft", "stanford_cars", "dtd", "food101"]
+NEW_SETS = [
+    "cifar10",
+    "cifar100",
+    "stl10",
+    "tiny_imagenet",
+    "imagenet",
+    "flowers102",
+    "oxford_pets",
+    "fgvc_aircraft",
+    "stanford_cars",
+    "dtd",
+    "food101",
+]
 
 
 @pytest.fixture(autouse=True)
@@ -95,8 +106,13 @@ def write_cifar10(root: Path, per_batch=20, n_test=20):
     names = [f"class{i}" for i in range(10)]
     with open(base / "batches.meta", "wb") as f:
         pickle.dump({"label_names": names, "num_cases_per_batch": per_batch, "num_vis": 3072}, f)
-    return np.concatenate(train_x).reshape(-1, 3, 32, 32), np.array(train_y), test_x.reshape(-1, 3, 32, 32), \
-        np.array(test_y), names
+    return (
+        np.concatenate(train_x).reshape(-1, 3, 32, 32),
+        np.array(train_y),
+        test_x.reshape(-1, 3, 32, 32),
+        np.array(test_y),
+        names,
+    )
 
 
 def write_stl10(root: Path, n_train=60, n_test=10, n_unlabeled=4):
@@ -139,8 +155,7 @@ def write_imagenet(base: Path, per_class=60, val_per_class=4):
         for k in range(per_class):
             write_image(base / "train" / wnid / f"{wnid}_{k}.JPEG", colour(c, k % 20), size=(24, 16), fmt="PNG")
         for k in range(val_per_class):
-            write_image(base / "val" / wnid / f"ILSVRC2012_val_{c}{k:04d}.JPEG", colour(c, k), size=(16, 24),
-                        fmt="PNG")
+            write_image(base / "val" / wnid / f"ILSVRC2012_val_{c}{k:04d}.JPEG", colour(c, k), size=(16, 24), fmt="PNG")
     one = [f"{wnid}_{k}.JPEG" for wnid in WNIDS for k in (3, 7)]
     ten = [f"{wnid}_{k}.JPEG" for wnid in WNIDS for k in range(0, 60, 10)]
     (base / "1percent.txt").write_text("\n".join(one) + "\n")
@@ -165,14 +180,15 @@ def test_cifar10_val_split_is_stratified_seeded_and_partitions_trainval(tmp_path
     write_cifar10(tmp_path)
     tv = load("cifar10", "trainval", tmp_path)
     train, val = load("cifar10", "train", tmp_path), load("cifar10", "val", tmp_path)
-    assert Counter(val.labels.tolist()) == {c: 1 for c in range(10)}  # 10% of 10 per class
+    assert Counter(val.labels.tolist()) == dict.fromkeys(range(10), 1)  # 10% of 10 per class
     assert not set(train.indices.tolist()) & set(val.indices.tolist())
     assert set(train.indices.tolist()) | set(val.indices.tolist()) == set(range(len(tv)))
     assert torch.equal(tv.images[train.indices], train.images) and torch.equal(tv.labels[val.indices], val.labels)
     again, other = load("cifar10", "val", tmp_path), load("cifar10", "val", tmp_path, val_seed=1)
     assert torch.equal(again.indices, val.indices)
     assert not torch.equal(other.indices, val.indices) and Counter(other.labels.tolist()) == Counter(
-        val.labels.tolist())
+        val.labels.tolist()
+    )
     # the same rule as the offline sets
     rest, held = stratified_split(tv.labels.numpy(), 0.1, seed=0)
     assert np.array_equal(held, val.indices.numpy()) and np.array_equal(rest, train.indices.numpy())
@@ -215,7 +231,7 @@ def test_stl10_labelled_test_and_unlabelled_splits(tmp_path):
     assert unl.images.shape == (4, 3, 96, 96) and set(unl.labels.tolist()) == {-1}
     both = load("stl10", "train+unlabeled", tmp_path)
     assert len(both) == 64 and torch.equal(both.images[60:], unl.images) and torch.equal(both.labels[:60], tv.labels)
-    assert Counter(load("stl10", "val", tmp_path).labels.tolist()) == {c: 1 for c in range(10)}
+    assert Counter(load("stl10", "val", tmp_path).labels.tolist()) == dict.fromkeys(range(10), 1)
     assert DATASETS["stl10"].splits[-2:] == ("unlabeled", "train+unlabeled")
 
 
@@ -353,8 +369,11 @@ def test_imagenet_trees_subsets_and_centre_crop(tmp_path):
         assert Counter(sub.labels.tolist()) == {c: len(listed) // 3 for c in range(3)}
 
     default = load("imagenet", "test", root)  # the registered size
-    assert default.images.shape == (12, 3, 256, 256) == (12, 3, DATASETS["imagenet"].image_size,
-                                                         DATASETS["imagenet"].image_size)
+    assert (
+        default.images.shape
+        == (12, 3, 256, 256)
+        == (12, 3, DATASETS["imagenet"].image_size, DATASETS["imagenet"].image_size)
+    )
 
 
 def test_centre_crop_keeps_the_middle(tmp_path):
@@ -412,16 +431,17 @@ def test_memmapped_imageset_reads_only_what_it_takes(tmp_path):
     del out
     labels = torch.arange(n) % 10
     before = _rss()
-    data = ImageSet("big", "trainval", torch.from_numpy(np.load(path, mmap_mode="c")), labels, tuple("abcdefghij"),
-                    torch.arange(n))
+    data = ImageSet(
+        "big", "trainval", torch.from_numpy(np.load(path, mmap_mode="c")), labels, tuple("abcdefghij"), torch.arange(n)
+    )
     sub = data.balanced_subset(total=20, seed=0)
     part = data.take(torch.tensor([0, 97, 194]))
     head = data.images[:5]
     grown = _rss() - before
-    assert len(sub) == 20 and Counter(sub.labels.tolist()) == {c: 2 for c in range(10)}
+    assert len(sub) == 20 and Counter(sub.labels.tolist()) == dict.fromkeys(range(10), 2)
     assert torch.equal(sub.images, data.images[sub.indices])
     assert part.images[:, 0, 0, 0].tolist() == [0, 97, 194] and head.shape == (5, 3, size, size)
-    assert grown < 30 * 2 ** 20, f"RSS grew by {grown / 2 ** 20:.1f} MB for a 98 MB set"
+    assert grown < 30 * 2**20, f"RSS grew by {grown / 2**20:.1f} MB for a 98 MB set"
 
 
 # ---------------------------------------------------------------- fine-grained transfer targets
@@ -476,10 +496,14 @@ def write_aircraft(root: Path):
 
 def write_cars(root: Path):
     base = root / "stanford_cars"
-    _savemat(base / "devkit" / "cars_meta.mat",
-             {"class_names": np.array(["Car A 2001", "Car B 2002", "Car C 2003"], dtype=object)})
-    for split, n, mat in (("train", 30, base / "devkit" / "cars_train_annos.mat"),
-                          ("test", 6, base / "cars_test_annos_withlabels.mat")):
+    _savemat(
+        base / "devkit" / "cars_meta.mat",
+        {"class_names": np.array(["Car A 2001", "Car B 2002", "Car C 2003"], dtype=object)},
+    )
+    for split, n, mat in (
+        ("train", 30, base / "devkit" / "cars_train_annos.mat"),
+        ("test", 6, base / "cars_test_annos_withlabels.mat"),
+    ):
         ann = np.array([(f"{i + 1:05d}.jpg", 1 + i % 3) for i in range(n)], dtype=[("fname", "O"), ("class", "O")])
         for i in range(n):
             write_image(base / f"cars_{split}" / f"{i + 1:05d}.jpg", colour(i % 3, i % 20))
@@ -518,8 +542,14 @@ def write_food(root: Path):
     return 20, None, 4, 101
 
 
-FINE = {"flowers102": write_flowers, "oxford_pets": write_pets, "fgvc_aircraft": write_aircraft,
-        "stanford_cars": write_cars, "dtd": write_dtd, "food101": write_food}
+FINE = {
+    "flowers102": write_flowers,
+    "oxford_pets": write_pets,
+    "fgvc_aircraft": write_aircraft,
+    "stanford_cars": write_cars,
+    "dtd": write_dtd,
+    "food101": write_food,
+}
 
 
 @pytest.mark.parametrize("name", sorted(FINE))
@@ -578,10 +608,17 @@ def test_register_image_folder_grey_with_official_val(tmp_path):
 # ---------------------------------------------------------------- missing data and bad names
 
 EXPECTED_PATH = {
-    "cifar10": "cifar-10-batches-py", "cifar100": "cifar-100-python", "stl10": "stl10_binary",
-    "tiny_imagenet": "tiny-imagenet-200/train", "imagenet": "imagenet/train", "flowers102": "flowers-102/jpg",
-    "oxford_pets": "oxford-iiit-pet/annotations", "fgvc_aircraft": "fgvc-aircraft-2013b/data",
-    "stanford_cars": "stanford_cars/devkit", "dtd": "dtd/dtd/labels", "food101": "food-101/meta",
+    "cifar10": "cifar-10-batches-py",
+    "cifar100": "cifar-100-python",
+    "stl10": "stl10_binary",
+    "tiny_imagenet": "tiny-imagenet-200/train",
+    "imagenet": "imagenet/train",
+    "flowers102": "flowers-102/jpg",
+    "oxford_pets": "oxford-iiit-pet/annotations",
+    "fgvc_aircraft": "fgvc-aircraft-2013b/data",
+    "stanford_cars": "stanford_cars/devkit",
+    "dtd": "dtd/dtd/labels",
+    "food101": "food-101/meta",
 }
 
 

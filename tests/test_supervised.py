@@ -91,8 +91,11 @@ def test_heads_and_finetuning_train_through_the_helper(steps):
 
     steps.clear()
     splits = load_eval_splits(EvalConfig(train_images=100, val_images=50, test_images=50))
-    res = finetune(timm.create_model("raw_pixels"), *splits,
-                   recipe=FinetuneRecipe(epochs=2, batch_size=30, probe_cs=(0.1,), hflip=True))
+    res = finetune(
+        timm.create_model("raw_pixels"),
+        *splits,
+        recipe=FinetuneRecipe(epochs=2, batch_size=30, probe_cs=(0.1,), hflip=True),
+    )
     assert steps == [1] * 6 and len(res.val_curve) == 3 and res.val_acc == max(res.val_curve)
     assert next(res.model.parameters()).device == runtime.current().device and 0 <= res.test_acc <= 1
 
@@ -123,8 +126,14 @@ def test_two_processes_take_the_same_steps_as_one(tmp_path):
     processes: the same scores, losses and weights (only the gradient reduction's float order differs)."""
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}
     for n in (1, 2):
-        done = subprocess.run([sys.executable, str(WORKER), str(tmp_path / str(n)), str(n)], check=False, env=env,
-                              capture_output=True, text=True, timeout=600)
+        done = subprocess.run(
+            [sys.executable, str(WORKER), str(tmp_path / str(n)), str(n)],
+            check=False,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
         assert done.returncode == 0, done.stderr[-3000:]
     one, two = (json.loads((tmp_path / str(n) / "result.json").read_text()) for n in (1, 2))
     assert (one["world_size"], two["world_size"]) == (1, 2)

@@ -16,11 +16,24 @@ import diffssl_plugin  # noqa: F401
 from diffssl_plugin.methods.base import StartAt, StepBatches
 from diffssl_plugin.methods.training import Budget, pretrain
 
-TINY_UNET = dict(sample_size=28, in_channels=1, out_channels=1, block_out_channels=(8, 16), layers_per_block=1,
-                 down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
-                 norm_num_groups=8, add_attention=False)
-TINY = dict(method_kwargs={"unet_config": TINY_UNET, "warmup_steps": 2}, batch_size=16, max_images=200,
-            progress=False, logger=False)
+TINY_UNET = {
+    "sample_size": 28,
+    "in_channels": 1,
+    "out_channels": 1,
+    "block_out_channels": (8, 16),
+    "layers_per_block": 1,
+    "down_block_types": ("DownBlock2D", "DownBlock2D"),
+    "up_block_types": ("UpBlock2D", "UpBlock2D"),
+    "norm_num_groups": 8,
+    "add_attention": False,
+}
+TINY = {
+    "method_kwargs": {"unet_config": TINY_UNET, "warmup_steps": 2},
+    "batch_size": 16,
+    "max_images": 200,
+    "progress": False,
+    "logger": False,
+}
 
 
 def test_budget_parse_and_steps():
@@ -61,8 +74,9 @@ def test_pretrain_respects_step_budget_and_exports(tmp_path):
     backbone = timm.create_model(f"local-dir:{export / 'backbone'}", pretrained=True)
     from diffssl_plugin.backbones import DDAEBackbone
 
-    from_diffusers = DDAEBackbone.from_diffusers(str(export / "diffusers"), block=backbone.block,
-                                                 pool=backbone.pool, timestep=backbone.timestep)
+    from_diffusers = DDAEBackbone.from_diffusers(
+        str(export / "diffusers"), block=backbone.block, pool=backbone.pool, timestep=backbone.timestep
+    )
     x = torch.rand(3, 1, 28, 28) * 2 - 1
     torch.testing.assert_close(backbone(x), from_diffusers(x))
 
@@ -131,8 +145,9 @@ def test_resume_after_interruption_is_exact(tmp_path):
     pretrain("ddae", budget=Budget(steps=6), out_dir=straight, checkpoint_every=2, **TINY)
     broken = tmp_path / "broken"
     with pytest.raises(RuntimeError, match="power cut"):
-        pretrain("ddae", budget=Budget(steps=6), out_dir=broken, checkpoint_every=2,
-                 callbacks=[_Crash(at_step=5)], **TINY)
+        pretrain(
+            "ddae", budget=Budget(steps=6), out_dir=broken, checkpoint_every=2, callbacks=[_Crash(at_step=5)], **TINY
+        )
     assert _final_weights(broken)[1] == 4  # the last checkpoint written before the crash
     pretrain("ddae", budget=Budget(steps=6), out_dir=broken, checkpoint_every=2, **TINY)
     a, step_a = _final_weights(straight)
@@ -153,14 +168,39 @@ def test_unknown_method_lists_valid_ones(tmp_path):
 @pytest.mark.slow
 def test_ddp_on_two_cpu_processes(tmp_path):
     """Lightning's DDP (gloo) with 2 CPU processes, launched the way users launch it: the CLI."""
-    args = ["--method", "ddae", "--accelerator", "cpu", "--devices", "2", "--strategy", "ddp",
-            "--budget", "3steps", "--batch-size", "16", "--max-images", "200", "--out", str(tmp_path),
-            "--no-progress", "--method-args", json.dumps({"unet_config": TINY_UNET, "warmup_steps": 2})]
+    args = [
+        "--method",
+        "ddae",
+        "--accelerator",
+        "cpu",
+        "--devices",
+        "2",
+        "--strategy",
+        "ddp",
+        "--budget",
+        "3steps",
+        "--batch-size",
+        "16",
+        "--max-images",
+        "200",
+        "--out",
+        str(tmp_path),
+        "--no-progress",
+        "--method-args",
+        json.dumps({"unet_config": TINY_UNET, "warmup_steps": 2}),
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-m", "diffssl_plugin.cli", "pretrain", *args], capture_output=True,
-                          text=True, timeout=300, env=env, cwd=tmp_path)
+    proc = subprocess.run(
+        [sys.executable, "-m", "diffssl_plugin.cli", "pretrain", *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+        cwd=tmp_path,
+        check=False,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    result = json.loads(proc.stdout[proc.stdout.index("{"):])
+    result = json.loads(proc.stdout[proc.stdout.index("{") :])
     assert result["steps"] == 3 and result["global_batch_size"] == 16
     assert "ddp" in proc.stderr.lower() or "distributed" in proc.stderr.lower()
     assert (tmp_path / "export" / "backbone" / "model.safetensors").is_file()

@@ -25,11 +25,26 @@ def test_wheel_lists_every_config_and_the_command(tmp_path):
     src.mkdir()
     for name in ("pyproject.toml", "README.md"):
         shutil.copy(SOURCE / name, src / name)
-    shutil.copytree(SOURCE / "diffssl_plugin", src / "diffssl_plugin",
-                    ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation",
-                    "--wheel-dir", str(tmp_path / "dist"), str(src)],
-                   check=True, capture_output=True, timeout=300)
+    shutil.copytree(
+        SOURCE / "diffssl_plugin", src / "diffssl_plugin", ignore=shutil.ignore_patterns("__pycache__", "*.pyc")
+    )
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "-q",
+            "--no-deps",
+            "--no-build-isolation",
+            "--wheel-dir",
+            str(tmp_path / "dist"),
+            str(src),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
     (wheel,) = (tmp_path / "dist").glob("diffssl_plugin-*.whl")
     with zipfile.ZipFile(wheel) as z:
         names = set(z.namelist())

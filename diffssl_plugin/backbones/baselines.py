@@ -45,31 +45,59 @@ def norm_stats(in_chans: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
 
 def _cfg(in_chans: int, size: int, **kw) -> dict:
     mean, std = norm_stats(in_chans)
-    return dict(input_size=(in_chans, size, size), mean=mean, std=std, interpolation="bilinear", crop_pct=1.0,
-                crop_mode="center", num_classes=0, **kw)
+    return dict(
+        input_size=(in_chans, size, size),
+        mean=mean,
+        std=std,
+        interpolation="bilinear",
+        crop_pct=1.0,
+        crop_mode="center",
+        num_classes=0,
+        **kw,
+    )
 
 
-_RESNET = dict(first_conv="conv1", classifier="fc", paper_ids="arXiv:2002.05709")
-_VIT = dict(first_conv="patch_embed.proj", classifier="head", fixed_input_size=True,
-            paper_ids="arXiv:2111.06377")
+_RESNET = {"first_conv": "conv1", "classifier": "fc", "paper_ids": "arXiv:2002.05709"}
+_VIT = {
+    "first_conv": "patch_embed.proj",
+    "classifier": "head",
+    "fixed_input_size": True,
+    "paper_ids": "arXiv:2111.06377",
+}
 
-default_cfgs = generate_default_cfgs({
-    "simclr_resnet18_cifar.fmnist": _cfg(1, 28, **_RESNET, description="SimCLR ResNet-18, 28×28 grey"),
-    "simclr_resnet18_cifar.cifar10": _cfg(3, 32, **_RESNET, description="SimCLR ResNet-18, 32×32 RGB"),
-    "mae_vit_tiny_p4.fmnist": _cfg(1, 28, **_VIT, description="MAE ViT-Tiny/4, 28×28 grey"),
-    "mae_vit_tiny_p4.cifar10": _cfg(3, 32, **_VIT, description="MAE ViT-Tiny/4, 32×32 RGB"),
-})
+default_cfgs = generate_default_cfgs(
+    {
+        "simclr_resnet18_cifar.fmnist": _cfg(1, 28, **_RESNET, description="SimCLR ResNet-18, 28×28 grey"),
+        "simclr_resnet18_cifar.cifar10": _cfg(3, 32, **_RESNET, description="SimCLR ResNet-18, 32×32 RGB"),
+        "mae_vit_tiny_p4.fmnist": _cfg(1, 28, **_VIT, description="MAE ViT-Tiny/4, 28×28 grey"),
+        "mae_vit_tiny_p4.cifar10": _cfg(3, 32, **_VIT, description="MAE ViT-Tiny/4, 32×32 RGB"),
+    }
+)
 
 
 class CifarResNet(ResNet):
     """timm's ResNet with the CIFAR stem: ``conv1`` is a 3×3 stride-1 convolution and there is no max-pool, so
     a 28/32-pixel image reaches ``layer4`` at 4×4 (not 1×1). ``layers``/``channels`` default to ResNet-18."""
 
-    def __init__(self, layers: Sequence[int] = (2, 2, 2, 2), channels: Sequence[int] = (64, 128, 256, 512),
-                 in_chans: int = 3, num_classes: int = 0, global_pool: str = "avg", **kwargs):
+    def __init__(
+        self,
+        layers: Sequence[int] = (2, 2, 2, 2),
+        channels: Sequence[int] = (64, 128, 256, 512),
+        in_chans: int = 3,
+        num_classes: int = 0,
+        global_pool: str = "avg",
+        **kwargs,
+    ):
         kwargs.pop("pretrained_cfg", None)
-        super().__init__(BasicBlock, tuple(layers), num_classes=num_classes, in_chans=in_chans,
-                         global_pool=global_pool, channels=tuple(channels), **kwargs)
+        super().__init__(
+            BasicBlock,
+            tuple(layers),
+            num_classes=num_classes,
+            in_chans=in_chans,
+            global_pool=global_pool,
+            channels=tuple(channels),
+            **kwargs,
+        )
         self.in_chans, self.layers, self.channels = in_chans, list(layers), list(channels)
         stem = self.bn1.num_features  # timm's plain stem is 64 channels wide, whatever ``channels`` is
         self.conv1 = nn.Conv2d(in_chans, stem, kernel_size=3, stride=1, padding=1, bias=False)
@@ -80,7 +108,7 @@ class CifarResNet(ResNet):
 
     def model_args(self) -> dict:
         """Arguments that rebuild this backbone through ``simclr_resnet18_cifar`` (written on export)."""
-        return dict(layers=self.layers, channels=self.channels)
+        return {"layers": self.layers, "channels": self.channels}
 
 
 class MAEViT(VisionTransformer):
@@ -93,8 +121,11 @@ class MAEViT(VisionTransformer):
 
     def __init__(self, **kwargs):
         kwargs.pop("pretrained_cfg", None)
-        self._arch = {k: kwargs[k] for k in ("patch_size", "embed_dim", "depth", "num_heads", "mlp_ratio",
-                                              "fc_norm", "class_token") if k in kwargs}
+        self._arch = {
+            k: kwargs[k]
+            for k in ("patch_size", "embed_dim", "depth", "num_heads", "mlp_ratio", "fc_norm", "class_token")
+            if k in kwargs
+        }
         super().__init__(**kwargs)
         self.in_chans = kwargs.get("in_chans", 3)
         self.block = self.block_names[-1]
@@ -119,8 +150,9 @@ class MAEViT(VisionTransformer):
         blocks = [f"blocks.{i}" for i in sorted({depth // 2, (3 * depth) // 4, depth - 1})]
         return {"output": True, "blocks": blocks, "timesteps": (0,)}
 
-    def extract(self, x: torch.Tensor, timesteps: Sequence, blocks: Sequence[str],
-                pool: str | None = "avg") -> dict[tuple, torch.Tensor]:
+    def extract(
+        self, x: torch.Tensor, timesteps: Sequence, blocks: Sequence[str], pool: str | None = "avg"
+    ) -> dict[tuple, torch.Tensor]:
         """``{(t, block): features}`` for every ``t`` in ``timesteps``, from one forward that stops at the
         last block asked for. ``pool``: ``"avg"``, ``"avgKxK"`` or ``None``/``"none"`` (NCHW token maps)."""
         from .pooling import pool_cells, pool_features
@@ -130,19 +162,18 @@ class MAEViT(VisionTransformer):
         for b in blocks:
             check_name("block", b, self.block_names)
         if x.dim() != 4 or x.shape[1] != self.in_chans:
-            raise InputError(f"MAEViT expects images of shape (B, {self.in_chans}, H, W), "
-                             f"got {tuple(x.shape)}")
+            raise InputError(f"MAEViT expects images of shape (B, {self.in_chans}, H, W), got {tuple(x.shape)}")
         indices = sorted({self.block_names.index(b) for b in blocks})
-        maps = self.forward_intermediates(x, indices=indices, stop_early=True, output_fmt="NCHW",
-                                          intermediates_only=True)
+        maps = self.forward_intermediates(
+            x, indices=indices, stop_early=True, output_fmt="NCHW", intermediates_only=True
+        )
         by_block = {f"blocks.{i}": pool_features(m, pool) for i, m in zip(indices, maps)}
         return {(t, b): by_block[b] for t in (timesteps or [None]) for b in blocks}
 
     def model_args(self) -> dict:
         """Arguments that rebuild this backbone through ``mae_vit_tiny_p4`` (written on export)."""
         size = self.patch_embed.img_size
-        return dict(self._arch, img_size=list(size) if isinstance(size, tuple) else size,
-                    global_pool=self.global_pool)
+        return dict(self._arch, img_size=list(size) if isinstance(size, tuple) else size, global_pool=self.global_pool)
 
 
 def _set_norm(model: nn.Module, in_chans: int) -> nn.Module:
@@ -158,17 +189,23 @@ def _set_norm(model: nn.Module, in_chans: int) -> nn.Module:
 @register_model
 def simclr_resnet18_cifar(pretrained: bool = False, **kwargs) -> CifarResNet:
     """ResNet-18 with the CIFAR stem (lightly's CIFAR-10 SimCLR backbone); 512-d average-pooled features."""
-    model = build_model_with_cfg(CifarResNet, "simclr_resnet18_cifar", pretrained,
-                                 feature_cfg=dict(feature_cls="getter"), **kwargs)
+    model = build_model_with_cfg(
+        CifarResNet, "simclr_resnet18_cifar", pretrained, feature_cfg={"feature_cls": "getter"}, **kwargs
+    )
     return _set_norm(model, model.in_chans)
 
 
 @register_model
 def mae_vit_tiny_p4(pretrained: bool = False, **kwargs) -> MAEViT:
     """ViT-Tiny with 4×4 patches (MAE's encoder); features are the normed class token (192-d)."""
-    args = dict(patch_size=4, embed_dim=192, depth=12, num_heads=3, global_pool="token", fc_norm=False)
-    model = build_model_with_cfg(MAEViT, "mae_vit_tiny_p4", pretrained,
-                                 feature_cfg=dict(feature_cls="getter", out_indices=3), **{**args, **kwargs})
+    args = {"patch_size": 4, "embed_dim": 192, "depth": 12, "num_heads": 3, "global_pool": "token", "fc_norm": False}
+    model = build_model_with_cfg(
+        MAEViT,
+        "mae_vit_tiny_p4",
+        pretrained,
+        feature_cfg={"feature_cls": "getter", "out_indices": 3},
+        **{**args, **kwargs},
+    )
     return _set_norm(model, model.in_chans)
 
 

@@ -19,8 +19,7 @@ from ..errors import InputError
 STRICT_INPUTS = os.environ.get("DIFFSSL_STRICT_INPUTS", "").strip().lower() not in ("", "0", "false", "no")
 
 
-def check_images(x: torch.Tensor, channels: int, image_size: int | None = None,
-                 name: str = "backbone") -> None:
+def check_images(x: torch.Tensor, channels: int, image_size: int | None = None, name: str = "backbone") -> None:
     """Raise :class:`InputError` naming the problem if ``x`` is not a floating (B, C, H, W) batch of ``channels``
     channels (and ``image_size``² pixels) for ``name``. Reads no values: no host sync."""
     if not isinstance(x, torch.Tensor):
@@ -30,27 +29,33 @@ def check_images(x: torch.Tensor, channels: int, image_size: int | None = None,
     if x.shape[1] != channels:
         raise InputError(f"{name} expects {channels} input channel(s), got {x.shape[1]} (shape {tuple(x.shape)})")
     if image_size is not None and tuple(x.shape[-2:]) != (image_size, image_size):
-        raise InputError(f"{name} expects {image_size}×{image_size} images, got {x.shape[-2]}×{x.shape[-1]}; "
-                         "resize them, or build the model with dynamic_img_size=True")
+        raise InputError(
+            f"{name} expects {image_size}×{image_size} images, got {x.shape[-2]}×{x.shape[-1]}; "
+            "resize them, or build the model with dynamic_img_size=True"
+        )
     if not x.is_floating_point():
         raise InputError(f"{name} expects floating-point images, got {x.dtype}; convert and normalise them first")
 
 
-def check_values(x: torch.Tensor, value_range: tuple[float, float] | None = None, tolerance: float = 1e-3,
-                 name: str = "backbone") -> None:
+def check_values(
+    x: torch.Tensor, value_range: tuple[float, float] | None = None, tolerance: float = 1e-3, name: str = "backbone"
+) -> None:
     """Raise :class:`InputError` if ``x`` holds NaN or inf, or (with ``value_range``) values outside
     ``[lo, hi]`` by more than ``tolerance``. One host sync: run it once per dataset, not in a forward."""
     if not x.numel():
         return
-    finite, lo_seen, hi_seen = torch.stack([torch.isfinite(x).all().float(), x.amin().float(),
-                                            x.amax().float()]).tolist()
+    finite, lo_seen, hi_seen = torch.stack(
+        [torch.isfinite(x).all().float(), x.amin().float(), x.amax().float()]
+    ).tolist()
     if not finite:
         raise InputError(f"{name} got NaN or inf in its input")
     if value_range is not None:
         lo, hi = value_range
         if lo_seen < lo - tolerance or hi_seen > hi + tolerance:
-            raise InputError(f"{name} expects values in [{lo:g}, {hi:g}], got [{lo_seen:.3g}, {hi_seen:.3g}]; "
-                             "normalise with the model's mean/std (timm.data.resolve_model_data_config)")
+            raise InputError(
+                f"{name} expects values in [{lo:g}, {hi:g}], got [{lo_seen:.3g}, {hi_seen:.3g}]; "
+                "normalise with the model's mean/std (timm.data.resolve_model_data_config)"
+            )
 
 
 def check_model_inputs(model: torch.nn.Module, x: torch.Tensor, values: bool = True) -> None:

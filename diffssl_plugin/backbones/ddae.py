@@ -64,20 +64,36 @@ UNET_PRESETS: dict[str, dict] = {
     # Small CPU U-Net for 28×28 grey images, chosen by measurement (benchmarks/throughput.py, README):
     # three levels 28→14→7, one residual block per level, self-attention only in the 7×7 middle block,
     # where it costs little (49 tokens).
-    "fmnist_small": dict(
-        sample_size=28, in_channels=1, out_channels=1, block_out_channels=(32, 64, 64), layers_per_block=1,
-        down_block_types=("DownBlock2D", "DownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "UpBlock2D", "UpBlock2D"), norm_num_groups=32, add_attention=True,
-    ),
+    "fmnist_small": {
+        "sample_size": 28,
+        "in_channels": 1,
+        "out_channels": 1,
+        "block_out_channels": (32, 64, 64),
+        "layers_per_block": 1,
+        "down_block_types": ("DownBlock2D", "DownBlock2D", "DownBlock2D"),
+        "up_block_types": ("UpBlock2D", "UpBlock2D", "UpBlock2D"),
+        "norm_num_groups": 32,
+        "add_attention": True,
+    },
     # The DDPM paper's 35.7M CIFAR-10 U-Net, i.e. the config of diffusers' google/ddpm-cifar10-32 and
     # DDAE's DDPM_ddpm network.
-    "cifar10_ddpm": dict(
-        sample_size=32, in_channels=3, out_channels=3, block_out_channels=(128, 256, 256, 256),
-        layers_per_block=2, down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D"), downsample_padding=0,
-        flip_sin_to_cos=False, freq_shift=1, norm_eps=1e-6, norm_num_groups=32, attention_head_dim=None,
-        time_embedding_type="positional", dropout=0.1,
-    ),
+    "cifar10_ddpm": {
+        "sample_size": 32,
+        "in_channels": 3,
+        "out_channels": 3,
+        "block_out_channels": (128, 256, 256, 256),
+        "layers_per_block": 2,
+        "down_block_types": ("DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"),
+        "up_block_types": ("UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
+        "downsample_padding": 0,
+        "flip_sin_to_cos": False,
+        "freq_shift": 1,
+        "norm_eps": 1e-6,
+        "norm_num_groups": 32,
+        "attention_head_dim": None,
+        "time_embedding_type": "positional",
+        "dropout": 0.1,
+    },
 }
 
 
@@ -109,11 +125,23 @@ class DDAEBackbone(TimmBackboneMixin, nn.Module):
             from a forward on the ``meta`` device (shapes only: no weights, no arithmetic).
     """
 
-    def __init__(self, unet_config: dict | str = "fmnist_small", timestep: int = 10, block: str = "mid",
-                 pool: str = "avg", noise_seed: int | None = 0, scheduler_config: dict | None = None,
-                 num_classes: int = 0, in_chans: int | None = None, global_pool: str | None = None,
-                 dynamic_img_size: bool = False, drop_rate: float = 0.0, unet: UNet2DModel | None = None,
-                 unit_shapes: Mapping[str, tuple[int, int, int]] | None = None, **kwargs):
+    def __init__(
+        self,
+        unet_config: dict | str = "fmnist_small",
+        timestep: int = 10,
+        block: str = "mid",
+        pool: str = "avg",
+        noise_seed: int | None = 0,
+        scheduler_config: dict | None = None,
+        num_classes: int = 0,
+        in_chans: int | None = None,
+        global_pool: str | None = None,
+        dynamic_img_size: bool = False,
+        drop_rate: float = 0.0,
+        unet: UNet2DModel | None = None,
+        unit_shapes: Mapping[str, tuple[int, int, int]] | None = None,
+        **kwargs,
+    ):
         super().__init__()
         kwargs.pop("pretrained_cfg", None)
         if kwargs:
@@ -127,8 +155,9 @@ class DDAEBackbone(TimmBackboneMixin, nn.Module):
                 config["in_channels"] = config["out_channels"] = in_chans
             unet = UNet2DModel(**config)
         self.unet = unet
-        self.unet_config = {k: (list(v) if isinstance(v, tuple) else v) for k, v in dict(unet.config).items()
-                            if not k.startswith("_")}
+        self.unet_config = {
+            k: (list(v) if isinstance(v, tuple) else v) for k, v in dict(unet.config).items() if not k.startswith("_")
+        }
         self.scheduler_config = {**DDPM_DEFAULTS, **(scheduler_config or {})}
         self.scheduler = ddpm_scheduler(**self.scheduler_config)
         # sqrt(ᾱ_t) and sqrt(1 - ᾱ_t) as Python numbers (the float32 values add_noise uses): noising at one
@@ -199,17 +228,26 @@ class DDAEBackbone(TimmBackboneMixin, nn.Module):
         if self.noise_seed is None:
             return torch.randn_like(x)
         noise = self._shared_noise
-        if (noise is None or self._shared_noise_seed != self.noise_seed or noise.shape[1:] != x.shape[1:]
-                or noise.device != x.device or noise.dtype != x.dtype):
+        if (
+            noise is None
+            or self._shared_noise_seed != self.noise_seed
+            or noise.shape[1:] != x.shape[1:]
+            or noise.device != x.device
+            or noise.dtype != x.dtype
+        ):
             key = (self.noise_seed, tuple(x.shape[1:]), x.device, x.dtype)
             noise = self._noise_cache.get(key)
             if noise is None:
                 noise = self._noise_cache[key] = _seeded_noise(self.noise_seed, x.shape[1:]).to(x.device, x.dtype)
         return noise.expand_as(x)
 
-    def _capture(self, x_t: torch.Tensor, timestep: int, wanted: Sequence[str],
-                 edits: Mapping[str, Callable[[torch.Tensor], torch.Tensor]] | None = None
-                 ) -> dict[str, torch.Tensor]:
+    def _capture(
+        self,
+        x_t: torch.Tensor,
+        timestep: int,
+        wanted: Sequence[str],
+        edits: Mapping[str, Callable[[torch.Tensor], torch.Tensor]] | None = None,
+    ) -> dict[str, torch.Tensor]:
         """Run the U-Net once on ``x_t`` and return the outputs of ``wanted`` units, stopping after the last.
 
         One block and no edits: the U-Net's :func:`truncated_unet` view ends with that block. Otherwise forward
@@ -261,10 +299,16 @@ class DDAEBackbone(TimmBackboneMixin, nn.Module):
             self._views[key] = truncated_unet(self.unet, block) if block in self._blocks else None
         return self._views[key]
 
-    def extract(self, x: torch.Tensor, timesteps: Sequence[int], blocks: Sequence[str],
-                pool: str | None = "avg", *, noise: torch.Tensor | None = None,
-                edits: Mapping[str, Callable[[torch.Tensor], torch.Tensor]] | None = None
-                ) -> dict[tuple[int, str], torch.Tensor]:
+    def extract(
+        self,
+        x: torch.Tensor,
+        timesteps: Sequence[int],
+        blocks: Sequence[str],
+        pool: str | None = "avg",
+        *,
+        noise: torch.Tensor | None = None,
+        edits: Mapping[str, Callable[[torch.Tensor], torch.Tensor]] | None = None,
+    ) -> dict[tuple[int, str], torch.Tensor]:
         """Features of ``blocks`` at each of ``timesteps``: ``{(t, block): tensor}``, one U-Net forward per timestep.
 
         ``x`` is a batch in [-1, 1]. ``pool`` is ``"avg"``, ``"avgKxK"`` or ``None``/``"none"`` (NCHW maps).
@@ -282,8 +326,10 @@ class DDAEBackbone(TimmBackboneMixin, nn.Module):
             if not callable(fn):
                 raise InputError(f"the edit of {name!r} must be a function of the unit's output, got {fn!r}")
         if edits and self.grad_checkpointing and torch.is_grad_enabled():
-            raise InputError("edits cannot run with gradient checkpointing on: the backward recomputes the U-Net's "
-                             "blocks without them; call set_grad_checkpointing(False) first")
+            raise InputError(
+                "edits cannot run with gradient checkpointing on: the backward recomputes the U-Net's "
+                "blocks without them; call set_grad_checkpointing(False) first"
+            )
         pool = pool or "none"
         pool_cells(pool)
         if noise is None:
@@ -309,7 +355,7 @@ class DDAEBackbone(TimmBackboneMixin, nn.Module):
         for n in names:
             c, h, _ = self.block_shapes[n]
             module = "unet.mid_block" if n == "mid" else f"unet.up_blocks.{n[2:]}"
-            info.append(dict(num_chs=c, reduction=self.image_size // h, module=module, block=n))
+            info.append({"num_chs": c, "reduction": self.image_size // h, "module": module, "block": n})
         return info
 
     def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
@@ -341,13 +387,19 @@ class DDAEBackbone(TimmBackboneMixin, nn.Module):
         x = pool_features(x, self.pool)
         return x if pre_logits else self.head(self.head_drop(x))
 
-    def forward_intermediates(self, x: torch.Tensor, indices: int | list[int] | None = None, norm: bool = False,
-                              stop_early: bool = False, output_fmt: str = "NCHW",
-                              intermediates_only: bool = False):
+    def forward_intermediates(
+        self,
+        x: torch.Tensor,
+        indices: int | list[int] | None = None,
+        norm: bool = False,
+        stop_early: bool = False,
+        output_fmt: str = "NCHW",
+        intermediates_only: bool = False,
+    ):
         """timm's intermediate-feature API over :attr:`feature_info`, in one forward at ``self.timestep``."""
         take, _ = self._take_indices(indices, output_fmt)
         names = [self.feature_info[i]["block"] for i in take]
-        wanted = names if intermediates_only else names + [self.block]
+        wanted = names if intermediates_only else [*names, self.block]
         feats = self.extract(x, [self.timestep], wanted, pool=None)
         intermediates = [feats[(self.timestep, n)] for n in names]
         if intermediates_only:
@@ -357,8 +409,14 @@ class DDAEBackbone(TimmBackboneMixin, nn.Module):
     # ------------------------------------------------------------------ construction helpers
     def model_args(self) -> dict:
         """Arguments that rebuild this backbone (written to timm's ``config.json`` on export)."""
-        return dict(unet_config=self.unet_config, timestep=self.timestep, block=self.block, pool=self.pool,
-                    noise_seed=self.noise_seed, scheduler_config=self.scheduler_config)
+        return {
+            "unet_config": self.unet_config,
+            "timestep": self.timestep,
+            "block": self.block,
+            "pool": self.pool,
+            "noise_seed": self.noise_seed,
+            "scheduler_config": self.scheduler_config,
+        }
 
     def with_settings(self, **changes) -> DDAEBackbone:
         """A backbone sharing this U-Net's weights with other ``timestep``/``block``/``pool``/... settings."""

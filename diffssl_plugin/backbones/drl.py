@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Sequence
+from typing import ClassVar
 
 import torch
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
@@ -43,18 +44,35 @@ SCORE_NET_PRESETS: dict[str, dict] = {
     # features of log σ (diffusers' time_embedding_type="fourier", scale 16), and the output is divided by σ,
     # so s_θ = unet_out / σ and σ s_θ is a noise prediction. class_embed_type="identity" adds the projected code
     # to the time embedding (see methods/drl.py).
-    "fmnist_small": {**UNET_PRESETS["fmnist_small"], "time_embedding_type": "fourier",
-                     "class_embed_type": "identity"},
+    "fmnist_small": {**UNET_PRESETS["fmnist_small"], "time_embedding_type": "fourier", "class_embed_type": "identity"},
     # A narrower, attention-free score net (0.41 GFLOP per training image vs 1.11): ~2.7× the steps per CPU
     # minute, for the level-of-detail benchmark where the encoder, not the sample quality, is under study.
-    "fmnist_tiny": dict(sample_size=28, in_channels=1, out_channels=1, block_out_channels=(16, 32, 64),
-                        layers_per_block=1, down_block_types=("DownBlock2D", "DownBlock2D", "DownBlock2D"),
-                        up_block_types=("UpBlock2D", "UpBlock2D", "UpBlock2D"), norm_num_groups=16,
-                        add_attention=False, time_embedding_type="fourier", class_embed_type="identity"),
-    "cifar10_small": dict(sample_size=32, in_channels=3, out_channels=3, block_out_channels=(64, 128, 128),
-                          layers_per_block=2, down_block_types=("DownBlock2D", "DownBlock2D", "DownBlock2D"),
-                          up_block_types=("UpBlock2D", "UpBlock2D", "UpBlock2D"), norm_num_groups=32,
-                          add_attention=True, time_embedding_type="fourier", class_embed_type="identity"),
+    "fmnist_tiny": {
+        "sample_size": 28,
+        "in_channels": 1,
+        "out_channels": 1,
+        "block_out_channels": (16, 32, 64),
+        "layers_per_block": 1,
+        "down_block_types": ("DownBlock2D", "DownBlock2D", "DownBlock2D"),
+        "up_block_types": ("UpBlock2D", "UpBlock2D", "UpBlock2D"),
+        "norm_num_groups": 16,
+        "add_attention": False,
+        "time_embedding_type": "fourier",
+        "class_embed_type": "identity",
+    },
+    "cifar10_small": {
+        "sample_size": 32,
+        "in_channels": 3,
+        "out_channels": 3,
+        "block_out_channels": (64, 128, 128),
+        "layers_per_block": 2,
+        "down_block_types": ("DownBlock2D", "DownBlock2D", "DownBlock2D"),
+        "up_block_types": ("UpBlock2D", "UpBlock2D", "UpBlock2D"),
+        "norm_num_groups": 32,
+        "add_attention": True,
+        "time_embedding_type": "fourier",
+        "class_embed_type": "identity",
+    },
 }
 
 
@@ -87,32 +105,45 @@ class DRLBackbone(TimmBackboneMixin, nn.Module):
         encoder: an existing :class:`DRLEncoder` to wrap (weights shared, not copied).
     """
 
-    def __init__(self, encoder_config: dict | str = "fmnist", code_dim: int = 64, time_dependent: bool = False,
-                 variational: bool = False, readout_t: Sequence[float] | None = None, num_classes: int = 0,
-                 in_chans: int | None = None, img_size: int | None = None, global_pool: str | None = None,
-                 drop_rate: float = 0.0, encoder: DRLEncoder | None = None, **kwargs):
+    def __init__(
+        self,
+        encoder_config: dict | str = "fmnist",
+        code_dim: int = 64,
+        time_dependent: bool = False,
+        variational: bool = False,
+        readout_t: Sequence[float] | None = None,
+        num_classes: int = 0,
+        in_chans: int | None = None,
+        img_size: int | None = None,
+        global_pool: str | None = None,
+        drop_rate: float = 0.0,
+        encoder: DRLEncoder | None = None,
+        **kwargs,
+    ):
         super().__init__()
         kwargs.pop("pretrained_cfg", None)
         if kwargs:
             raise TypeError(f"{type(self).__name__} got unexpected arguments: {sorted(kwargs)}")
         if encoder is None:
-            encoder, config = build_encoder(encoder_config, code_dim, time_dependent, variational, in_chans,
-                                            img_size)
+            encoder, config = build_encoder(encoder_config, code_dim, time_dependent, variational, in_chans, img_size)
         else:
             config = {k: getattr(encoder, k) for k in ("in_chans", "image_size")}
             config.update(channels=list(encoder.channels), norm_num_groups=encoder.blocks[0].norm1.num_groups)
         self.encoder = encoder
         self.encoder_config = config
         if not encoder.time_dependent and readout_t is not None and len(tuple(readout_t)) > 1:
-            raise InputError(f"readout_t={tuple(readout_t)} needs a time-dependent encoder; a static code does "
-                             "not depend on t")
+            raise InputError(
+                f"readout_t={tuple(readout_t)} needs a time-dependent encoder; a static code does not depend on t"
+            )
         self.readout_t = check_readout_t((0.0,) if readout_t is None else readout_t)
         self.in_chans, self.image_size = encoder.in_chans, encoder.image_size
         self.code_dim = encoder.code_dim
         self.drop_rate = drop_rate
         self.pretrained_cfg = {**default_data_cfg(self.in_chans, self.image_size), "first_conv": "encoder.conv_in"}
-        self.feature_info = [dict(num_chs=c, reduction=r, module=f"encoder.blocks.{i}")
-                             for i, (c, r) in enumerate(zip(encoder.channels, encoder.reductions))]
+        self.feature_info = [
+            {"num_chs": c, "reduction": r, "module": f"encoder.blocks.{i}"}
+            for i, (c, r) in enumerate(zip(encoder.channels, encoder.reductions))
+        ]
         self.reset_classifier(num_classes)
 
     @property
@@ -158,9 +189,15 @@ class DRLBackbone(TimmBackboneMixin, nn.Module):
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         return x if pre_logits else self.head(self.head_drop(x))
 
-    def forward_intermediates(self, x: torch.Tensor, indices: int | list[int] | None = None, norm: bool = False,
-                              stop_early: bool = False, output_fmt: str = "NCHW",
-                              intermediates_only: bool = False):
+    def forward_intermediates(
+        self,
+        x: torch.Tensor,
+        indices: int | list[int] | None = None,
+        norm: bool = False,
+        stop_early: bool = False,
+        output_fmt: str = "NCHW",
+        intermediates_only: bool = False,
+    ):
         """timm's intermediate-feature API: the encoder's block outputs at the first readout time."""
         take, _ = self._take_indices(indices, output_fmt)
         self._check(x)
@@ -174,9 +211,13 @@ class DRLBackbone(TimmBackboneMixin, nn.Module):
     # ------------------------------------------------------------------ construction helpers
     def model_args(self) -> dict:
         """Arguments that rebuild this backbone through its registered timm name (written on export)."""
-        return dict(encoder_config=self.encoder_config, code_dim=self.code_dim,
-                    time_dependent=self.time_dependent, variational=self.variational,
-                    readout_t=list(self.readout_t))
+        return {
+            "encoder_config": self.encoder_config,
+            "code_dim": self.code_dim,
+            "time_dependent": self.time_dependent,
+            "variational": self.variational,
+            "readout_t": list(self.readout_t),
+        }
 
 
 class TimeDRLBackbone(DRLBackbone):
@@ -194,12 +235,17 @@ class TimeDRLBackbone(DRLBackbone):
     block = "codes"
     block_names = ("code", "codes")
     #: what the harness sweeps: the concatenated codes (the output) and the code at single times t = k / 1000
-    sweep_grid = {"output": True, "blocks": ("code",), "timesteps": (0, 100, 250, 500, 750, 1000),
-                  "pools": ("avg",)}
+    sweep_grid: ClassVar[dict] = {
+        "output": True,
+        "blocks": ("code",),
+        "timesteps": (0, 100, 250, 500, 750, 1000),
+        "pools": ("avg",),
+    }
     num_train_timesteps = TIMESTEP_SCALE + 1  # k = 0 … 1000
 
-    def extract(self, x: torch.Tensor, timesteps: Sequence[int], blocks: Sequence[str],
-                pool: str | None = "avg") -> dict[tuple[int, str], torch.Tensor]:
+    def extract(
+        self, x: torch.Tensor, timesteps: Sequence[int], blocks: Sequence[str], pool: str | None = "avg"
+    ) -> dict[tuple[int, str], torch.Tensor]:
         self._check(x)
         timesteps = check_timesteps(timesteps, self.num_train_timesteps)
         for b in blocks:
@@ -223,8 +269,9 @@ def drl_backbone(**kwargs) -> DRLBackbone:
     return (TimeDRLBackbone if time_dependent else DRLBackbone)(**kwargs)
 
 
-def classifier_from_encoder(source: nn.Module | str, num_classes: int, readout_t: Sequence[float] | None = None,
-                            drop_rate: float = 0.0) -> DRLBackbone:
+def classifier_from_encoder(
+    source: nn.Module | str, num_classes: int, readout_t: Sequence[float] | None = None, drop_rate: float = 0.0
+) -> DRLBackbone:
     """A trainable classifier (encoder + new linear head) initialised from a trained DRL encoder, for
     fine-tuning on few labels (the paper initialises its semi-supervised classifier from the DRL encoder).
 
@@ -237,8 +284,10 @@ def classifier_from_encoder(source: nn.Module | str, num_classes: int, readout_t
         source = timm.create_model(f"local-dir:{source}", pretrained=True)
     backbone = getattr(source, "backbone", source)
     if not isinstance(backbone, DRLBackbone):
-        raise InputError(f"classifier_from_encoder needs a DRL learner, DRL backbone or exported DRL folder, "
-                         f"got {type(source).__name__}")
+        raise InputError(
+            f"classifier_from_encoder needs a DRL learner, DRL backbone or exported DRL folder, "
+            f"got {type(source).__name__}"
+        )
     if num_classes <= 0:
         raise InputError(f"num_classes must be positive, got {num_classes}")
     encoder = copy.deepcopy(backbone.encoder).train().requires_grad_(True)
@@ -250,15 +299,21 @@ def classifier_from_encoder(source: nn.Module | str, num_classes: int, readout_t
 
 # ---------------------------------------------------------------------- timm registration
 def _cfg(description: str, in_chans: int = 1, size: int = 28) -> dict:
-    return {**default_data_cfg(in_chans, size), "first_conv": "encoder.conv_in",
-            "paper_ids": "arXiv:2105.14257", "description": description}
+    return {
+        **default_data_cfg(in_chans, size),
+        "first_conv": "encoder.conv_in",
+        "paper_ids": "arXiv:2105.14257",
+        "description": description,
+    }
 
 
-default_cfgs = generate_default_cfgs({
-    "drl_encoder_fmnist.untrained": _cfg("DRL static encoder E(x0) for 28×28 grey images"),
-    "drl_time_encoder_fmnist.untrained": _cfg("DRL time-dependent encoder E(x0, t) for 28×28 grey images"),
-    "vdrl_time_encoder_fmnist.untrained": _cfg("VDRL stochastic time-dependent encoder (mean code) for 28×28"),
-})
+default_cfgs = generate_default_cfgs(
+    {
+        "drl_encoder_fmnist.untrained": _cfg("DRL static encoder E(x0) for 28×28 grey images"),
+        "drl_time_encoder_fmnist.untrained": _cfg("DRL time-dependent encoder E(x0, t) for 28×28 grey images"),
+        "vdrl_time_encoder_fmnist.untrained": _cfg("VDRL stochastic time-dependent encoder (mean code) for 28×28"),
+    }
+)
 
 
 def _create(variant: str, pretrained: bool, defaults: dict, **kwargs) -> DRLBackbone:
@@ -266,7 +321,7 @@ def _create(variant: str, pretrained: bool, defaults: dict, **kwargs) -> DRLBack
     cls = TimeDRLBackbone if args.get("time_dependent") else DRLBackbone
     encoder_config = preset_config("encoder preset", args.get("encoder_config", "fmnist"), ENCODER_PRESETS)
     levels = len(encoder_config["channels"])
-    feature_cfg = dict(feature_cls="getter", out_indices=tuple(range(levels)))
+    feature_cfg = {"feature_cls": "getter", "out_indices": tuple(range(levels))}
     return build_model_with_cfg(cls, variant, pretrained, feature_cfg=feature_cfg, **args)
 
 
@@ -277,20 +332,32 @@ DEFAULT_READOUT_T = (0.0, 0.5, 1.0)
 @register_model
 def drl_encoder_fmnist(pretrained: bool = False, **kwargs) -> DRLBackbone:
     """DRL static encoder, 64-d code."""
-    return _create("drl_encoder_fmnist", pretrained, dict(encoder_config="fmnist", code_dim=64), **kwargs)
+    return _create("drl_encoder_fmnist", pretrained, {"encoder_config": "fmnist", "code_dim": 64}, **kwargs)
 
 
 @register_model
 def drl_time_encoder_fmnist(pretrained: bool = False, **kwargs) -> DRLBackbone:
     """DRL time-dependent encoder, 64-d code read at t = 0, 0.5, 1 and concatenated (192 features)."""
-    return _create("drl_time_encoder_fmnist", pretrained,
-                   dict(encoder_config="fmnist", code_dim=64, time_dependent=True, readout_t=DEFAULT_READOUT_T),
-                   **kwargs)
+    return _create(
+        "drl_time_encoder_fmnist",
+        pretrained,
+        {"encoder_config": "fmnist", "code_dim": 64, "time_dependent": True, "readout_t": DEFAULT_READOUT_T},
+        **kwargs,
+    )
 
 
 @register_model
 def vdrl_time_encoder_fmnist(pretrained: bool = False, **kwargs) -> DRLBackbone:
     """VDRL time-dependent encoder; the features are the mean codes at t = 0, 0.5, 1."""
-    return _create("vdrl_time_encoder_fmnist", pretrained,
-                   dict(encoder_config="fmnist", code_dim=64, time_dependent=True, variational=True,
-                        readout_t=DEFAULT_READOUT_T), **kwargs)
+    return _create(
+        "vdrl_time_encoder_fmnist",
+        pretrained,
+        {
+            "encoder_config": "fmnist",
+            "code_dim": 64,
+            "time_dependent": True,
+            "variational": True,
+            "readout_t": DEFAULT_READOUT_T,
+        },
+        **kwargs,
+    )

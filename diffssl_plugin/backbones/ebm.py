@@ -38,9 +38,9 @@ from .timm_contract import TimmBackboneMixin
 
 EBM_PRESETS: dict[str, dict] = {
     # the paper's Fashion-MNIST / MNIST network: Res12_Quadratic(1, 64, 32), 28×28 images padded to 32×32
-    "res12": dict(width=64, blocks_per_stage=2, in_chans=1, img_size=28, net_size=32),
+    "res12": {"width": 64, "blocks_per_stage": 2, "in_chans": 1, "img_size": 28, "net_size": 32},
     # the paper's CIFAR-10 network: Res18_Quadratic(3, 128, 32)
-    "res18": dict(width=128, blocks_per_stage=3, in_chans=3, img_size=32, net_size=32),
+    "res18": {"width": 128, "blocks_per_stage": 3, "in_chans": 3, "img_size": 32, "net_size": 32},
 }
 
 POOLS = "'flatten' (the penultimate layer h itself), 'avg', 'avgKxK' or '' / 'none' (the map)"
@@ -48,9 +48,17 @@ POOLS = "'flatten' (the penultimate layer h itself), 'avg', 'avgKxK' or '' / 'no
 
 def data_cfg(in_chans: int, img_size: int) -> dict:
     """timm ``pretrained_cfg`` fields the harness reads: input size and the [0, 1] data range (mean 0, std 1)."""
-    return dict(input_size=(in_chans, img_size, img_size), mean=(0.0,) * in_chans, std=(1.0,) * in_chans,
-                interpolation="bilinear", crop_pct=1.0, crop_mode="center", num_classes=0,
-                first_conv="stem", classifier="head")
+    return {
+        "input_size": (in_chans, img_size, img_size),
+        "mean": (0.0,) * in_chans,
+        "std": (1.0,) * in_chans,
+        "interpolation": "bilinear",
+        "crop_pct": 1.0,
+        "crop_mode": "center",
+        "num_classes": 0,
+        "first_conv": "stem",
+        "classifier": "head",
+    }
 
 
 class EnergyResBlock(nn.Module):
@@ -102,17 +110,28 @@ class EnergyResNet(TimmBackboneMixin, nn.Module):
 
     input_range = (0.0, 1.0)  # the paper's ToTensor images (check_inputs)
 
-    def __init__(self, width: int = 64, blocks_per_stage: int = 2, in_chans: int = 1, img_size: int = 28,
-                 net_size: int = 32, num_classes: int = 0, global_pool: str = "flatten", drop_rate: float = 0.0,
-                 **kwargs):
+    def __init__(
+        self,
+        width: int = 64,
+        blocks_per_stage: int = 2,
+        in_chans: int = 1,
+        img_size: int = 28,
+        net_size: int = 32,
+        num_classes: int = 0,
+        global_pool: str = "flatten",
+        drop_rate: float = 0.0,
+        **kwargs,
+    ):
         super().__init__()
         kwargs.pop("pretrained_cfg", None)
         kwargs.pop("pretrained_cfg_overlay", None)
         if kwargs:
             raise TypeError(f"EnergyResNet got unexpected arguments: {sorted(kwargs)}")
         if net_size % 8 or net_size < img_size or (net_size - img_size) % 2:
-            raise InputError(f"net_size {net_size} must be a multiple of 8, at least img_size {img_size}, "
-                             "and differ from it by an even number of pixels")
+            raise InputError(
+                f"net_size {net_size} must be a multiple of 8, at least img_size {img_size}, "
+                "and differ from it by an even number of pixels"
+            )
         if width < 1 or blocks_per_stage < 1:
             raise InputError(f"width ({width}) and blocks_per_stage ({blocks_per_stage}) must be positive")
         self.width, self.blocks_per_stage = width, blocks_per_stage
@@ -128,10 +147,11 @@ class EnergyResNet(TimmBackboneMixin, nn.Module):
             chs *= 2
         self.stages = nn.ModuleList(stages)
         self.final_chs, self.final_size = chs, net_size // 8
-        self.energy_head = QuadraticEnergyHead(chs * self.final_size ** 2)
+        self.energy_head = QuadraticEnergyHead(chs * self.final_size**2)
         self.pretrained_cfg = data_cfg(in_chans, img_size)
-        self.feature_info = [dict(num_chs=width, reduction=1, module="stem")] + [
-            dict(num_chs=width * 2 ** (i + 1), reduction=2 ** (i + 1), module=f"stages.{i}") for i in range(3)]
+        self.feature_info = [{"num_chs": width, "reduction": 1, "module": "stem"}] + [
+            {"num_chs": width * 2 ** (i + 1), "reduction": 2 ** (i + 1), "module": f"stages.{i}"} for i in range(3)
+        ]
         self.reset_classifier(num_classes, global_pool)
 
     # ------------------------------------------------------------------ the network
@@ -176,7 +196,7 @@ class EnergyResNet(TimmBackboneMixin, nn.Module):
             self.global_pool = pool
         self.num_classes = num_classes
         if self.global_pool == "flatten":
-            self.num_features = self.final_chs * self.final_size ** 2
+            self.num_features = self.final_chs * self.final_size**2
         elif self.global_pool == "none":
             self.num_features = self.final_chs
         else:
@@ -196,9 +216,15 @@ class EnergyResNet(TimmBackboneMixin, nn.Module):
             x = pool_features(x, self.global_pool)
         return x if pre_logits else self.head(self.head_drop(x))
 
-    def forward_intermediates(self, x: torch.Tensor, indices: int | list[int] | None = None, norm: bool = False,
-                              stop_early: bool = False, output_fmt: str = "NCHW",
-                              intermediates_only: bool = False):
+    def forward_intermediates(
+        self,
+        x: torch.Tensor,
+        indices: int | list[int] | None = None,
+        norm: bool = False,
+        stop_early: bool = False,
+        output_fmt: str = "NCHW",
+        intermediates_only: bool = False,
+    ):
         """timm's intermediate-feature API over :attr:`feature_info` (stem, then the three stages)."""
         take, max_index = self._take_indices(indices, output_fmt)
         self._check(x)
@@ -209,8 +235,14 @@ class EnergyResNet(TimmBackboneMixin, nn.Module):
     # ------------------------------------------------------------------ construction helpers
     def model_args(self) -> dict:
         """Arguments that rebuild this network (written to timm's ``config.json`` on export)."""
-        return dict(width=self.width, blocks_per_stage=self.blocks_per_stage, in_chans=self.in_chans,
-                    img_size=self.img_size, net_size=self.net_size, global_pool=self.global_pool)
+        return {
+            "width": self.width,
+            "blocks_per_stage": self.blocks_per_stage,
+            "in_chans": self.in_chans,
+            "img_size": self.img_size,
+            "net_size": self.net_size,
+            "global_pool": self.global_pool,
+        }
 
     @classmethod
     def from_preset(cls, preset: str, **overrides) -> EnergyResNet:
@@ -220,20 +252,29 @@ class EnergyResNet(TimmBackboneMixin, nn.Module):
 
 # ---------------------------------------------------------------------- timm registration
 # timm reads ``default_cfgs`` when the ``@register_model`` functions below are decorated, so it stands above them.
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model  # noqa: E402
 
-default_cfgs = generate_default_cfgs({
-    "mdsm_ebm_fmnist.untrained": {**data_cfg(1, 28), "paper_ids": "arXiv:1910.07762",
-                                  "description": "MDSM Res12 quadratic energy ResNet, 28×28 grey padded to 32×32"},
-    "mdsm_ebm_cifar10.untrained": {**data_cfg(3, 32), "paper_ids": "arXiv:1910.07762",
-                                   "description": "MDSM Res18 quadratic energy ResNet for CIFAR-10"},
-})
+default_cfgs = generate_default_cfgs(
+    {
+        "mdsm_ebm_fmnist.untrained": {
+            **data_cfg(1, 28),
+            "paper_ids": "arXiv:1910.07762",
+            "description": "MDSM Res12 quadratic energy ResNet, 28×28 grey padded to 32×32",
+        },
+        "mdsm_ebm_cifar10.untrained": {
+            **data_cfg(3, 32),
+            "paper_ids": "arXiv:1910.07762",
+            "description": "MDSM Res18 quadratic energy ResNet for CIFAR-10",
+        },
+    }
+)
 
 
 def _create(variant: str, preset: str, pretrained: bool, **kwargs) -> EnergyResNet:
-    feature_cfg = dict(feature_cls="getter", out_indices=(0, 1, 2, 3))
-    return build_model_with_cfg(EnergyResNet, variant, pretrained, feature_cfg=feature_cfg,
-                                **{**EBM_PRESETS[preset], **kwargs})
+    feature_cfg = {"feature_cls": "getter", "out_indices": (0, 1, 2, 3)}
+    return build_model_with_cfg(
+        EnergyResNet, variant, pretrained, feature_cfg=feature_cfg, **{**EBM_PRESETS[preset], **kwargs}
+    )
 
 
 @register_model

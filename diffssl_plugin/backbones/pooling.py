@@ -32,7 +32,7 @@ def pool_features(x: torch.Tensor, pool: str) -> torch.Tensor:
         return x
     if cells == 1:
         return x.float().mean(dim=(2, 3))
-    k = int(cells ** 0.5)
+    k = int(cells**0.5)
     return F.adaptive_avg_pool2d(x.float(), k).flatten(1)
 
 

@@ -24,7 +24,9 @@ def cpu_math_attention(device: torch.device | str, *, always: bool = False):
     if torch.device(device).type != "cpu":
         return contextlib.nullcontext()
     low_precision = torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") in (
-        torch.bfloat16, torch.float16)
+        torch.bfloat16,
+        torch.float16,
+    )
     if not (always or low_precision):
         return contextlib.nullcontext()
     from torch.nn.attention import SDPBackend, sdpa_kernel

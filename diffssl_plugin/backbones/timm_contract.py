@@ -35,8 +35,7 @@ class TimmBackboneMixin:
         the host, so run them once per dataset (say on its first batch); forwards check the metadata only,
         unless :attr:`strict_inputs` is set."""
         name = type(self).__name__
-        check_images(x, self.in_chans, None if getattr(self, "dynamic_img_size", False) else self.image_size,
-                     name=name)
+        check_images(x, self.in_chans, None if getattr(self, "dynamic_img_size", False) else self.image_size, name=name)
         if values:
             check_values(x, self.input_range, name=name)
 
@@ -62,8 +61,9 @@ class TimmBackboneMixin:
             raise InputError(f"output_fmt {output_fmt!r} is not supported; {type(self).__name__} gives NCHW maps")
         return feature_take_indices(len(self.feature_info), indices)
 
-    def prune_intermediate_layers(self, indices: int | list[int] = 1, prune_norm: bool = False,
-                                  prune_head: bool = True) -> list[int]:
+    def prune_intermediate_layers(
+        self, indices: int | list[int] = 1, prune_norm: bool = False, prune_head: bool = True
+    ) -> list[int]:
         """Keep the weights (the forward already stops after the last map requested); drop the head."""
         take, _ = self._take_indices(indices)
         if prune_head:
@@ -73,6 +73,14 @@ class TimmBackboneMixin:
 
 def default_data_cfg(in_chans: int, image_size: int) -> dict:
     """The timm ``pretrained_cfg`` fields the harness reads: input size and [-1, 1] normalisation."""
-    return dict(input_size=(in_chans, image_size, image_size), mean=(0.5,) * in_chans, std=(0.5,) * in_chans,
-                interpolation="bilinear", crop_pct=1.0, crop_mode="center", num_classes=0,
-                first_conv="unet.conv_in", classifier="head")
+    return {
+        "input_size": (in_chans, image_size, image_size),
+        "mean": (0.5,) * in_chans,
+        "std": (0.5,) * in_chans,
+        "interpolation": "bilinear",
+        "crop_pct": 1.0,
+        "crop_mode": "center",
+        "num_classes": 0,
+        "first_conv": "unet.conv_in",
+        "classifier": "head",
+    }

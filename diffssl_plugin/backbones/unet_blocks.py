@@ -93,8 +93,10 @@ def unet_unit_shapes(unet: UNet2DModel) -> dict[str, tuple[int, int, int]]:
         module.register_forward_hook(record(name))
     size = int(unet.config.sample_size)
     with torch.no_grad():
-        meta(torch.zeros(1, unet.config.in_channels, size, size, device="meta"),
-             torch.zeros(1, dtype=torch.long, device="meta"))
+        meta(
+            torch.zeros(1, unet.config.in_channels, size, size, device="meta"),
+            torch.zeros(1, dtype=torch.long, device="meta"),
+        )
     return shapes
 
 
@@ -119,27 +121,35 @@ def truncated_unet(unet: UNet2DModel, block: str) -> UNet2DModel | None:
     than the output layers (Fourier time embedding: the output is divided by σ; skip blocks).
     """
     if unet.config.time_embedding_type == "fourier" or any(
-            hasattr(b, "skip_conv") for b in (*unet.down_blocks, *unet.up_blocks)):
+        hasattr(b, "skip_conv") for b in (*unet.down_blocks, *unet.up_blocks)
+    ):
         return None
     down, mid, up = list(unet.down_blocks), unet.mid_block, list(unet.up_blocks)
     m = _BLOCK_NAME.match(block)
     if block == "mid":
         up = []
     elif m and m.group(1) == "down":
-        down, mid, up = down[:int(m.group(2)) + 1], None, []
+        down, mid, up = down[: int(m.group(2)) + 1], None, []
     elif m:
         i = int(m.group(2))
-        up = up[:i + 1]
+        up = up[: i + 1]
         if m.group(3) is not None:
             j = int(m.group(3)) + 1
-            cut = dict(resnets=nn.ModuleList(up[i].resnets[:j]), upsamplers=None)
+            cut = {"resnets": nn.ModuleList(up[i].resnets[:j]), "upsamplers": None}
             if getattr(up[i], "attentions", None) is not None:
                 cut["attentions"] = nn.ModuleList(up[i].attentions[:j])
             up[i] = _shallow_copy(up[i], **cut)
     else:
         raise InputError(f"no U-Net block is named {block!r}")
-    return _shallow_copy(unet, down_blocks=nn.ModuleList(down), mid_block=mid, up_blocks=nn.ModuleList(up),
-                         conv_norm_out=nn.Identity(), conv_act=nn.Identity(), conv_out=nn.Identity())
+    return _shallow_copy(
+        unet,
+        down_blocks=nn.ModuleList(down),
+        mid_block=mid,
+        up_blocks=nn.ModuleList(up),
+        conv_norm_out=nn.Identity(),
+        conv_act=nn.Identity(),
+        conv_out=nn.Identity(),
+    )
 
 
 def edited_output(name: str, output, edit: Callable[[torch.Tensor], torch.Tensor]):
@@ -147,12 +157,11 @@ def edited_output(name: str, output, edit: Callable[[torch.Tensor], torch.Tensor
     ``skips[-1]`` (the same tensor)."""
     if isinstance(output, tuple):
         if len(output) != 2 or not output[1] or output[1][-1] is not output[0]:
-            raise InputError(f"cannot edit {name!r}: its output is not (hidden, skips) with hidden as the "
-                             "last skip")
+            raise InputError(f"cannot edit {name!r}: its output is not (hidden, skips) with hidden as the last skip")
         hidden, skips = output
         new = edit(hidden)
         _check_edit(name, hidden, new)
-        return new, skips[:-1] + (new,)
+        return new, (*skips[:-1], new)
     new = edit(output)
     _check_edit(name, output, new)
     return new

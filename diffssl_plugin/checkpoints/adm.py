@@ -129,7 +129,7 @@ class ADMConfig:
 
     def has_attention(self, level: int) -> bool:
         """ADM puts attention at level ``level`` when its down-sampling rate ``2**level`` is an attention rate."""
-        return 2 ** level in {self.image_size // r for r in self.attention_resolutions}
+        return 2**level in {self.image_size // r for r in self.attention_resolutions}
 
     def heads(self, channels: int) -> int:
         return channels // self.num_head_channels if self.num_head_channels > 0 else self.num_heads
@@ -149,55 +149,81 @@ def adm_config(preset: str | ADMConfig = "adm256_uncond", **overrides) -> ADMCon
     if isinstance(preset, str):
         preset = ADM_PRESETS[check_name("ADM preset", preset, ADM_PRESETS)]
     cfg = dataclasses.replace(preset, **overrides)
-    return dataclasses.replace(cfg, channel_mult=tuple(cfg.channel_mult),
-                               attention_resolutions=tuple(cfg.attention_resolutions))
+    return dataclasses.replace(
+        cfg, channel_mult=tuple(cfg.channel_mult), attention_resolutions=tuple(cfg.attention_resolutions)
+    )
 
 
 def _check_supported(cfg: ADMConfig) -> None:
     if not cfg.resblock_updown:
-        raise InputError("only resblock_updown=True ADM models are supported (the 256×256 unconditional model "
-                         "and the ImageNet models use it)")
+        raise InputError(
+            "only resblock_updown=True ADM models are supported (the 256×256 unconditional model "
+            "and the ImageNet models use it)"
+        )
     if cfg.channel_mult[0] != 1:
-        raise InputError(f"channel_mult must start with 1 (got {cfg.channel_mult}): diffusers sizes the "
-                         "timestep sinusoid by the first level's channels, ADM by num_channels")
+        raise InputError(
+            f"channel_mult must start with 1 (got {cfg.channel_mult}): diffusers sizes the "
+            "timestep sinusoid by the first level's channels, ADM by num_channels"
+        )
     if cfg.num_head_channels <= 0 and cfg.num_heads != 1:
-        raise InputError("a fixed num_heads > 1 (num_head_channels=-1) cannot be expressed with diffusers' "
-                         "per-head width; set num_head_channels")
+        raise InputError(
+            "a fixed num_heads > 1 (num_head_channels=-1) cannot be expressed with diffusers' "
+            "per-head width; set num_head_channels"
+        )
     for level, mult in enumerate(cfg.channel_mult):
         ch = cfg.num_channels * mult
         if ch % 32:
             raise InputError(f"level {level} has {ch} channels, not a multiple of ADM's 32 GroupNorm groups")
-        if cfg.num_head_channels > 0 and ch % cfg.num_head_channels and (cfg.has_attention(level)
-                                                                          or level == cfg.num_levels - 1):
-            raise InputError(f"level {level}: {ch} channels are not a multiple of {cfg.num_head_channels} "
-                             "channels per head")
+        if (
+            cfg.num_head_channels > 0
+            and ch % cfg.num_head_channels
+            and (cfg.has_attention(level) or level == cfg.num_levels - 1)
+        ):
+            raise InputError(
+                f"level {level}: {ch} channels are not a multiple of {cfg.num_head_channels} channels per head"
+            )
 
 
 def adm_unet_config(cfg: ADMConfig) -> dict:
     """The ``UNet2DModel`` config that has ADM's architecture (see the module docstring for each option)."""
     _check_supported(cfg)
     levels = range(cfg.num_levels)
-    down = ["AttnDownBlock2D" if cfg.has_attention(l) else "ResnetDownsampleBlock2D" for l in levels]
-    up = ["AttnUpBlock2D" if cfg.has_attention(l) else "ResnetUpsampleBlock2D" for l in reversed(levels)]
-    return dict(
-        sample_size=cfg.image_size, in_channels=cfg.in_channels, out_channels=cfg.out_channels,
-        block_out_channels=tuple(cfg.num_channels * m for m in cfg.channel_mult),
-        layers_per_block=cfg.num_res_blocks, down_block_types=tuple(down), up_block_types=tuple(up),
-        mid_block_type="UNetMidBlock2D", add_attention=True,
-        downsample_type="resnet", upsample_type="resnet",
-        resnet_time_scale_shift="scale_shift" if cfg.use_scale_shift_norm else "default",
-        attention_head_dim=cfg.num_head_channels if cfg.num_head_channels > 0 else None,
-        norm_num_groups=32, attn_norm_num_groups=32, norm_eps=1e-5, act_fn="silu",
-        time_embedding_type="positional", flip_sin_to_cos=True, freq_shift=0, dropout=cfg.dropout,
-    )
+    down = ["AttnDownBlock2D" if cfg.has_attention(lv) else "ResnetDownsampleBlock2D" for lv in levels]
+    up = ["AttnUpBlock2D" if cfg.has_attention(lv) else "ResnetUpsampleBlock2D" for lv in reversed(levels)]
+    return {
+        "sample_size": cfg.image_size,
+        "in_channels": cfg.in_channels,
+        "out_channels": cfg.out_channels,
+        "block_out_channels": tuple(cfg.num_channels * m for m in cfg.channel_mult),
+        "layers_per_block": cfg.num_res_blocks,
+        "down_block_types": tuple(down),
+        "up_block_types": tuple(up),
+        "mid_block_type": "UNetMidBlock2D",
+        "add_attention": True,
+        "downsample_type": "resnet",
+        "upsample_type": "resnet",
+        "resnet_time_scale_shift": "scale_shift" if cfg.use_scale_shift_norm else "default",
+        "attention_head_dim": cfg.num_head_channels if cfg.num_head_channels > 0 else None,
+        "norm_num_groups": 32,
+        "attn_norm_num_groups": 32,
+        "norm_eps": 1e-5,
+        "act_fn": "silu",
+        "time_embedding_type": "positional",
+        "flip_sin_to_cos": True,
+        "freq_shift": 0,
+        "dropout": cfg.dropout,
+    }
 
 
 # ---------------------------------------------------------------------- the key mapping
 def _module_plan(cfg: ADMConfig) -> list[tuple[str, str, str]]:
     """(ADM module, diffusers module, kind) for every parametrised module; kind is 'plain', 'res' or 'attn'."""
     L, R = cfg.num_levels, cfg.num_res_blocks
-    plan = [("time_embed.0", "time_embedding.linear_1", "plain"),
-            ("time_embed.2", "time_embedding.linear_2", "plain"), ("input_blocks.0.0", "conv_in", "plain")]
+    plan = [
+        ("time_embed.0", "time_embedding.linear_1", "plain"),
+        ("time_embed.2", "time_embedding.linear_2", "plain"),
+        ("input_blocks.0.0", "conv_in", "plain"),
+    ]
     n = 1
     for level in range(L):
         for j in range(R):
@@ -208,8 +234,11 @@ def _module_plan(cfg: ADMConfig) -> list[tuple[str, str, str]]:
         if level < L - 1:
             plan.append((f"input_blocks.{n}.0", f"down_blocks.{level}.downsamplers.0", "res"))
             n += 1
-    plan += [("middle_block.0", "mid_block.resnets.0", "res"),
-             ("middle_block.1", "mid_block.attentions.0", "attn"), ("middle_block.2", "mid_block.resnets.1", "res")]
+    plan += [
+        ("middle_block.0", "mid_block.resnets.0", "res"),
+        ("middle_block.1", "mid_block.attentions.0", "attn"),
+        ("middle_block.2", "mid_block.resnets.1", "res"),
+    ]
     n = 0
     for i, level in enumerate(reversed(range(L))):
         for j in range(R + 1):
@@ -225,8 +254,14 @@ def _module_plan(cfg: ADMConfig) -> list[tuple[str, str, str]]:
     return plan
 
 
-_RES_PARTS = {"in_layers.0": "norm1", "in_layers.2": "conv1", "emb_layers.1": "time_emb_proj",
-              "out_layers.0": "norm2", "out_layers.3": "conv2", "skip_connection": "conv_shortcut"}
+_RES_PARTS = {
+    "in_layers.0": "norm1",
+    "in_layers.2": "conv1",
+    "emb_layers.1": "time_emb_proj",
+    "out_layers.0": "norm2",
+    "out_layers.3": "conv2",
+    "skip_connection": "conv_shortcut",
+}
 
 
 def _split_qkv(weight: torch.Tensor, bias: torch.Tensor, heads: int, legacy: bool):
@@ -240,9 +275,12 @@ def _split_qkv(weight: torch.Tensor, bias: torch.Tensor, heads: int, legacy: boo
     return [(w[i], b[i]) for i in range(3)]
 
 
-def convert_adm_state_dict(state_dict: dict[str, torch.Tensor], cfg: ADMConfig,
-                           dtype: torch.dtype | None = torch.float32,
-                           source: str = "ADM state dict") -> dict[str, torch.Tensor]:
+def convert_adm_state_dict(
+    state_dict: dict[str, torch.Tensor],
+    cfg: ADMConfig,
+    dtype: torch.dtype | None = torch.float32,
+    source: str = "ADM state dict",
+) -> dict[str, torch.Tensor]:
     """An ADM ``UNetModel`` state dict → the state dict of ``UNet2DModel(**adm_unet_config(cfg))``.
 
     Every ADM key must be used and every module of the plan present, else :class:`CheckpointError` lists them.
@@ -250,8 +288,10 @@ def convert_adm_state_dict(state_dict: dict[str, torch.Tensor], cfg: ADMConfig,
     """
     _check_supported(cfg)
     if any(k.startswith("label_emb.") for k in state_dict):
-        raise CheckpointError(f"{source}: a class-conditional ADM (label_emb) is not supported; use the "
-                              "unconditional model (256x256_diffusion_uncond.pt)")
+        raise CheckpointError(
+            f"{source}: a class-conditional ADM (label_emb) is not supported; use the "
+            "unconditional model (256x256_diffusion_uncond.pt)"
+        )
     sd = {k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v) for k, v in state_dict.items()}
     out: dict[str, torch.Tensor] = {}
     used: set[str] = set()
@@ -284,8 +324,10 @@ def convert_adm_state_dict(state_dict: dict[str, torch.Tensor], cfg: ADMConfig,
             if w is not None and b is not None:
                 heads = cfg.heads(w.shape[1])
                 if w.dim() != 3 or w.shape[0] != 3 * w.shape[1] or heads < 1 or w.shape[1] % heads:
-                    raise CheckpointError(f"{source}: {src}.qkv.weight has shape {tuple(w.shape)}, expected "
-                                          f"(3C, C, 1) with C divisible by {heads} heads")
+                    raise CheckpointError(
+                        f"{source}: {src}.qkv.weight has shape {tuple(w.shape)}, expected "
+                        f"(3C, C, 1) with C divisible by {heads} heads"
+                    )
                 qkv = _split_qkv(w, b, heads, legacy=not cfg.use_new_attention_order)
                 for name, (wi, bi) in zip(("to_q", "to_k", "to_v"), qkv):
                     out[f"{dst}.{name}.weight"], out[f"{dst}.{name}.bias"] = wi.contiguous(), bi.contiguous()
@@ -296,14 +338,16 @@ def convert_adm_state_dict(state_dict: dict[str, torch.Tensor], cfg: ADMConfig,
                 out[f"{dst}.to_out.0.bias"] = b
     unused = sorted(set(sd) - used)
     if missing or unused:
-        parts = [f"{len(x)} {what}: {x[:5]}" + (f" (+{len(x) - 5} more)" if len(x) > 5 else "")
-                 for what, x in (("missing ADM keys", missing), ("unmapped keys", unused)) if x]
+        parts = [
+            f"{len(x)} {what}: {x[:5]}" + (f" (+{len(x) - 5} more)" if len(x) > 5 else "")
+            for what, x in (("missing ADM keys", missing), ("unmapped keys", unused))
+            if x
+        ]
         raise CheckpointError(f"{source} does not match the ADM config {cfg}: " + "; ".join(parts))
     return out
 
 
-def adm_to_unet(state_dict: dict[str, torch.Tensor], cfg: ADMConfig,
-                source: str = "ADM state dict") -> UNet2DModel:
+def adm_to_unet(state_dict: dict[str, torch.Tensor], cfg: ADMConfig, source: str = "ADM state dict") -> UNet2DModel:
     """A ``UNet2DModel`` with ADM's architecture, strictly loaded from an ADM state dict."""
     unet = UNet2DModel(**adm_unet_config(cfg))
     load_strict(unet, convert_adm_state_dict(state_dict, cfg, source=source), source)
@@ -316,8 +360,10 @@ def diffssl_block_name(b: int, num_levels: int = 6, num_res_blocks: int = 2) -> 
     L, R = num_levels, num_res_blocks
     n_in = L * (R + 1)  # the stem conv, R per level, a down-sampler per level but the last
     if isinstance(b, bool) or not isinstance(b, int) or not 1 <= b <= 2 * n_in + 1:
-        raise InputError(f"diffssl block {b!r} out of range: valid blocks are 1..{2 * n_in + 1} "
-                         f"(1-{n_in} encoder, {n_in + 1} middle, {n_in + 2}-{2 * n_in + 1} decoder)")
+        raise InputError(
+            f"diffssl block {b!r} out of range: valid blocks are 1..{2 * n_in + 1} "
+            f"(1-{n_in} encoder, {n_in + 1} middle, {n_in + 2}-{2 * n_in + 1} decoder)"
+        )
     if b == 1:
         return "conv_in"
     if b <= n_in:
@@ -352,16 +398,21 @@ def resolve_block(block: int | str, num_levels: int, num_res_blocks: int) -> str
 
 
 # ---------------------------------------------------------------------- loading
-def load_adm_unet(path: str | os.PathLike, preset: str | ADMConfig = "adm256_uncond",
-                  wrapper_key: str | None = None, **config_overrides) -> UNet2DModel:
+def load_adm_unet(
+    path: str | os.PathLike,
+    preset: str | ADMConfig = "adm256_uncond",
+    wrapper_key: str | None = None,
+    **config_overrides,
+) -> UNet2DModel:
     """A guided-diffusion checkpoint (``.pt`` via ``weights_only`` or ``.safetensors``) as a ``UNet2DModel``."""
     cfg = adm_config(preset, **config_overrides)
     sd = read_state_dict(path, wrapper_key=wrapper_key)
     return adm_to_unet(sd, cfg, source=str(path))
 
 
-def save_adm_as_diffusers(path: str | os.PathLike, out_dir: str | os.PathLike,
-                          preset: str | ADMConfig = "adm256_uncond", **config_overrides) -> os.PathLike:
+def save_adm_as_diffusers(
+    path: str | os.PathLike, out_dir: str | os.PathLike, preset: str | ADMConfig = "adm256_uncond", **config_overrides
+) -> os.PathLike:
     """Convert once: write a diffusers DDPM folder (``unet/`` safetensors + ``scheduler/``, guided-diffusion's
     linear 1000-step schedule) that ``load_backbone_checkpoint("adm", out_dir)`` reads without converting."""
     from diffusers import DDPMScheduler
@@ -374,9 +425,17 @@ def save_adm_as_diffusers(path: str | os.PathLike, out_dir: str | os.PathLike,
     return out
 
 
-def load_adm(path: str | os.PathLike, preset: str | ADMConfig = "adm256_uncond", block: int | str = 24,
-             timestep: int = 150, pool: str = "avg2x2", wrapper_key: str | None = None,
-             adm_overrides: dict | None = None, device: str | torch.device | None = None, **kwargs):
+def load_adm(
+    path: str | os.PathLike,
+    preset: str | ADMConfig = "adm256_uncond",
+    block: int | str = 24,
+    timestep: int = 150,
+    pool: str = "avg2x2",
+    wrapper_key: str | None = None,
+    adm_overrides: dict | None = None,
+    device: str | torch.device | None = None,
+    **kwargs,
+):
     """An ADM checkpoint, or a folder written by :func:`save_adm_as_diffusers`, as a ``DDAEBackbone``.
 
     ``block`` is a diffssl block number (default 24) or one of our names; ``timestep`` is 0-indexed, the same in
@@ -396,5 +455,4 @@ def load_adm(path: str | os.PathLike, preset: str | ADMConfig = "adm256_uncond",
     if device is not None:
         unet = unet.to(device)
     name = resolve_block(block, len(unet.down_blocks), int(unet.config.layers_per_block))
-    return DDAEBackbone(unet=unet, scheduler_config=sched, block=name, timestep=timestep, pool=pool,
-                        **kwargs).eval()
+    return DDAEBackbone(unet=unet, scheduler_config=sched, block=name, timestep=timestep, pool=pool, **kwargs).eval()

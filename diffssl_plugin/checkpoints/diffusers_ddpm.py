@@ -71,8 +71,10 @@ def ddae_out_name(block: str, layers_per_block: int) -> str:
     """Our ``up{i}.{j}`` → DDAE's ``out_k`` (the inverse of :func:`ddae_block_name`)."""
     m = _UP.match(block)
     if not m or int(m.group(2)) > layers_per_block:
-        raise InputError(f"{block!r} has no DDAE name: DDAE names only the up-path residual blocks up{{i}}.{{j}} "
-                         f"(j ≤ {layers_per_block})")
+        raise InputError(
+            f"{block!r} has no DDAE name: DDAE names only the up-path residual blocks up{{i}}.{{j}} "
+            f"(j ≤ {layers_per_block})"
+        )
     return f"out_{int(m.group(1)) * (layers_per_block + 1) + int(m.group(2)) + 1}"
 
 
@@ -83,8 +85,13 @@ def ddae_timestep(t: int) -> int:
     return int(t) - 1
 
 
-def load_diffusers_ddpm(folder: str | os.PathLike, block: str = DDAE_CIFAR10_BLOCK,
-                        timestep: int = DDAE_CIFAR10_T - 1, device: str | torch.device | None = None, **kwargs):
+def load_diffusers_ddpm(
+    folder: str | os.PathLike,
+    block: str = DDAE_CIFAR10_BLOCK,
+    timestep: int = DDAE_CIFAR10_T - 1,
+    device: str | torch.device | None = None,
+    **kwargs,
+):
     """A diffusers DDPM folder as a :class:`~diffssl_plugin.backbones.DDAEBackbone`.
 
     ``block`` is one of our block names or a DDAE name ``out_k`` (translated with :func:`ddae_block_name`);

@@ -55,8 +55,10 @@ def infer_mdsm_args(state_dict: dict[str, torch.Tensor], source: str = "MDSM che
         stem = state_dict["conv1.conv.weight"]
         head = state_dict["ln1.weight"]
     except KeyError as e:
-        raise CheckpointError(f"{source}: not an MDSM Res*_Quadratic state dict (no {e.args[0]!r}; keys start "
-                              f"with {sorted(state_dict)[:5]})") from None
+        raise CheckpointError(
+            f"{source}: not an MDSM Res*_Quadratic state dict (no {e.args[0]!r}; keys start "
+            f"with {sorted(state_dict)[:5]})"
+        ) from None
     width, in_chans = int(stem.shape[0]), int(stem.shape[1])
     counts = {}
     for key in state_dict:
@@ -65,13 +67,16 @@ def infer_mdsm_args(state_dict: dict[str, torch.Tensor], source: str = "MDSM che
             counts.setdefault(stage, set()).add(m.group(1) + m.group(2))
     blocks = {len(v) for v in counts.values()}
     if sorted(counts) != [1, 2, 3] or len(blocks) != 1:
-        raise CheckpointError(f"{source}: expected three stages with the same number of blocks (Res6/12/18_"
-                              f"Quadratic), found {dict(sorted((k, sorted(v)) for k, v in counts.items()))}")
+        raise CheckpointError(
+            f"{source}: expected three stages with the same number of blocks (Res6/12/18_"
+            f"Quadratic), found {dict(sorted((k, sorted(v)) for k, v in counts.items()))}"
+        )
     side = math.isqrt(int(head.shape[1]) // (8 * width)) if head.shape[1] % (8 * width) == 0 else 0
     if side < 1 or 8 * width * side * side != head.shape[1]:
-        raise CheckpointError(f"{source}: ln1.weight has {head.shape[1]} inputs, not 8·{width}·s² for a "
-                              "square final map")
-    return dict(width=width, blocks_per_stage=blocks.pop(), in_chans=in_chans, net_size=8 * side)
+        raise CheckpointError(
+            f"{source}: ln1.weight has {head.shape[1]} inputs, not 8·{width}·s² for a square final map"
+        )
+    return {"width": width, "blocks_per_stage": blocks.pop(), "in_chans": in_chans, "net_size": 8 * side}
 
 
 def _infer_own_args(sd: dict[str, torch.Tensor], source: str) -> dict:
@@ -82,11 +87,12 @@ def _infer_own_args(sd: dict[str, torch.Tensor], source: str) -> dict:
         side = math.isqrt(int(sd["energy_head.lin1.weight"].shape[1]) // (8 * width))
     except (KeyError, ValueError) as e:
         raise CheckpointError(f"{source}: has 'stem.weight' but is not an EnergyResNet state dict ({e})") from None
-    return dict(width=width, blocks_per_stage=blocks, in_chans=in_chans, net_size=8 * side)
+    return {"width": width, "blocks_per_stage": blocks, "in_chans": in_chans, "net_size": 8 * side}
 
 
-def convert_mdsm_state_dict(state_dict: dict[str, torch.Tensor], blocks_per_stage: int,
-                            source: str = "MDSM checkpoint") -> dict[str, torch.Tensor]:
+def convert_mdsm_state_dict(
+    state_dict: dict[str, torch.Tensor], blocks_per_stage: int, source: str = "MDSM checkpoint"
+) -> dict[str, torch.Tensor]:
     """Official ``Res*_Quadratic`` names → ``EnergyResNet`` names; unused LayerNorms checked and dropped."""
     sd = dict(state_dict)
     out: dict[str, torch.Tensor] = {}
@@ -107,16 +113,19 @@ def convert_mdsm_state_dict(state_dict: dict[str, torch.Tensor], blocks_per_stag
             for norm in ("bn1", "bn2"):
                 w, b = sd.pop(f"{name}.{norm}.weight", None), sd.pop(f"{name}.{norm}.bias", None)
                 if (w is not None and not torch.all(w == 1)) or (b is not None and not torch.all(b == 0)):
-                    raise CheckpointError(f"{source}: {name}.{norm} is not the identity LayerNorm: the network was "
-                                          "trained with normalize=True, which EnergyResNet does not implement")
+                    raise CheckpointError(
+                        f"{source}: {name}.{norm} is not the identity LayerNorm: the network was "
+                        "trained with normalize=True, which EnergyResNet does not implement"
+                    )
     for old, new in (("ln1", "energy_head.lin1"), ("ln2", "energy_head.lin2"), ("lq", "energy_head.quad")):
         move(old, new)
     out.update(sd)  # leftovers surface as unexpected keys in load_strict
     return out
 
 
-def load_mdsm(path: str | os.PathLike, wrapper_key: str | None = None, device: str | torch.device | None = None,
-              **kwargs):
+def load_mdsm(
+    path: str | os.PathLike, wrapper_key: str | None = None, device: str | torch.device | None = None, **kwargs
+):
     """An official MDSM checkpoint as an :class:`~diffssl_plugin.backbones.ebm.EnergyResNet` (in eval mode).
 
     ``kwargs`` override the inferred arguments or set others (``img_size``, ``global_pool``, ``num_classes``).

@@ -3,13 +3,40 @@
 See :mod:`.registry` for the API and the registered names, and the source modules for the folder layouts.
 """
 
-from .registry import (DATASETS, SPLITS, DatasetSpec, ImageSet, clear_cache, dataset_names, load_split,
-                       register_dataset, register_image_folder, stratified_pick, stratified_split)
+from .registry import (
+    DATASETS,
+    SPLITS,
+    DatasetSpec,
+    ImageSet,
+    clear_cache,
+    dataset_names,
+    load_split,
+    register_dataset,
+    register_image_folder,
+    stratified_pick,
+    stratified_split,
+)
 
-__all__ = ["DATASETS", "SPLITS", "DatasetSpec", "ImageSet", "clear_cache", "dataset_names", "load_split",
-           "register_dataset", "register_image_folder", "stratified_pick", "stratified_split"]
+__all__ = [
+    "DATASETS",
+    "SPLITS",
+    "DatasetSpec",
+    "ImageSet",
+    "clear_cache",
+    "dataset_names",
+    "load_split",
+    "register_dataset",
+    "register_image_folder",
+    "stratified_pick",
+    "stratified_split",
+]
 
-from .scenes import (SEGMENTATION_SETS, SegmentationSet, compose_scenes, load_segmentation,  # noqa: E402
-                     segmentation_names)
+from .scenes import (
+    SEGMENTATION_SETS,
+    SegmentationSet,
+    compose_scenes,
+    load_segmentation,
+    segmentation_names,
+)
 
 __all__ += ["SEGMENTATION_SETS", "SegmentationSet", "compose_scenes", "load_segmentation", "segmentation_names"]

@@ -121,11 +121,20 @@ def open_part(folder: Path, part: str, image_size: int, channels: int) -> Part |
         return None
     expected = (meta.get("count"), channels, image_size, image_size)
     if meta.get("format") != FORMAT or images.shape != expected or labels.shape != (expected[0],):
-        warnings.warn(f"cache {folder}/{part} does not match (format {meta.get('format')}, images "
-                      f"{images.shape}, expected {expected}); rebuilding it", stacklevel=3)
+        warnings.warn(
+            f"cache {folder}/{part} does not match (format {meta.get('format')}, images "
+            f"{images.shape}, expected {expected}); rebuilding it",
+            stacklevel=3,
+        )
         return None
-    return Part(images, labels.astype(np.int64), tuple(meta["class_names"]), meta.get("val_start"),
-                meta.get("val_source", ""), indices)
+    return Part(
+        images,
+        labels.astype(np.int64),
+        tuple(meta["class_names"]),
+        meta.get("val_start"),
+        meta.get("val_source", ""),
+        indices,
+    )
 
 
 @contextlib.contextmanager
@@ -148,8 +157,9 @@ def _locked(path: Path) -> Iterator[None]:
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def cached_part(folder: Path, part: str, image_size: int, plan: Callable[[], Plan], desc: str, channels: int = 3,
-                mode: str = "RGB") -> Part:
+def cached_part(
+    folder: Path, part: str, image_size: int, plan: Callable[[], Plan], desc: str, channels: int = 3, mode: str = "RGB"
+) -> Part:
     """Open ``part`` from the cache in ``folder``, building it first from ``plan()`` (a :class:`Plan`) if needed.
 
     ``plan`` is only called when the cache is missing, so a cached set never rescans its source folder.
@@ -160,8 +170,9 @@ def cached_part(folder: Path, part: str, image_size: int, plan: Callable[[], Pla
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise DatasetNotFoundError(f"cannot create the image cache folder {folder} ({e}); set $DIFFSSL_CACHE_DIR "
-                                   f"to a writable folder") from e
+        raise DatasetNotFoundError(
+            f"cannot create the image cache folder {folder} ({e}); set $DIFFSSL_CACHE_DIR to a writable folder"
+        ) from e
     with _locked(folder / f".{part}.lock"):
         found = open_part(folder, part, image_size, channels)  # another process may have built it meanwhile
         if found is None:
@@ -172,8 +183,9 @@ def cached_part(folder: Path, part: str, image_size: int, plan: Callable[[], Pla
     return found
 
 
-def build_part(folder: Path, part: str, image_size: int, plan: Plan, desc: str, channels: int = 3,
-               mode: str = "RGB") -> None:
+def build_part(
+    folder: Path, part: str, image_size: int, plan: Plan, desc: str, channels: int = 3, mode: str = "RGB"
+) -> None:
     """Decode ``plan.files`` into ``<part>.images.npy`` (in threads, with a progress bar), then the rest."""
     from tqdm.auto import tqdm
 
@@ -202,10 +214,22 @@ def build_part(folder: Path, part: str, image_size: int, plan: Plan, desc: str, 
         _save_npy(folder / f"{part}.indices.npy", np.asarray(plan.indices, dtype=np.int64))
     with atomic_path(folder / f"{part}.files.txt") as tmp:
         tmp.write_text("".join(f"{_relative(f, plan.source)}\n" for f in plan.files))
-    write_json(folder / f"{part}.json", {  # last: marks the cache complete
-        "format": FORMAT, "part": part, "count": n, "image_size": image_size, "channels": channels,
-        "class_names": list(plan.class_names), "val_start": plan.val_start, "val_source": plan.val_source,
-        "source": str(plan.source), "resize": RESIZE, "seconds": round(time.time() - start, 1)})
+    write_json(
+        folder / f"{part}.json",
+        {  # last: marks the cache complete
+            "format": FORMAT,
+            "part": part,
+            "count": n,
+            "image_size": image_size,
+            "channels": channels,
+            "class_names": list(plan.class_names),
+            "val_start": plan.val_start,
+            "val_source": plan.val_source,
+            "source": str(plan.source),
+            "resize": RESIZE,
+            "seconds": round(time.time() - start, 1),
+        },
+    )
 
 
 def _save_npy(path: Path, array: np.ndarray) -> None:

@@ -38,31 +38,31 @@ from .splits import train_then_val
 
 LAYOUTS = {
     "flowers102": "  ROOT/flowers-102/jpg/image_<00001>.jpg\n  ROOT/flowers-102/imagelabels.mat\n"
-                  "  ROOT/flowers-102/setid.mat",
+    "  ROOT/flowers-102/setid.mat",
     "oxford_pets": "  ROOT/oxford-iiit-pet/images/<Breed>_<k>.jpg\n"
-                   "  ROOT/oxford-iiit-pet/annotations/trainval.txt, test.txt",
+    "  ROOT/oxford-iiit-pet/annotations/trainval.txt, test.txt",
     "fgvc_aircraft": "  ROOT/fgvc-aircraft-2013b/data/images/<id>.jpg\n  ROOT/fgvc-aircraft-2013b/data/variants.txt\n"
-                     "  ROOT/fgvc-aircraft-2013b/data/images_variant_{train,val,test}.txt",
+    "  ROOT/fgvc-aircraft-2013b/data/images_variant_{train,val,test}.txt",
     "stanford_cars": "  ROOT/stanford_cars/devkit/cars_meta.mat, cars_train_annos.mat\n"
-                     "  ROOT/stanford_cars/cars_train/<05d>.jpg\n  ROOT/stanford_cars/cars_test/<05d>.jpg\n"
-                     "  ROOT/stanford_cars/cars_test_annos_withlabels.mat",
+    "  ROOT/stanford_cars/cars_train/<05d>.jpg\n  ROOT/stanford_cars/cars_test/<05d>.jpg\n"
+    "  ROOT/stanford_cars/cars_test_annos_withlabels.mat",
     "dtd": "  ROOT/dtd/dtd/images/<class>/<class>_<k>.jpg\n  ROOT/dtd/dtd/labels/train1.txt, val1.txt, test1.txt",
     "food101": "  ROOT/food-101/images/<class>/<id>.jpg\n  ROOT/food-101/meta/train.json, test.json",
 }
 
 HOW = {
     "flowers102": "Pass download=True (torchvision), or get 102flowers.tgz, imagelabels.mat and setid.mat from "
-                  "https://www.robots.ox.ac.uk/~vgg/data/flowers/102/.",
+    "https://www.robots.ox.ac.uk/~vgg/data/flowers/102/.",
     "oxford_pets": "Pass download=True (torchvision), or get images.tar.gz and annotations.tar.gz from "
-                   "https://www.robots.ox.ac.uk/~vgg/data/pets/.",
+    "https://www.robots.ox.ac.uk/~vgg/data/pets/.",
     "fgvc_aircraft": "Pass download=True (torchvision), or get fgvc-aircraft-2013b.tar.gz from "
-                     "https://www.robots.ox.ac.uk/~vgg/data/fgvc-aircraft/.",
+    "https://www.robots.ox.ac.uk/~vgg/data/fgvc-aircraft/.",
     "stanford_cars": "torchvision can no longer download it (the original URL is gone): find a copy of "
-                     "car_devkit.tgz, cars_train.tgz, cars_test.tgz and cars_test_annos_withlabels.mat.",
+    "car_devkit.tgz, cars_train.tgz, cars_test.tgz and cars_test_annos_withlabels.mat.",
     "dtd": "Pass download=True (torchvision), or unpack dtd-r1.0.1.tar.gz from "
-           "https://www.robots.ox.ac.uk/~vgg/data/dtd/ into ROOT/dtd/.",
+    "https://www.robots.ox.ac.uk/~vgg/data/dtd/ into ROOT/dtd/.",
     "food101": "Pass download=True (torchvision, 5 GB), or unpack food-101.tar.gz from "
-               "https://data.vision.ee.ethz.ch/cvl/datasets_extra/food-101/ into ROOT.",
+    "https://data.vision.ee.ethz.ch/cvl/datasets_extra/food-101/ into ROOT.",
 }
 
 
@@ -97,22 +97,28 @@ class TorchvisionFiles:
             return cls(r, split=split, download=d, loader=_path_only, **self.kwargs)
 
         try:
-            return open_torchvision(self.name, factory, root, download, LAYOUTS[self.name], HOW[self.name],
-                                    self.can_download)
+            return open_torchvision(
+                self.name, factory, root, download, LAYOUTS[self.name], HOW[self.name], self.can_download
+            )
         except TypeError as e:  # older torchvision releases have no loader= argument on these classes
             raise DatasetNotFoundError(
                 f"{self.name} needs a torchvision whose torchvision.datasets.{self.class_name} accepts loader= "
                 f"(installed: torchvision {torchvision.__version__}); "
-                f"upgrade torchvision. Detail: {e}") from e
+                f"upgrade torchvision. Detail: {e}"
+            ) from e
 
-    def samples(self, split: str, root: str | os.PathLike | None, download: bool
-                ) -> tuple[list[str], np.ndarray, tuple[str, ...]]:
+    def samples(
+        self, split: str, root: str | os.PathLike | None, download: bool
+    ) -> tuple[list[str], np.ndarray, tuple[str, ...]]:
         ds = self.open(split, root, download)
         if self.class_name == "OxfordIIITPet":
             # torchvision decodes in __getitem__; its split file is "<image id> <class 1..37> <species> <breed>"
             pets = data_root(root) / "oxford-iiit-pet"
-            rows = [line.split() for line in (pets / "annotations" / f"{split}.txt").read_text().splitlines()
-                    if line.strip()]
+            rows = [
+                line.split()
+                for line in (pets / "annotations" / f"{split}.txt").read_text().splitlines()
+                if line.strip()
+            ]
             files = [str(pets / "images" / f"{r[0]}.jpg") for r in rows]
             labels = np.array([int(r[1]) - 1 for r in rows], dtype=np.int64)
         else:
@@ -123,8 +129,9 @@ class TorchvisionFiles:
             raise RuntimeError(f"{self.name} {split}: {len(files)} files read, torchvision has {len(ds)}")
         return files, labels, tuple(str(c) for c in ds.classes)
 
-    def __call__(self, part: str, *, root: str | os.PathLike | None, download: bool, image_size: int,
-                 val_fraction: float) -> Part:
+    def __call__(
+        self, part: str, *, root: str | os.PathLike | None, download: bool, image_size: int, val_fraction: float
+    ) -> Part:
         base = data_root(root)
 
         def plan() -> Plan:
@@ -141,20 +148,31 @@ class TorchvisionFiles:
 
         # checks the data is there (and downloads it if asked) even when a cache exists, so errors name the data
         self.open(self.test if part == "test" else self.trainval[0], root, download)
-        return cached_part(cache_folder(base, self.name, image_size), part, image_size, plan,
-                           f"caching {self.name} {part} at {image_size}px")
+        return cached_part(
+            cache_folder(base, self.name, image_size),
+            part,
+            image_size,
+            plan,
+            f"caching {self.name} {part} at {image_size}px",
+        )
 
 
 FINEGRAINED = {
     "flowers102": TorchvisionFiles("flowers102", "Flowers102", ("train", "val")),
-    "oxford_pets": TorchvisionFiles("oxford_pets", "OxfordIIITPet", ("trainval",),
-                                    kwargs={"target_types": "category"}),
-    "fgvc_aircraft": TorchvisionFiles("fgvc_aircraft", "FGVCAircraft", ("train", "val"),
-                                      kwargs={"annotation_level": "variant"}),
+    "oxford_pets": TorchvisionFiles("oxford_pets", "OxfordIIITPet", ("trainval",), kwargs={"target_types": "category"}),
+    "fgvc_aircraft": TorchvisionFiles(
+        "fgvc_aircraft", "FGVCAircraft", ("train", "val"), kwargs={"annotation_level": "variant"}
+    ),
     "stanford_cars": TorchvisionFiles("stanford_cars", "StanfordCars", ("train",), can_download=False),
     "dtd": TorchvisionFiles("dtd", "DTD", ("train", "val"), kwargs={"partition": 1}),
     "food101": TorchvisionFiles("food101", "Food101", ("train",)),
 }
 
-NUM_CLASSES = {"flowers102": 102, "oxford_pets": 37, "fgvc_aircraft": 100, "stanford_cars": 196, "dtd": 47,
-               "food101": 101}
+NUM_CLASSES = {
+    "flowers102": 102,
+    "oxford_pets": 37,
+    "fgvc_aircraft": 100,
+    "stanford_cars": 196,
+    "dtd": 47,
+    "food101": 101,
+}

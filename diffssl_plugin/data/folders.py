@@ -56,14 +56,14 @@ def scan(folder: Path) -> tuple[list[str], np.ndarray, tuple[str, ...]]:
     return files, labels, tuple(ds.classes)
 
 
-def _relabel(labels: np.ndarray, classes: tuple[str, ...], train_classes: tuple[str, ...], folder: Path
-             ) -> np.ndarray:
+def _relabel(labels: np.ndarray, classes: tuple[str, ...], train_classes: tuple[str, ...], folder: Path) -> np.ndarray:
     """Labels of a second tree (val/test) in the train tree's class numbering; unknown classes are an error."""
     index = {c: i for i, c in enumerate(train_classes)}
     unknown = sorted(set(classes) - set(index))
     if unknown:
-        raise DatasetNotFoundError(f"{folder} has classes that train/ lacks: {', '.join(unknown[:5])}"
-                                   f"{' ...' if len(unknown) > 5 else ''}")
+        raise DatasetNotFoundError(
+            f"{folder} has classes that train/ lacks: {', '.join(unknown[:5])}{' ...' if len(unknown) > 5 else ''}"
+        )
     mapping = np.array([index[c] for c in classes], dtype=np.int64)
     return mapping[labels]
 
@@ -96,20 +96,33 @@ class FolderSet:
             cand = base / d
             if (cand / self.train).is_dir() and (self.marker is None or (cand / self.marker).is_file()):
                 return cand
-        raise not_found(self.name, base, self.layout, self.how,
-                        "looked for " + ", ".join(str(base / d / self.train) for d in self.dirnames))
+        raise not_found(
+            self.name,
+            base,
+            self.layout,
+            self.how,
+            "looked for " + ", ".join(str(base / d / self.train) for d in self.dirnames),
+        )
 
-    def __call__(self, part: str, *, root: str | os.PathLike | None, download: bool, image_size: int,
-                 val_fraction: float) -> Part:
+    def __call__(
+        self, part: str, *, root: str | os.PathLike | None, download: bool, image_size: int, val_fraction: float
+    ) -> Part:
         base = self.locate(root)
         folder = cache_folder(data_root(root), self.name, image_size)
         desc = f"caching {self.name} {part} at {image_size}px"
         if part == "trainval":
-            plan = lambda: self.plan_trainval(base, val_fraction)
+
+            def plan():
+                return self.plan_trainval(base, val_fraction)
         elif part == "test":
-            plan = lambda: self.plan_test(base)
+
+            def plan():
+                return self.plan_test(base)
         else:
-            plan = lambda: self.plan_subset(base, part, val_fraction)
+
+            def plan():
+                return self.plan_subset(base, part, val_fraction)
+
         return cached_part(folder, part, image_size, plan, desc, self.channels, self.mode)
 
     def plan_trainval(self, base: Path, val_fraction: float) -> Plan:
@@ -134,17 +147,19 @@ class FolderSet:
         list_file = next((p for p in candidates if p.is_file()), None)
         if list_file is None:
             raise DatasetNotFoundError(
-                f"split {part!r} of {self.name!r} needs its list file; put it at {candidates[0]}. {self.how}")
+                f"split {part!r} of {self.name!r} needs its list file; put it at {candidates[0]}. {self.how}"
+            )
         wanted = [line.strip() for line in list_file.read_text().splitlines() if line.strip()]
         trainval = self.plan_trainval(base, val_fraction)
         row_of = {os.path.basename(f): r for r, f in enumerate(trainval.files)}
         missing = [w for w in wanted if os.path.basename(w) not in row_of]
         if missing:
-            raise DatasetNotFoundError(f"{len(missing)} of {len(wanted)} files listed in {list_file} are not under "
-                                       f"{base / self.train}, e.g. {', '.join(missing[:3])}")
+            raise DatasetNotFoundError(
+                f"{len(missing)} of {len(wanted)} files listed in {list_file} are not under "
+                f"{base / self.train}, e.g. {', '.join(missing[:3])}"
+            )
         rows = np.unique(np.array([row_of[os.path.basename(w)] for w in wanted], dtype=np.int64))
-        return Plan([trainval.files[r] for r in rows], trainval.labels[rows], trainval.class_names, base,
-                    indices=rows)
+        return Plan([trainval.files[r] for r in rows], trainval.labels[rows], trainval.class_names, base, indices=rows)
 
 
 @dataclass(frozen=True)
@@ -178,32 +193,46 @@ class ImageNet(FolderSet):
         if val.is_dir() and not any(p.is_dir() for p in val.iterdir()):
             raise DatasetNotFoundError(
                 f"{val} holds loose images: sort them into val/<wnid>/ first (torchvision.datasets.ImageNet(ROOT, "
-                f"split='val') does it from ILSVRC2012_devkit_t12.tar.gz, or use the common valprep.sh script)")
+                f"split='val') does it from ILSVRC2012_devkit_t12.tar.gz, or use the common valprep.sh script)"
+            )
         return super().plan_test(base)
 
 
 TINY_IMAGENET = TinyImageNet(
-    "tiny_imagenet", ("tiny-imagenet-200", ""), marker="wnids.txt",
+    "tiny_imagenet",
+    ("tiny-imagenet-200", ""),
+    marker="wnids.txt",
     layout="  ROOT/tiny-imagenet-200/wnids.txt\n  ROOT/tiny-imagenet-200/train/<wnid>/images/<wnid>_<k>.JPEG\n"
-           "  ROOT/tiny-imagenet-200/val/val_annotations.txt\n  ROOT/tiny-imagenet-200/val/images/val_<k>.JPEG",
-    how="Download http://cs231n.stanford.edu/tiny-imagenet-200.zip and unzip it into ROOT.")
+    "  ROOT/tiny-imagenet-200/val/val_annotations.txt\n  ROOT/tiny-imagenet-200/val/images/val_<k>.JPEG",
+    how="Download http://cs231n.stanford.edu/tiny-imagenet-200.zip and unzip it into ROOT.",
+)
 
 IMAGENET = ImageNet(
-    "imagenet", ("imagenet", ""), test="val",
-    subsets={"train_1pct": ("1percent.txt", "imagenet_subsets/1percent.txt"),
-             "train_10pct": ("10percent.txt", "imagenet_subsets/10percent.txt")},
+    "imagenet",
+    ("imagenet", ""),
+    test="val",
+    subsets={
+        "train_1pct": ("1percent.txt", "imagenet_subsets/1percent.txt"),
+        "train_10pct": ("10percent.txt", "imagenet_subsets/10percent.txt"),
+    },
     layout="  ROOT/imagenet/train/<wnid>/<wnid>_<k>.JPEG\n  ROOT/imagenet/val/<wnid>/ILSVRC2012_val_<k>.JPEG\n"
-           "  ROOT/imagenet/1percent.txt, 10percent.txt   (optional: the SimCLR subset lists)",
+    "  ROOT/imagenet/1percent.txt, 10percent.txt   (optional: the SimCLR subset lists)",
     how="Download ILSVRC2012_img_train.tar and ILSVRC2012_img_val.tar from https://image-net.org (free account), "
-        "unpack train into one folder per wnid and sort val into wnid folders; the subset lists are at "
-        "https://raw.githubusercontent.com/google-research/simclr/master/imagenet_subsets/1percent.txt (and "
-        "10percent.txt).")
+    "unpack train into one folder per wnid and sort val into wnid folders; the subset lists are at "
+    "https://raw.githubusercontent.com/google-research/simclr/master/imagenet_subsets/1percent.txt (and "
+    "10percent.txt).",
+)
 
 
 def folder_set(name: str, folder: str, channels: int = 3, val: bool = False, test: str = "test") -> FolderSet:
     """A :class:`FolderSet` for a user's tree ``ROOT/<folder>/{train,[val,]<test>}/<class>/<image>``."""
     parts = ["train", "val", test] if val else ["train", test]
     return FolderSet(
-        name, (folder,), channels=channels, val="val" if val else None, test=test,
+        name,
+        (folder,),
+        channels=channels,
+        val="val" if val else None,
+        test=test,
         layout="\n".join(f"  ROOT/{folder}/{p}/<class>/<image>" for p in parts),
-        how=f"Put your images in one folder per class under ROOT/{folder}/.")
+        how=f"Put your images in one folder per class under ROOT/{folder}/.",
+    )

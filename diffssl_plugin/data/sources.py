@@ -80,13 +80,22 @@ def network_timeout(seconds: float = NETWORK_TIMEOUT_S) -> Iterator[None]:
 
 def not_found(dataset: str, root: Path, layout: str, how: str, detail: str = "") -> DatasetNotFoundError:
     """The error for a standard set that is not where we looked: what to download and the layout expected."""
-    msg = (f"dataset {dataset!r} not found under {root}. {how}\nExpected layout (ROOT = {root}):\n{layout}\n"
-           f"Point --data-root (or $DIFFSSL_DATA_ROOT) at ROOT.")
+    msg = (
+        f"dataset {dataset!r} not found under {root}. {how}\nExpected layout (ROOT = {root}):\n{layout}\n"
+        f"Point --data-root (or $DIFFSSL_DATA_ROOT) at ROOT."
+    )
     return DatasetNotFoundError(msg + (f"\n{detail}" if detail else ""))
 
 
-def open_torchvision(dataset: str, factory: Callable[[str, bool], Any], root: str | os.PathLike | None,
-                     download: bool, layout: str, how: str, can_download: bool = True) -> Any:
+def open_torchvision(
+    dataset: str,
+    factory: Callable[[str, bool], Any],
+    root: str | os.PathLike | None,
+    download: bool,
+    layout: str,
+    how: str,
+    can_download: bool = True,
+) -> Any:
     """Build a torchvision dataset from the data root; download it only if asked and possible.
 
     ``factory(root, download)`` constructs the torchvision object. Its "not found or corrupted" errors become a
@@ -109,6 +118,7 @@ def open_torchvision(dataset: str, factory: Callable[[str, bool], Any], root: st
         except Exception as e:  # noqa: BLE001
             detail += f"; download failed: {type(e).__name__}: {e}"
     raise not_found(dataset, base, layout, how, detail)
+
 
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 FASHION_MNIST_FILES = {
@@ -135,7 +145,7 @@ def read_idx(path: Path) -> np.ndarray:
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08:
         raise DatasetNotFoundError(f"{path} is not an unsigned-byte IDX file (bad magic number)")
     ndim = raw[3]
-    shape = tuple(int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim))
+    shape = tuple(int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
     data = np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim)
     if data.size != int(np.prod(shape)):
         raise DatasetNotFoundError(f"{path} is truncated: header says {shape}, found {data.size} bytes")
@@ -143,8 +153,12 @@ def read_idx(path: Path) -> np.ndarray:
 
 
 def _find_idx(folder: Path, stem: str) -> Path | None:
-    for candidate in (folder / stem, folder / f"{stem}.gz", folder / "FashionMNIST" / "raw" / stem,
-                      folder / "FashionMNIST" / "raw" / f"{stem}.gz"):
+    for candidate in (
+        folder / stem,
+        folder / f"{stem}.gz",
+        folder / "FashionMNIST" / "raw" / stem,
+        folder / "FashionMNIST" / "raw" / f"{stem}.gz",
+    ):
         if candidate.is_file():
             return candidate
     return None
@@ -155,8 +169,12 @@ def _load_idx_folder(folder: Path) -> Arrays | None:
     if any(p is None for p in paths.values()):
         return None
     arr = {key: read_idx(p) for key, p in paths.items()}
-    return (arr["train_images"][:, None], arr["train_labels"].astype(np.int64),
-            arr["test_images"][:, None], arr["test_labels"].astype(np.int64))
+    return (
+        arr["train_images"][:, None],
+        arr["train_labels"].astype(np.int64),
+        arr["test_images"][:, None],
+        arr["test_labels"].astype(np.int64),
+    )
 
 
 def load_fashion_mnist(root: str | os.PathLike | None = None, download: bool = True) -> Arrays:
@@ -178,12 +196,13 @@ def load_fashion_mnist(root: str | os.PathLike | None = None, download: bool = T
             found = _load_idx_folder(target)
             if found is not None:
                 return found
-        except Exception as e:  # network errors come in many types
+        except Exception as e:  # noqa: BLE001 -- network errors come in many types
             searched.append(f"torchvision download failed: {type(e).__name__}: {e}")
     raise DatasetNotFoundError(
         "Fashion-MNIST not found. Install it with `sudo apt-get install dataset-fashion-mnist` (Debian/Ubuntu), "
         "or pass --data-root DIR with the four IDX files (train-images-idx3-ubyte[.gz], ...), or allow "
-        "torchvision to download it (needs internet). Looked in: " + "; ".join(searched))
+        "torchvision to download it (needs internet). Looked in: " + "; ".join(searched)
+    )
 
 
 def load_mnist5k(root: str | os.PathLike | None = None, download: bool = True) -> Arrays:

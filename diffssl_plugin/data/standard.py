@@ -31,16 +31,15 @@ STL10_CLASSES = ("airplane", "bird", "car", "cat", "deer", "dog", "horse", "monk
 LAYOUTS = {
     "cifar10": "  ROOT/cifar-10-batches-py/data_batch_1 ... data_batch_5, test_batch, batches.meta",
     "cifar100": "  ROOT/cifar-100-python/train, test, meta",
-    "stl10": "  ROOT/stl10_binary/train_X.bin, train_y.bin, test_X.bin, test_y.bin, unlabeled_X.bin, "
-             "class_names.txt",
+    "stl10": "  ROOT/stl10_binary/train_X.bin, train_y.bin, test_X.bin, test_y.bin, unlabeled_X.bin, class_names.txt",
 }
 HOW = {
     "cifar10": "Pass download=True (torchvision), or unpack "
-               "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz into ROOT.",
+    "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz into ROOT.",
     "cifar100": "Pass download=True (torchvision), or unpack "
-                "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz into ROOT.",
+    "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz into ROOT.",
     "stl10": "Pass download=True (torchvision, 2.6 GB), or unpack "
-             "http://ai.stanford.edu/~acoates/stl10/stl10_binary.tar.gz into ROOT.",
+    "http://ai.stanford.edu/~acoates/stl10/stl10_binary.tar.gz into ROOT.",
 }
 STL10_SPLITS = {"trainval": "train", "test": "test", "unlabeled": "unlabeled", "train+unlabeled": "train+unlabeled"}
 
@@ -58,20 +57,38 @@ def _cifar(name: str, part: str, root: str | os.PathLike | None, download: bool)
     return Part(images, np.asarray(ds.targets, dtype=np.int64), tuple(ds.classes))
 
 
-def load_cifar10(part: str, *, root: str | os.PathLike | None = None, download: bool = True,
-                 image_size: int = 32, val_fraction: float = 0.1) -> Part:
+def load_cifar10(
+    part: str,
+    *,
+    root: str | os.PathLike | None = None,
+    download: bool = True,
+    image_size: int = 32,
+    val_fraction: float = 0.1,
+) -> Part:
     """CIFAR-10 ``"trainval"`` (50,000) or ``"test"`` (10,000), 32×32 RGB."""
     return _cifar("cifar10", part, root, download)
 
 
-def load_cifar100(part: str, *, root: str | os.PathLike | None = None, download: bool = True,
-                  image_size: int = 32, val_fraction: float = 0.1) -> Part:
+def load_cifar100(
+    part: str,
+    *,
+    root: str | os.PathLike | None = None,
+    download: bool = True,
+    image_size: int = 32,
+    val_fraction: float = 0.1,
+) -> Part:
     """CIFAR-100 with its 100 fine labels, ``"trainval"`` (50,000) or ``"test"`` (10,000), 32×32 RGB."""
     return _cifar("cifar100", part, root, download)
 
 
-def load_stl10(part: str, *, root: str | os.PathLike | None = None, download: bool = True,
-               image_size: int = 96, val_fraction: float = 0.1) -> Part:
+def load_stl10(
+    part: str,
+    *,
+    root: str | os.PathLike | None = None,
+    download: bool = True,
+    image_size: int = 96,
+    val_fraction: float = 0.1,
+) -> Part:
     """STL-10 at 96×96: ``"trainval"`` (5,000 labelled), ``"test"``, ``"unlabeled"``, ``"train+unlabeled"``."""
     from torchvision.datasets import STL10
 

@@ -61,24 +61,29 @@ def perturb(x: torch.Tensor, sigmas: torch.Tensor, generator: torch.Generator | 
 
 
 # ---------------------------------------------------------------------- energy gradient and loss
-def energy_grad(energy_fn: EnergyFn, x: torch.Tensor, create_graph: bool = False
-                ) -> tuple[torch.Tensor, torch.Tensor]:
+def energy_grad(energy_fn: EnergyFn, x: torch.Tensor, create_graph: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """``(E(x), ∇_x E(x))`` by autograd. With ``create_graph=True`` the gradient stays differentiable with respect
     to the network's weights (the double back-propagation the loss needs); otherwise both come back detached."""
     with torch.enable_grad():
         x = x.detach().to(_work_dtype(x)).requires_grad_(True)
         energy = energy_fn(x)
         if energy.dim() != 1 or energy.shape[0] != x.shape[0]:
-            raise InputError(f"energy_fn must return one energy per image, shape ({x.shape[0]},), "
-                             f"got {tuple(energy.shape)}")
+            raise InputError(
+                f"energy_fn must return one energy per image, shape ({x.shape[0]},), got {tuple(energy.shape)}"
+            )
         (grad,) = torch.autograd.grad(energy.sum(), x, create_graph=create_graph)
     if not create_graph:
         energy, grad = energy.detach(), grad.detach()
     return energy, grad
 
 
-def mdsm_loss(energy_fn: EnergyFn, x: torch.Tensor, sigmas: torch.Tensor,
-              generator: torch.Generator | None = None, sigma0: float = SIGMA0) -> torch.Tensor:
+def mdsm_loss(
+    energy_fn: EnergyFn,
+    x: torch.Tensor,
+    sigmas: torch.Tensor,
+    generator: torch.Generator | None = None,
+    sigma0: float = SIGMA0,
+) -> torch.Tensor:
     """MDSM's loss (official ``train.py``):
 
         L = (1/B) Σ_i ‖x_i − x̃_i + σ0² ∇E(x̃_i)‖² / (σ_i² σ0⁴),   x̃_i = x_i + σ_i ε_i
@@ -92,14 +97,15 @@ def mdsm_loss(energy_fn: EnergyFn, x: torch.Tensor, sigmas: torch.Tensor,
         raise InputError(f"need one σ per image: {x.shape[0]} images, σ of shape {tuple(sigmas.shape)}")
     x_noisy = perturb(x, sigmas, generator)
     _, grad = energy_grad(energy_fn, x_noisy, create_graph=True)
-    residual = (x.to(x_noisy.dtype) - x_noisy + sigma0 ** 2 * grad.to(x_noisy.dtype)).flatten(1)
-    weight = 1.0 / (sigmas.to(x.device, x_noisy.dtype) ** 2 * sigma0 ** 4)
+    residual = (x.to(x_noisy.dtype) - x_noisy + sigma0**2 * grad.to(x_noisy.dtype)).flatten(1)
+    weight = 1.0 / (sigmas.to(x.device, x_noisy.dtype) ** 2 * sigma0**4)
     return (residual.pow(2).sum(1) * weight).mean()
 
 
 # ---------------------------------------------------------------------- sampling
-def temperature_schedule(kind: str = "exp", steps: int | None = None, t_max: float = 100.0,
-                         t_min: float = 1.0) -> torch.Tensor:
+def temperature_schedule(
+    kind: str = "exp", steps: int | None = None, t_max: float = 100.0, t_min: float = 1.0
+) -> torch.Tensor:
     """Temperatures of MDSM's annealed Langevin sampler (official ``sample.py``), one per step.
 
     Both schedules hold ``t_max`` for 500 steps, anneal over 2000 steps and cool linearly from ``t_min`` to 0
@@ -120,8 +126,13 @@ def temperature_schedule(kind: str = "exp", steps: int | None = None, t_max: flo
         middle = t_max * torch.exp(-k * math.log(t_max / t_min) / anneal)
     else:
         middle = torch.linspace(t_max, t_min, anneal, dtype=torch.float64)
-    return torch.cat([torch.full((hold,), t_max, dtype=torch.float64), middle,
-                      t_min * torch.linspace(1.0, 0.0, cool, dtype=torch.float64)]).float()
+    return torch.cat(
+        [
+            torch.full((hold,), t_max, dtype=torch.float64),
+            middle,
+            t_min * torch.linspace(1.0, 0.0, cool, dtype=torch.float64),
+        ]
+    ).float()
 
 
 def _as_mask(mask: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor | None:
@@ -136,9 +147,15 @@ def _as_mask(mask: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor | None:
 
 
 @torch.no_grad()
-def annealed_langevin(energy_fn: EnergyFn, x: torch.Tensor, temperatures: torch.Tensor,
-                      step_size: float = 0.02, generator: torch.Generator | None = None,
-                      mask: torch.Tensor | None = None, context_noise: float = SIGMA0) -> torch.Tensor:
+def annealed_langevin(
+    energy_fn: EnergyFn,
+    x: torch.Tensor,
+    temperatures: torch.Tensor,
+    step_size: float = 0.02,
+    generator: torch.Generator | None = None,
+    mask: torch.Tensor | None = None,
+    context_noise: float = SIGMA0,
+) -> torch.Tensor:
     """Annealed Langevin dynamics on ``exp(−E/T)`` (official ``Annealed_Langevin_E``):
 
         x ← x − (ε²/2) ∇E(x) + ε √T_k z,   ε = ``step_size``, one step per temperature.
@@ -153,31 +170,38 @@ def annealed_langevin(energy_fn: EnergyFn, x: torch.Tensor, temperatures: torch.
     for temp in temperatures.tolist():
         if mask is None:
             _, grad = energy_grad(energy_fn, x)
-            x = x - 0.5 * step_size ** 2 * grad + step_size * math.sqrt(temp) * gaussian_noise(x, generator)
+            x = x - 0.5 * step_size**2 * grad + step_size * math.sqrt(temp) * gaussian_noise(x, generator)
         else:
-            ctx = context_noise * temp ** 0.25 * gaussian_noise(x, generator)
+            ctx = context_noise * temp**0.25 * gaussian_noise(x, generator)
             _, grad = energy_grad(energy_fn, torch.where(mask, x, x + ctx))
-            moved = x - 0.5 * step_size ** 2 * grad + step_size * math.sqrt(temp) * gaussian_noise(x, generator)
+            moved = x - 0.5 * step_size**2 * grad + step_size * math.sqrt(temp) * gaussian_noise(x, generator)
             x = torch.where(mask, moved, x)
     return x
 
 
 @torch.no_grad()
-def denoise(energy_fn: EnergyFn, x: torch.Tensor, sigma0: float = SIGMA0,
-            mask: torch.Tensor | None = None) -> torch.Tensor:
+def denoise(
+    energy_fn: EnergyFn, x: torch.Tensor, sigma0: float = SIGMA0, mask: torch.Tensor | None = None
+) -> torch.Tensor:
     """MDSM's single-step denoising (empirical Bayes / Tweedie jump): ``x̂ = x − σ0² ∇E(x)``. The loss trains
     ``−σ0²∇E(x̃)`` towards ``x − x̃`` at every training σ, so one step denoises any noise level in that range.
     With ``mask``, only masked pixels change."""
     _, grad = energy_grad(energy_fn, x)
     x = x.detach().to(_work_dtype(x))
-    out = x - sigma0 ** 2 * grad
+    out = x - sigma0**2 * grad
     mask = _as_mask(mask, x)
     return out if mask is None else torch.where(mask, out, x)
 
 
-def sample(energy_fn: EnergyFn, shape: tuple[int, ...], temperatures: torch.Tensor | None = None,
-           step_size: float = 0.02, generator: torch.Generator | None = None,
-           device: torch.device | str = "cpu", init_mean: float = 0.5) -> torch.Tensor:
+def sample(
+    energy_fn: EnergyFn,
+    shape: tuple[int, ...],
+    temperatures: torch.Tensor | None = None,
+    step_size: float = 0.02,
+    generator: torch.Generator | None = None,
+    device: torch.device | str = "cpu",
+    init_mean: float = 0.5,
+) -> torch.Tensor:
     """Unconditional samples: start at ``init_mean + N(0, I)`` (the official init), run
     :func:`annealed_langevin` (default: the paper's 2700-step ``"exp"`` schedule), then :func:`denoise`."""
     temperatures = temperature_schedule("exp") if temperatures is None else temperatures
@@ -185,10 +209,16 @@ def sample(energy_fn: EnergyFn, shape: tuple[int, ...], temperatures: torch.Tens
     return denoise(energy_fn, annealed_langevin(energy_fn, x, temperatures, step_size, generator))
 
 
-def inpaint(energy_fn: EnergyFn, images: torch.Tensor, mask: torch.Tensor,
-            temperatures: torch.Tensor | None = None, step_size: float = 0.02,
-            generator: torch.Generator | None = None, init_mean: float = 0.5,
-            context_noise: float = SIGMA0) -> torch.Tensor:
+def inpaint(
+    energy_fn: EnergyFn,
+    images: torch.Tensor,
+    mask: torch.Tensor,
+    temperatures: torch.Tensor | None = None,
+    step_size: float = 0.02,
+    generator: torch.Generator | None = None,
+    init_mean: float = 0.5,
+    context_noise: float = SIGMA0,
+) -> torch.Tensor:
     """Fill the masked pixels (``mask`` True or 1) of ``images`` (in [0, 1]) with annealed Langevin
     (:func:`annealed_langevin` with the mask) and a final masked :func:`denoise`. The masked pixels start at
     ``init_mean + N(0, I)``, as unconditional samples do (the official code ships no inpainting driver; this start

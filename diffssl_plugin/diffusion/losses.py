@@ -13,8 +13,9 @@ from .schedule import add_noise, sample_timesteps
 EpsilonModel = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
-def epsilon_loss(model: EpsilonModel, x0: torch.Tensor, scheduler: DDPMScheduler,
-                 generator: torch.Generator | None = None) -> torch.Tensor:
+def epsilon_loss(
+    model: EpsilonModel, x0: torch.Tensor, scheduler: DDPMScheduler, generator: torch.Generator | None = None
+) -> torch.Tensor:
     """DDPM's simple loss ``E_{t, ε} ‖ε - ε_θ(x_t, t)‖²`` (Ho et al. 2020, Algorithm 1).
 
     ``model(x_t, t)`` predicts the noise. Randomness comes from ``generator`` (on CPU) so a training step is a

@@ -12,16 +12,23 @@ from ..io import atomic_path
 
 
 @torch.no_grad()
-def sample_images(unet: UNet2DModel, scheduler: DDPMScheduler, num_images: int = 64, steps: int = 50,
-                  sampler: str = "ddim", seed: int = 0, progress: bool = True) -> torch.Tensor:
+def sample_images(
+    unet: UNet2DModel,
+    scheduler: DDPMScheduler,
+    num_images: int = 64,
+    steps: int = 50,
+    sampler: str = "ddim",
+    seed: int = 0,
+    progress: bool = True,
+) -> torch.Tensor:
     """Draw ``num_images`` samples in [0, 1], shape (N, C, H, W). ``sampler``: ``"ddim"`` (η=0) or ``"ddpm"``."""
     check_name("sampler", sampler, ("ddim", "ddpm"))
     if sampler == "ddim":
         pipe = DDIMPipeline(unet=unet, scheduler=DDIMScheduler.from_config(scheduler.config))
-        kwargs = dict(num_inference_steps=steps, eta=0.0)
+        kwargs = {"num_inference_steps": steps, "eta": 0.0}
     else:
         pipe = DDPMPipeline(unet=unet, scheduler=DDPMScheduler.from_config(scheduler.config))
-        kwargs = dict(num_inference_steps=steps)
+        kwargs = {"num_inference_steps": steps}
     pipe.set_progress_bar_config(disable=not progress, desc="sampling")
     gen = torch.Generator(device="cpu").manual_seed(seed)
     out = pipe(batch_size=num_images, generator=gen, output_type="np", **kwargs).images  # (N, H, W, C) in [0,1]

@@ -15,7 +15,7 @@ from diffusers import DDPMScheduler
 
 from ..errors import InputError
 
-DDPM_DEFAULTS = dict(num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02, beta_schedule="linear")
+DDPM_DEFAULTS = {"num_train_timesteps": 1000, "beta_start": 1e-4, "beta_end": 0.02, "beta_schedule": "linear"}
 
 
 def ddpm_scheduler(**overrides) -> DDPMScheduler:
@@ -32,17 +32,20 @@ def check_timesteps(timesteps: Iterable[int], num_train_timesteps: int) -> list[
         except (TypeError, ValueError):
             is_integer = False
         if not is_integer:
-            raise InputError(f"timestep {t!r} is not an integer; valid timesteps are integers "
-                             f"0..{num_train_timesteps - 1} (0-indexed diffusers timesteps)")
+            raise InputError(
+                f"timestep {t!r} is not an integer; valid timesteps are integers "
+                f"0..{num_train_timesteps - 1} (0-indexed diffusers timesteps)"
+            )
         if not 0 <= int(t) < num_train_timesteps:
-            raise InputError(f"timestep {t} out of range: valid timesteps are 0..{num_train_timesteps - 1} "
-                             "(0-indexed; DDAE's t=11 is our 10)")
+            raise InputError(
+                f"timestep {t} out of range: valid timesteps are 0..{num_train_timesteps - 1} "
+                "(0-indexed; DDAE's t=11 is our 10)"
+            )
         out.append(int(t))
     return out
 
 
-def add_noise(scheduler: DDPMScheduler, x0: torch.Tensor, noise: torch.Tensor,
-              timesteps: torch.Tensor) -> torch.Tensor:
+def add_noise(scheduler: DDPMScheduler, x0: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
     """``x_t = sqrt(ᾱ_t) x_0 + sqrt(1-ᾱ_t) ε`` for a batch of per-sample integer timesteps."""
     alphas = scheduler.alphas_cumprod.to(device=x0.device, dtype=torch.float32)[timesteps]
     shape = (-1,) + (1,) * (x0.dim() - 1)
@@ -51,8 +54,12 @@ def add_noise(scheduler: DDPMScheduler, x0: torch.Tensor, noise: torch.Tensor,
     return (a * x0.float() + s * noise.float()).to(x0.dtype)
 
 
-def sample_timesteps(batch_size: int, num_train_timesteps: int, generator: torch.Generator | None = None,
-                     device: torch.device | str = "cpu") -> torch.Tensor:
+def sample_timesteps(
+    batch_size: int,
+    num_train_timesteps: int,
+    generator: torch.Generator | None = None,
+    device: torch.device | str = "cpu",
+) -> torch.Tensor:
     """Uniform training timesteps ``t ~ U{0, …, T-1}`` (DDPM's Algorithm 1)."""
     t = torch.randint(0, num_train_timesteps, (batch_size,), generator=generator)
     return t.to(device)

@@ -31,7 +31,7 @@ import torch
 
 from ..errors import InputError, check_name
 
-VE_DEFAULTS = dict(sigma_min=0.01, sigma_max=50.0)
+VE_DEFAULTS = {"sigma_min": 0.01, "sigma_max": 50.0}
 NOISE_SAMPLERS = ("uniform_t", "uniform_sigma")
 
 #: ``score_fn(x_t, sigma, t) -> score``: σ and t are (B,) tensors; the score has the shape of ``x_t``.
@@ -89,8 +89,10 @@ class NoiseSampler:
             if not lo < hi:
                 raise InputError(f"sigma_range needs lo < hi, got ({lo:g}, {hi:g})")
             if lo < s.sigma_min * (1 - 1e-6) or hi > s.sigma_max * (1 + 1e-6):
-                raise InputError(f"sigma_range ({lo:g}, {hi:g}) must lie inside the schedule's "
-                                 f"[σ_min, σ_max] = [{s.sigma_min:g}, {s.sigma_max:g}]")
+                raise InputError(
+                    f"sigma_range ({lo:g}, {hi:g}) must lie inside the schedule's "
+                    f"[σ_min, σ_max] = [{s.sigma_min:g}, {s.sigma_max:g}]"
+                )
             object.__setattr__(self, "sigma_range", (lo, hi))
 
     @property
@@ -98,8 +100,9 @@ class NoiseSampler:
         """The σ interval the sampler draws from."""
         return self.sigma_range or (self.schedule.sigma_min, self.schedule.sigma_max)
 
-    def sample(self, batch_size: int, generator: torch.Generator | None = None,
-               device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    def sample(
+        self, batch_size: int, generator: torch.Generator | None = None, device: torch.device | str = "cpu"
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """``(t, σ)``, two float32 (B,) tensors with ``σ = σ(t)``."""
         u = torch.rand(batch_size, generator=generator)
         lo, hi = self.bounds
@@ -113,13 +116,20 @@ class NoiseSampler:
         return t.clamp(0.0, 1.0).to(device), sigma.to(device)
 
     def as_dict(self) -> dict:
-        return dict(name=self.name, sigma_min=self.schedule.sigma_min, sigma_max=self.schedule.sigma_max,
-                    sigma_range=list(self.sigma_range) if self.sigma_range else None)
+        return {
+            "name": self.name,
+            "sigma_min": self.schedule.sigma_min,
+            "sigma_max": self.schedule.sigma_max,
+            "sigma_range": list(self.sigma_range) if self.sigma_range else None,
+        }
 
 
-def noise_sampler(name: str = "uniform_t", sigma_min: float = VE_DEFAULTS["sigma_min"],
-                  sigma_max: float = VE_DEFAULTS["sigma_max"],
-                  sigma_range: tuple[float, float] | None = None) -> NoiseSampler:
+def noise_sampler(
+    name: str = "uniform_t",
+    sigma_min: float = VE_DEFAULTS["sigma_min"],
+    sigma_max: float = VE_DEFAULTS["sigma_max"],
+    sigma_range: tuple[float, float] | None = None,
+) -> NoiseSampler:
     """A :class:`NoiseSampler` from plain arguments (unknown names raise ``UnknownNameError``)."""
     return NoiseSampler(name, VESchedule(sigma_min, sigma_max), tuple(sigma_range) if sigma_range else None)
 
@@ -129,8 +139,13 @@ def ve_perturb(x0: torch.Tensor, sigma: torch.Tensor, noise: torch.Tensor) -> to
     return x0 + sigma.view(-1, *([1] * (x0.dim() - 1))).to(x0.dtype) * noise
 
 
-def ve_dsm_loss(score_fn: ScoreFn, x0: torch.Tensor, sampler: NoiseSampler,
-                generator: torch.Generator | None = None, per_sample: bool = False) -> torch.Tensor:
+def ve_dsm_loss(
+    score_fn: ScoreFn,
+    x0: torch.Tensor,
+    sampler: NoiseSampler,
+    generator: torch.Generator | None = None,
+    per_sample: bool = False,
+) -> torch.Tensor:
     """Denoising score matching with λ = σ²: ``mean_pixels ‖σ s_θ(x_t, σ, t) + ε‖²``.
 
     Draws ``(t, σ)`` from ``sampler`` and then ``ε`` from ``generator`` (in that order), calls

@@ -84,8 +84,9 @@ class FeatureCache:
         if self.root is None:
             return None
         ids = hashlib.sha256(data.indices.numpy().tobytes()).hexdigest()[:12] if data.indices is not None else "all"
-        key = json.dumps([model_hash, data.name, data.split, len(data), ids, readout.timestep, readout.block,
-                          readout.pool])
+        key = json.dumps(
+            [model_hash, data.name, data.split, len(data), ids, readout.timestep, readout.block, readout.pool]
+        )
         digest = hashlib.sha256(key.encode()).hexdigest()[:24]
         return self.root / model_hash / f"{data.name}-{data.split}-{digest}.safetensors"
 
@@ -96,7 +97,7 @@ class FeatureCache:
 
         try:
             return load_file(str(path))["features"]
-        except Exception:  # a damaged cache entry is recomputed, never trusted
+        except Exception:  # noqa: BLE001 -- a damaged cache entry is recomputed, never trusted
             path.unlink(missing_ok=True)
             return None
 
@@ -126,14 +127,16 @@ def _last_intermediate(model: nn.Module, x: torch.Tensor, pool: str) -> torch.Te
 
     maps = model.forward_intermediates(x, indices=1, intermediates_only=True)[-1]
     if maps.dim() != 4:
-        raise InputError(f"forward_intermediates of {type(model).__name__} gave shape {tuple(maps.shape)}, "
-                         "not an NCHW map")
+        raise InputError(
+            f"forward_intermediates of {type(model).__name__} gave shape {tuple(maps.shape)}, not an NCHW map"
+        )
     size = pooled_size(maps.shape[1:], int(pool.removeprefix("avg_upto")))
     return torch.nn.functional.adaptive_avg_pool2d(maps.float(), size)
 
 
-def _forward_batch(model: nn.Module, x: torch.Tensor, missing: Sequence[Readout], timesteps: list[int],
-                   blocks: list[str]) -> dict[Readout, torch.Tensor]:
+def _forward_batch(
+    model: nn.Module, x: torch.Tensor, missing: Sequence[Readout], timesteps: list[int], blocks: list[str]
+) -> dict[Readout, torch.Tensor]:
     maps = model.extract(x, timesteps, blocks, pool=None) if blocks else {}
     out = {}
     for r in missing:
@@ -151,10 +154,18 @@ def _is_out_of_memory(error: BaseException) -> bool:
 
 
 @torch.no_grad()
-def extract_features(model: nn.Module, data: ImageSet, readouts: Sequence[Readout] = (OUTPUT,),
-                     batch_size: int = 256, cache_dir: str | os.PathLike | None = None,
-                     model_hash: str | None = None, device: str | torch.device | None = None, amp: bool = True,
-                     progress: bool = True, runtime: Runtime | None = None) -> dict[Readout, torch.Tensor]:
+def extract_features(
+    model: nn.Module,
+    data: ImageSet,
+    readouts: Sequence[Readout] = (OUTPUT,),
+    batch_size: int = 256,
+    cache_dir: str | os.PathLike | None = None,
+    model_hash: str | None = None,
+    device: str | torch.device | None = None,
+    amp: bool = True,
+    progress: bool = True,
+    runtime: Runtime | None = None,
+) -> dict[Readout, torch.Tensor]:
     """Features of every image of ``data`` at each readout, as float32 (N, D) CPU tensors (NCHW maps for
     unpooled readouts), cached on disk.
 
@@ -195,13 +206,21 @@ def extract_features(model: nn.Module, data: ImageSet, readouts: Sequence[Readou
     blocks = sorted({r.block for r in missing if r.block not in (None, LAST_INTERMEDIATE)})
     mean_std = None
     if device.type == rt.device_type:
+
         def autocast():
             return rt.autocast(enabled=amp)
     else:  # an explicit device other than the runtime's (e.g. evaluating on the CPU from a GPU job)
+
         def autocast():
             return torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp)
-    bar = tqdm(total=len(shard), desc=f"features {data.name}/{data.split}", disable=not progress or not rt.is_global_zero,
-               leave=False, unit="img")
+
+    bar = tqdm(
+        total=len(shard),
+        desc=f"features {data.name}/{data.split}",
+        disable=not progress or not rt.is_global_zero,
+        leave=False,
+        unit="img",
+    )
     start, stop = shard.start, shard.stop
     while start < stop:
         end = min(stop, start + batch_size)

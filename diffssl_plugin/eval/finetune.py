@@ -111,8 +111,14 @@ class Classifier(nn.Module):
         return self.head(self.norm(read_features(self.backbone, self.readout, x).float()))
 
     @torch.no_grad()
-    def init_from_probe(self, f_train: torch.Tensor, y_train: torch.Tensor, f_val: torch.Tensor,
-                        y_val: torch.Tensor, cs: tuple[float, ...]) -> float:
+    def init_from_probe(
+        self,
+        f_train: torch.Tensor,
+        y_train: torch.Tensor,
+        f_val: torch.Tensor,
+        y_val: torch.Tensor,
+        cs: tuple[float, ...],
+    ) -> float:
         """LP step of LP-FT: the normalisation takes the frozen train features' mean and variance, the linear
         layer the logistic regression on them with C chosen on validation. Returns that validation
         accuracy. Features and labels are CPU tensors."""
@@ -135,12 +141,13 @@ class Classifier(nn.Module):
 
 def _batches(data: ImageSet, batch_size: int):
     for start in range(0, len(data), batch_size):
-        yield data.images[start:start + batch_size].float().div_(255.0), data.labels[start:start + batch_size]
+        yield data.images[start : start + batch_size].float().div_(255.0), data.labels[start : start + batch_size]
 
 
 @torch.no_grad()
-def accuracy(model: Classifier, data: ImageSet, batch_size: int = 256, device: str | torch.device | None = None,
-             amp: bool = True) -> float:
+def accuracy(
+    model: Classifier, data: ImageSet, batch_size: int = 256, device: str | torch.device | None = None, amp: bool = True
+) -> float:
     """Top-1 accuracy of ``model`` on ``data`` (eval mode, no augmentation), on ``device`` (default: the
     model's)."""
     model.eval()
@@ -153,10 +160,18 @@ def accuracy(model: Classifier, data: ImageSet, batch_size: int = 256, device: s
     return correct / max(1, len(data))
 
 
-def finetune(backbone: nn.Module, train: ImageSet, val: ImageSet, test: ImageSet, readout: Readout = OUTPUT,
-             recipe: FinetuneRecipe = FinetuneRecipe(), device: str | torch.device | None = None,
-             progress: bool = False, frozen: tuple[torch.Tensor, torch.Tensor] | None = None,
-             runtime: Runtime | None = None) -> FinetuneResult:
+def finetune(
+    backbone: nn.Module,
+    train: ImageSet,
+    val: ImageSet,
+    test: ImageSet,
+    readout: Readout = OUTPUT,
+    recipe: FinetuneRecipe = FinetuneRecipe(),
+    device: str | torch.device | None = None,
+    progress: bool = False,
+    frozen: tuple[torch.Tensor, torch.Tensor] | None = None,
+    runtime: Runtime | None = None,
+) -> FinetuneResult:
     """Start a deep copy of ``backbone`` plus a linear head from the linear probe on ``train``, fine-tune it
     on ``train`` (or ``recipe.train_images`` of it), choose the epoch on ``val``, score it on ``test``.
     ``backbone`` itself is left untouched. ``frozen``: the backbone's features of ``train`` and ``val`` at
@@ -170,16 +185,21 @@ def finetune(backbone: nn.Module, train: ImageSet, val: ImageSet, test: ImageSet
         p.requires_grad_(True)
     num_classes = max(train.num_classes, int(train.labels.max()) + 1)
     if frozen is None:
-        frozen = tuple(extract_features(net, d, [readout], device=dev, amp=recipe.amp,
-                                        progress=False)[readout] for d in (train, val))
+        frozen = tuple(
+            extract_features(net, d, [readout], device=dev, amp=recipe.amp, progress=False)[readout]
+            for d in (train, val)
+        )
     model = Classifier(net, readout, frozen[0].shape[1], num_classes).to(dev)
-    probe_acc = model.init_from_probe(frozen[0].cpu(), train.labels, frozen[1].cpu(), val.labels,
-                                      recipe.probe_cs or DEFAULT_CS)
+    probe_acc = model.init_from_probe(
+        frozen[0].cpu(), train.labels, frozen[1].cpu(), val.labels, recipe.probe_cs or DEFAULT_CS
+    )
     if recipe.train_images:
         train = train.balanced_subset(total=recipe.train_images, seed=recipe.seed)
 
-    groups = [{"params": list(model.backbone.parameters()), "lr": recipe.lr},
-              {"params": list(model.head.parameters()), "lr": recipe.head_lr}]
+    groups = [
+        {"params": list(model.backbone.parameters()), "lr": recipe.lr},
+        {"params": list(model.head.parameters()), "lr": recipe.head_lr},
+    ]
     opt = torch.optim.AdamW([g for g in groups if g["params"]], weight_decay=recipe.weight_decay)
     steps_per_epoch = max(1, len(train) // recipe.batch_size)  # full batches (batch norm in the head)
     total = recipe.epochs * steps_per_epoch
@@ -201,11 +221,24 @@ def finetune(backbone: nn.Module, train: ImageSet, val: ImageSet, test: ImageSet
             x = torch.where(rows[:, 1].bool().view(-1, 1, 1, 1), x.flip(-1), x)
         return normalise(model.backbone, x), train.labels[idx]
 
-    result = fit(model, plan, load, lambda m, batch: nn.functional.cross_entropy(m(batch[0]).float(), batch[1]),
-                 opt, sched, epochs=recipe.epochs,
-                 validate=lambda m, d: accuracy(m, val, device=d, amp=recipe.amp), start_score=probe_acc,
-                 select_best=recipe.select_best, train_mode=recipe.train_mode, amp=recipe.amp,
-                 unused_parameters=True, desc="finetune", progress=progress, runtime=rt)
+    result = fit(
+        model,
+        plan,
+        load,
+        lambda m, batch: nn.functional.cross_entropy(m(batch[0]).float(), batch[1]),
+        opt,
+        sched,
+        epochs=recipe.epochs,
+        validate=lambda m, d: accuracy(m, val, device=d, amp=recipe.amp),
+        start_score=probe_acc,
+        select_best=recipe.select_best,
+        train_mode=recipe.train_mode,
+        amp=recipe.amp,
+        unused_parameters=True,
+        desc="finetune",
+        progress=progress,
+        runtime=rt,
+    )
     test_acc = accuracy(model, test, amp=recipe.amp)
     curve = [probe_acc] + [h["val"] for h in result.history]
     return FinetuneResult(result.best_score, test_acc, result.best_epoch, curve, len(train), model)
@@ -219,13 +252,21 @@ def finetune_protocol(ctx: EvalContext) -> list[dict]:
     train, val, test = ctx.splits()
     readout = ctx.readout()
     frozen = tuple(ctx.features(d, [readout])[readout] for d in (train, val))  # cached by the linear protocol
-    res = finetune(ctx.model, train, val, test, readout, recipe, device=ctx.device, progress=ctx.progress,
-                   frozen=frozen)
-    protocol = {"name": "finetune", "optimizer": "AdamW", "schedule": "warmup_cosine",
-                "head": "batchnorm1d(affine=False)+linear", "head_init": "linear probe (LP-FT)",
-                "selection": "best validation epoch (0: the probe)" if recipe.select_best else "last epoch",
-                "augment": "hflip" if recipe.hflip else "none",
-                "precision": "bf16-autocast" if recipe.amp else "fp32", **asdict(recipe),
-                "train_images": res.train_images, "best_epoch": res.best_epoch, "val_curve": res.val_curve}
-    return [ctx.record(split="test", protocol=protocol, value=res.test_acc, val_acc=res.val_acc,
-                       readout=readout)]
+    res = finetune(
+        ctx.model, train, val, test, readout, recipe, device=ctx.device, progress=ctx.progress, frozen=frozen
+    )
+    protocol = {
+        "name": "finetune",
+        "optimizer": "AdamW",
+        "schedule": "warmup_cosine",
+        "head": "batchnorm1d(affine=False)+linear",
+        "head_init": "linear probe (LP-FT)",
+        "selection": "best validation epoch (0: the probe)" if recipe.select_best else "last epoch",
+        "augment": "hflip" if recipe.hflip else "none",
+        "precision": "bf16-autocast" if recipe.amp else "fp32",
+        **asdict(recipe),
+        "train_images": res.train_images,
+        "best_epoch": res.best_epoch,
+        "val_curve": res.val_curve,
+    }
+    return [ctx.record(split="test", protocol=protocol, value=res.test_acc, val_acc=res.val_acc, readout=readout)]

@@ -63,7 +63,8 @@ class EvalConfig:
             return [Readout(t, b, p) for t in self.timesteps for b in blocks or [model.block] for p in self.pools]
         timesteps, pools = grid.get("timesteps", self.timesteps), grid.get("pools", self.pools)
         return ([OUTPUT] if grid.get("output") else []) + [
-            Readout(t, b, p) for t in timesteps for b in grid["blocks"] for p in pools]
+            Readout(t, b, p) for t in timesteps for b in grid["blocks"] for p in pools
+        ]
 
 
 def load_eval_splits(config: EvalConfig):
@@ -71,9 +72,11 @@ def load_eval_splits(config: EvalConfig):
     train = load_split(config.dataset, "train", root=config.data_root)
     val = load_split(config.dataset, "val", root=config.data_root)
     test = load_split(config.dataset, "test", root=config.data_root)
-    return (train.balanced_subset(total=config.train_images, seed=config.seed),
-            val.balanced_subset(total=config.val_images, seed=config.seed),
-            test.balanced_subset(total=config.test_images, seed=config.seed))
+    return (
+        train.balanced_subset(total=config.train_images, seed=config.seed),
+        val.balanced_subset(total=config.val_images, seed=config.seed),
+        test.balanced_subset(total=config.test_images, seed=config.seed),
+    )
 
 
 T = TypeVar("T")
@@ -128,25 +131,55 @@ class EvalContext:
 
     def features(self, data, readouts: Sequence[Readout]) -> dict[Readout, torch.Tensor]:
         """Cached frozen features of ``data`` at ``readouts`` (see :func:`extract_features`)."""
-        return extract_features(self.model, data, readouts, batch_size=self.config.batch_size,
-                                cache_dir=self.cache_dir, model_hash=self.model_hash, device=self.device,
-                                progress=self.progress, runtime=self.runtime)
+        return extract_features(
+            self.model,
+            data,
+            readouts,
+            batch_size=self.config.batch_size,
+            cache_dir=self.cache_dir,
+            model_hash=self.model_hash,
+            device=self.device,
+            progress=self.progress,
+            runtime=self.runtime,
+        )
 
     def readout(self) -> Readout:
         """The readout protocols use: the sweep's choice if it ran, else the model's own output."""
         return self.best_readout or OUTPUT
 
-    def record(self, *, split: str, protocol: dict, value: float, metric: str = "top1",
-               readout: Readout | None = None, dataset: str | None = None, **extra) -> dict:
+    def record(
+        self,
+        *,
+        split: str,
+        protocol: dict,
+        value: float,
+        metric: str = "top1",
+        readout: Readout | None = None,
+        dataset: str | None = None,
+        **extra,
+    ) -> dict:
         train, val, test = self.splits()
-        return make_record(method=self.method, backbone=self.backbone_name, dataset=dataset or self.config.dataset,
-                           split=split, protocol=protocol, metric=metric, value=value,
-                           checkpoint_hash=self.checkpoint_hash or self.model_hash, budget=self.budget,
-                           readout=asdict(readout or self.readout()), seed=self.config.seed,
-                           eval_config=asdict(self.config),
-                           images={"train": len(train), "val": len(val), "test": len(test)},
-                           runtime={"device": self.device, "world_size": self.runtime.world_size,
-                                    "precision": self.runtime.lightning_precision}, **extra)
+        return make_record(
+            method=self.method,
+            backbone=self.backbone_name,
+            dataset=dataset or self.config.dataset,
+            split=split,
+            protocol=protocol,
+            metric=metric,
+            value=value,
+            checkpoint_hash=self.checkpoint_hash or self.model_hash,
+            budget=self.budget,
+            readout=asdict(readout or self.readout()),
+            seed=self.config.seed,
+            eval_config=asdict(self.config),
+            images={"train": len(train), "val": len(val), "test": len(test)},
+            runtime={
+                "device": self.device,
+                "world_size": self.runtime.world_size,
+                "precision": self.runtime.lightning_precision,
+            },
+            **extra,
+        )
 
 
 Protocol = Callable[[EvalContext], list[dict]]
@@ -178,38 +211,83 @@ def linear_and_knn(ctx: EvalContext) -> list[dict]:
         swept = {id(s_train): s_f_train, id(s_val): s_f_val}
         sweep: dict[Readout, float] = {}
         for r in readouts:
-            res = ctx.once(linear_probe, s_f_train[r], s_train.labels, s_f_val[r], s_val.labels,
-                           cs=config.sweep_cs, seed=config.seed, device=ctx.device)
+            res = ctx.once(
+                linear_probe,
+                s_f_train[r],
+                s_train.labels,
+                s_f_val[r],
+                s_val.labels,
+                cs=config.sweep_cs,
+                seed=config.seed,
+                device=ctx.device,
+            )
             sweep[r] = res.val_acc
-            records.append(ctx.record(split="val", protocol={"name": "sweep_linear", **res.params},
-                                      value=res.val_acc, readout=r))
+            records.append(
+                ctx.record(split="val", protocol={"name": "sweep_linear", **res.params}, value=res.val_acc, readout=r)
+            )
         ctx.best_readout = max(readouts, key=lambda r: (sweep[r], -readouts.index(r)))
         if ctx.writes_files:
-            plot_sweep(sweep, Path(ctx.out_dir) / f"sweep_{ctx.backbone_name}.png",
-                       title=f"{ctx.method}: validation linear accuracy")
+            plot_sweep(
+                sweep,
+                Path(ctx.out_dir) / f"sweep_{ctx.backbone_name}.png",
+                title=f"{ctx.method}: validation linear accuracy",
+            )
     else:
         ctx.best_readout = readouts[0]
     best = ctx.best_readout
     # a sweep over the whole subsets already holds their features at the chosen readout (even without a cache)
-    f_train, f_val, f_test = (swept[id(d)] if id(d) in swept else ctx.features(d, [best])
-                              for d in (train, val, test))
-    lin = ctx.once(linear_probe, f_train[best], train.labels, f_val[best], val.labels, f_test[best], test.labels,
-                   cs=config.final_cs, seed=config.seed, device=ctx.device)
-    records.append(ctx.record(split="test", protocol={"name": "linear", **lin.params}, value=lin.test_acc,
-                              val_acc=lin.val_acc))
+    f_train, f_val, f_test = (swept[id(d)] if id(d) in swept else ctx.features(d, [best]) for d in (train, val, test))
+    lin = ctx.once(
+        linear_probe,
+        f_train[best],
+        train.labels,
+        f_val[best],
+        val.labels,
+        f_test[best],
+        test.labels,
+        cs=config.final_cs,
+        seed=config.seed,
+        device=ctx.device,
+    )
+    records.append(
+        ctx.record(split="test", protocol={"name": "linear", **lin.params}, value=lin.test_acc, val_acc=lin.val_acc)
+    )
     for k in config.knn_ks:
-        res = ctx.once(knn_probe, f_train[best], train.labels, f_val[best], val.labels, f_test[best],
-                       test.labels, k=k, t=config.knn_t, num_classes=train.num_classes, device=ctx.device)
-        records.append(ctx.record(split="test", protocol={"name": f"knn{k}", **res.params}, value=res.test_acc,
-                                  val_acc=res.val_acc))
+        res = ctx.once(
+            knn_probe,
+            f_train[best],
+            train.labels,
+            f_val[best],
+            val.labels,
+            f_test[best],
+            test.labels,
+            k=k,
+            t=config.knn_t,
+            num_classes=train.num_classes,
+            device=ctx.device,
+        )
+        records.append(
+            ctx.record(
+                split="test", protocol={"name": f"knn{k}", **res.params}, value=res.test_acc, val_acc=res.val_acc
+            )
+        )
     return records
 
 
-def evaluate(model: nn.Module, method: str, backbone_name: str, config: EvalConfig | None = None,
-             protocols: Sequence[str] = ("linear",), budget: dict | None = None,
-             checkpoint_hash: str | None = None, cache_dir: str | os.PathLike | None = None,
-             out_dir: str | os.PathLike | None = None, device: str | None = None, progress: bool = True,
-             runtime: Runtime | None = None) -> list[dict]:
+def evaluate(
+    model: nn.Module,
+    method: str,
+    backbone_name: str,
+    config: EvalConfig | None = None,
+    protocols: Sequence[str] = ("linear",),
+    budget: dict | None = None,
+    checkpoint_hash: str | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    out_dir: str | os.PathLike | None = None,
+    device: str | None = None,
+    progress: bool = True,
+    runtime: Runtime | None = None,
+) -> list[dict]:
     """Run ``protocols`` (names in :data:`PROTOCOLS`) on ``model``, in order, and return their records.
 
     Hardware comes from ``runtime`` (default: :func:`diffssl_plugin.runtime.current`, which the CLI sets from
@@ -220,8 +298,19 @@ def evaluate(model: nn.Module, method: str, backbone_name: str, config: EvalConf
     """
     for name in protocols:
         check_name("protocol", name, PROTOCOLS)
-    ctx = EvalContext(model, method, backbone_name, config or EvalConfig(), budget, checkpoint_hash, cache_dir,
-                      out_dir, device, progress, runtime=runtime or current())
+    ctx = EvalContext(
+        model,
+        method,
+        backbone_name,
+        config or EvalConfig(),
+        budget,
+        checkpoint_hash,
+        cache_dir,
+        out_dir,
+        device,
+        progress,
+        runtime=runtime or current(),
+    )
     records = []
     for name in protocols:
         records += PROTOCOLS[name](ctx)
@@ -245,8 +334,9 @@ def plot_sweep(accuracies: dict[Readout, float], path: Path, title: str = "") ->
     pools = sorted({r.pool for r in accuracies})
     blocks = list(dict.fromkeys(r.block for r in accuracies))
     timesteps = sorted({r.timestep for r in accuracies})
-    fig, axes = plt.subplots(1, len(pools), figsize=(1.2 + 1.3 * len(timesteps) * len(pools), 0.5 * len(blocks) + 1.5),
-                             squeeze=False)
+    fig, axes = plt.subplots(
+        1, len(pools), figsize=(1.2 + 1.3 * len(timesteps) * len(pools), 0.5 * len(blocks) + 1.5), squeeze=False
+    )
     for ax, pool in zip(axes[0], pools):
         grid = np.full((len(blocks), len(timesteps)), np.nan)
         for r, acc in accuracies.items():

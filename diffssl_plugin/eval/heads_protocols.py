@@ -46,18 +46,38 @@ logger = logging.getLogger(__name__)
 
 #: per-protocol settings; ``EvalConfig.extra[name]`` overrides them key by key
 PROTOCOL_DEFAULTS: dict[str, dict] = {
-    "attention": dict(head="cpu", head_kwargs={}, training="small", training_kwargs={}, train_images=None,
-                      val_images=None),
+    "attention": {
+        "head": "cpu",
+        "head_kwargs": {},
+        "training": "small",
+        "training_kwargs": {},
+        "train_images": None,
+        "val_images": None,
+    },
     # diffssl fuses the mid block, the best single block and a later decoder block at three timesteps;
     # here the mid block and the next two decoder block outputs, at the sweep's timesteps (first three),
     # pooled to at most 4×4 (48 tokens per timestep) to keep the cost near three attention heads
-    "difformer": dict(head="cpu", head_kwargs={"pool_size": 4}, training="small", training_kwargs={},
-                      train_images=None, val_images=None, blocks=("mid", "up0", "up1"), timesteps=None),
+    "difformer": {
+        "head": "cpu",
+        "head_kwargs": {"pool_size": 4},
+        "training": "small",
+        "training_kwargs": {},
+        "train_images": None,
+        "val_images": None,
+        "blocks": ("mid", "up0", "up1"),
+        "timesteps": None,
+    },
     # two U-Net passes and a backward through the U-Net per image, nothing cached: fewer images and epochs,
     # bf16 for the U-Net, validation only after the last epoch
-    "diffeed": dict(head="cpu", head_kwargs={}, training="small",
-                    training_kwargs={"epochs": 3, "batch_size": 64, "amp": True, "eval_every": 3},
-                    train_images=2000, val_images=1000, feedback_blocks="auto"),
+    "diffeed": {
+        "head": "cpu",
+        "head_kwargs": {},
+        "training": "small",
+        "training_kwargs": {"epochs": 3, "batch_size": 64, "amp": True, "eval_every": 3},
+        "train_images": 2000,
+        "val_images": 1000,
+        "feedback_blocks": "auto",
+    },
 }
 
 
@@ -132,17 +152,36 @@ def _splits(ctx: EvalContext, settings: dict):
     return train, val, test
 
 
-def _record(ctx: EvalContext, name: str, result, test_acc: float, readout: Readout, protocol: dict,
-            train_images: int, cache_bytes: int | None, wall: float) -> dict:
-    cost = {"feature_cache_mb": None if cache_bytes is None else round(cache_bytes / 2 ** 20, 2),
-            "peak_memory_mb": round(peak_memory_mb(ctx.device), 1),
-            "peak_memory_kind": "cuda_max_allocated" if ctx.device.startswith("cuda") else "process_max_rss",
-            "wall_seconds": round(wall, 2)}
-    return ctx.record(split="test", protocol={"name": name, **protocol, "training": result.config},
-                      value=test_acc, readout=readout, val_acc=result.val_acc, best_epoch=result.best_epoch,
-                      trainable_params=result.trainable_params,
-                      train_images_per_s=round(result.images_per_second, 1),
-                      train_seconds=round(result.train_seconds, 2), head_train_images=train_images, cost=cost)
+def _record(
+    ctx: EvalContext,
+    name: str,
+    result,
+    test_acc: float,
+    readout: Readout,
+    protocol: dict,
+    train_images: int,
+    cache_bytes: int | None,
+    wall: float,
+) -> dict:
+    cost = {
+        "feature_cache_mb": None if cache_bytes is None else round(cache_bytes / 2**20, 2),
+        "peak_memory_mb": round(peak_memory_mb(ctx.device), 1),
+        "peak_memory_kind": "cuda_max_allocated" if ctx.device.startswith("cuda") else "process_max_rss",
+        "wall_seconds": round(wall, 2),
+    }
+    return ctx.record(
+        split="test",
+        protocol={"name": name, **protocol, "training": result.config},
+        value=test_acc,
+        readout=readout,
+        val_acc=result.val_acc,
+        best_epoch=result.best_epoch,
+        trainable_params=result.trainable_params,
+        train_images_per_s=round(result.images_per_second, 1),
+        train_seconds=round(result.train_seconds, 2),
+        head_train_images=train_images,
+        cost=cost,
+    )
 
 
 # ---------------------------------------------------------------------------------------------- attention
@@ -160,8 +199,7 @@ def attention_protocol(ctx: EvalContext) -> list[dict]:
     model = ctx.model
     where = _readout_block(ctx) if hasattr(model, "extract") else None
     if where is None and not hasattr(model, "forward_intermediates"):
-        return _skip("attention", ctx, "the backbone has neither extract() and a readout nor "
-                                       "forward_intermediates()")
+        return _skip("attention", ctx, "the backbone has neither extract() and a readout nor forward_intermediates()")
     sizes = head_preset(settings["head"], **settings["head_kwargs"])
     s = sizes["pool_size"]
     started = time.perf_counter()
@@ -184,8 +222,19 @@ def attention_protocol(ctx: EvalContext) -> list[dict]:
     result = train_head(head, rows[0], rows[1], cfg, ctx.device, ctx.progress, desc="attention")
     test_acc = accuracy(head, rows[2], cfg.batch_size * 2, ctx.device, cfg.amp)
     protocol = {"head": "attention", "sizes": sizes, "tokens": head.pre.num_tokens, **source}
-    return [_record(ctx, "attention", result, test_acc, readout, protocol, len(train),
-                    sum(nbytes(m) for m in maps), time.perf_counter() - started)]
+    return [
+        _record(
+            ctx,
+            "attention",
+            result,
+            test_acc,
+            readout,
+            protocol,
+            len(train),
+            sum(nbytes(m) for m in maps),
+            time.perf_counter() - started,
+        )
+    ]
 
 
 # ---------------------------------------------------------------------------------------------- DifFormer
@@ -215,10 +264,27 @@ def difformer_protocol(ctx: EvalContext) -> list[dict]:
     rows = [dict_rows(f, d.labels) for f, d in zip(feats, (train, val, test))]
     result = train_head(head, rows[0], rows[1], cfg, ctx.device, ctx.progress, desc="difformer")
     test_acc = accuracy(head, rows[2], cfg.batch_size * 2, ctx.device, cfg.amp)
-    protocol = {"head": "difformer", "sizes": sizes, "blocks": blocks, "timesteps": timesteps,
-                "tokens_per_timestep": head.num_tokens, "input": "un-pooled maps"}
-    return [_record(ctx, "difformer", result, test_acc, OUTPUT, protocol, len(train),
-                    sum(nbytes(f) for f in feats), time.perf_counter() - started)]
+    protocol = {
+        "head": "difformer",
+        "sizes": sizes,
+        "blocks": blocks,
+        "timesteps": timesteps,
+        "tokens_per_timestep": head.num_tokens,
+        "input": "un-pooled maps",
+    }
+    return [
+        _record(
+            ctx,
+            "difformer",
+            result,
+            test_acc,
+            OUTPUT,
+            protocol,
+            len(train),
+            sum(nbytes(f) for f in feats),
+            time.perf_counter() - started,
+        )
+    ]
 
 
 # ---------------------------------------------------------------------------------------------- DifFeed
@@ -234,9 +300,16 @@ def diffeed_protocol(ctx: EvalContext) -> list[dict]:
     train, val, test = _splits(ctx, settings)
     flags = [p.requires_grad for p in model.parameters()]
     try:
-        net = DifFeed(model, train.num_classes, timestep=t, block=block,
-                      feedback_blocks=settings["feedback_blocks"], head=settings["head"],
-                      image_size=tuple(train.images.shape[-2:]), **settings["head_kwargs"])
+        net = DifFeed(
+            model,
+            train.num_classes,
+            timestep=t,
+            block=block,
+            feedback_blocks=settings["feedback_blocks"],
+            head=settings["head"],
+            image_size=tuple(train.images.shape[-2:]),
+            **settings["head_kwargs"],
+        )
         cfg = _training(ctx, settings)
         rows = [image_rows(d.images, d.labels, lambda x: normalise(model, x)) for d in (train, val, test)]
         result = train_head(net, rows[0], rows[1], cfg, ctx.device, ctx.progress, desc="diffeed")
@@ -244,11 +317,32 @@ def diffeed_protocol(ctx: EvalContext) -> list[dict]:
     finally:
         for p, flag in zip(model.parameters(), flags):
             p.requires_grad_(flag)
-    protocol = {"head": "diffeed", "sizes": head_preset(settings["head"], **settings["head_kwargs"]),
-                "feedback": dict(zip(net.sources, net.targets)), "input": "images (no cache: pass 2 trains)"}
-    return [_record(ctx, "diffeed", result, test_acc, Readout(t, block, "none"), protocol, len(train), None,
-                    time.perf_counter() - started)]
+    protocol = {
+        "head": "diffeed",
+        "sizes": head_preset(settings["head"], **settings["head_kwargs"]),
+        "feedback": dict(zip(net.sources, net.targets)),
+        "input": "images (no cache: pass 2 trains)",
+    }
+    return [
+        _record(
+            ctx,
+            "diffeed",
+            result,
+            test_acc,
+            Readout(t, block, "none"),
+            protocol,
+            len(train),
+            None,
+            time.perf_counter() - started,
+        )
+    ]
 
 
-__all__ = ["PROTOCOL_DEFAULTS", "protocol_settings", "intermediate_maps", "attention_protocol",
-           "difformer_protocol", "diffeed_protocol"]
+__all__ = [
+    "PROTOCOL_DEFAULTS",
+    "attention_protocol",
+    "diffeed_protocol",
+    "difformer_protocol",
+    "intermediate_maps",
+    "protocol_settings",
+]

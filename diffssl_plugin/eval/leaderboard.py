@@ -10,13 +10,27 @@ from pathlib import Path
 from ..io import atomic_path
 
 #: preferred column order and titles; protocols not listed here follow, in alphabetical order
-COLUMN_TITLES = {"linear": "linear", "knn20": "kNN k=20", "knn200": "kNN k=200", "finetune": "fine-tune",
-                 "semisup1_linear": "1% linear", "semisup10_linear": "10% linear", "semisup1_ft": "1% fine-tune",
-                 "semisup10_ft": "10% fine-tune", "transfer_mnist5k": "→ MNIST-5k", "transfer_digits": "→ digits",
-                 "transfer_fashion_mnist_tops": "→ FMNIST tops", "segmentation": "seg. mIoU (linear)",
-                 "segmentation_mlp": "seg. mIoU (MLP)",
-                 "ood_mnist5k": "OOD AUROC: MNIST", "ood_uniform": "OOD AUROC: noise", "ood_vflip": "OOD AUROC: vflip",
-                 "attention": "attention head", "difformer": "DifFormer", "diffeed": "DifFeed"}
+COLUMN_TITLES = {
+    "linear": "linear",
+    "knn20": "kNN k=20",
+    "knn200": "kNN k=200",
+    "finetune": "fine-tune",
+    "semisup1_linear": "1% linear",
+    "semisup10_linear": "10% linear",
+    "semisup1_ft": "1% fine-tune",
+    "semisup10_ft": "10% fine-tune",
+    "transfer_mnist5k": "→ MNIST-5k",
+    "transfer_digits": "→ digits",
+    "transfer_fashion_mnist_tops": "→ FMNIST tops",
+    "segmentation": "seg. mIoU (linear)",
+    "segmentation_mlp": "seg. mIoU (MLP)",
+    "ood_mnist5k": "OOD AUROC: MNIST",
+    "ood_uniform": "OOD AUROC: noise",
+    "ood_vflip": "OOD AUROC: vflip",
+    "attention": "attention head",
+    "difformer": "DifFormer",
+    "diffeed": "DifFeed",
+}
 
 
 def columns(rows: list[dict]) -> list[tuple[str, str]]:

@@ -30,8 +30,13 @@ def has_energy(model: nn.Module) -> bool:
 
 
 @torch.no_grad()
-def energy_scores(model: nn.Module, images01: torch.Tensor, batch_size: int = 512,
-                  device: str | torch.device = "cpu", runtime: Runtime | None = None) -> torch.Tensor:
+def energy_scores(
+    model: nn.Module,
+    images01: torch.Tensor,
+    batch_size: int = 512,
+    device: str | torch.device = "cpu",
+    runtime: Runtime | None = None,
+) -> torch.Tensor:
     """``E(x)`` of images in [0, 1] (uint8 images are divided by 255), float32 (N,), in batches. The images are
     normalised with the model's own ``pretrained_cfg`` mean/std, as the harness does for features. Under
     several processes each rank scores its shard and every rank gets all N scores, in order."""
@@ -40,7 +45,7 @@ def energy_scores(model: nn.Module, images01: torch.Tensor, batch_size: int = 51
     shard = rt.shard(len(images01))
     out = [torch.zeros(0)]
     for start in range(shard.start, shard.stop, batch_size):
-        x = images01[start:min(shard.stop, start + batch_size)].to(device)
+        x = images01[start : min(shard.stop, start + batch_size)].to(device)
         x = x.float().div(255.0) if not x.is_floating_point() else x.float()
         out.append(model.energy(normalise(model, x)).float().cpu())
     return rt.gather_shards(torch.cat(out), len(images01))
@@ -61,8 +66,9 @@ def auroc(in_scores: torch.Tensor, out_scores: torch.Tensor) -> float:
     return float(BinaryAUROC()(scores, labels))
 
 
-def outlier_sets(inliers: ImageSet, seed: int = 0, data_root: str | None = None,
-                 names: tuple[str, ...] = OUTLIER_SETS) -> dict[str, torch.Tensor]:
+def outlier_sets(
+    inliers: ImageSet, seed: int = 0, data_root: str | None = None, names: tuple[str, ...] = OUTLIER_SETS
+) -> dict[str, torch.Tensor]:
     """The outlier images (uint8 or float in [0, 1], NCHW) for the inlier set (see the module docstring);
     ``mnist5k`` is left out when its channels or size differ from the inliers', or when the inliers are MNIST."""
     out: dict[str, torch.Tensor] = {}
@@ -78,17 +84,29 @@ def outlier_sets(inliers: ImageSet, seed: int = 0, data_root: str | None = None,
     return out
 
 
-def ood_aurocs(model: nn.Module, inliers: ImageSet, seed: int = 0, data_root: str | None = None,
-               batch_size: int = 512, device: str | torch.device = "cpu",
-               names: tuple[str, ...] = OUTLIER_SETS, runtime: Runtime | None = None) -> dict[str, dict]:
+def ood_aurocs(
+    model: nn.Module,
+    inliers: ImageSet,
+    seed: int = 0,
+    data_root: str | None = None,
+    batch_size: int = 512,
+    device: str | torch.device = "cpu",
+    names: tuple[str, ...] = OUTLIER_SETS,
+    runtime: Runtime | None = None,
+) -> dict[str, dict]:
     """``{set name: {"auroc", "n_in", "n_out", "energy_in", "energy_out"}}`` with the energy as outlier score
     (``energy_*`` are the mean energies, for reading the direction of a failure)."""
     e_in = energy_scores(model, inliers.images, batch_size, device, runtime)
     results = {}
     for name, images in outlier_sets(inliers, seed, data_root, names).items():
         e_out = energy_scores(model, images, batch_size, device, runtime)
-        results[name] = dict(auroc=auroc(e_in, e_out), n_in=len(e_in), n_out=len(e_out),
-                             energy_in=float(e_in.mean()), energy_out=float(e_out.mean()))
+        results[name] = {
+            "auroc": auroc(e_in, e_out),
+            "n_in": len(e_in),
+            "n_out": len(e_out),
+            "energy_in": float(e_in.mean()),
+            "energy_out": float(e_out.mean()),
+        }
     return results
 
 
@@ -98,10 +116,25 @@ def ood_protocol(ctx: EvalContext) -> list[dict]:
     if not has_energy(ctx.model):
         return []
     _, _, test = ctx.splits()
-    results = ood_aurocs(ctx.model, test, ctx.config.seed, ctx.config.data_root, ctx.config.batch_size, ctx.device,
-                         runtime=ctx.runtime)
-    return [ctx.record(split="test", metric="auroc", value=r["auroc"], readout=OUTPUT,
-                       protocol={"name": f"ood_{name}", "score": "energy", "inliers": f"{test.name}/{test.split}",
-                                 "outliers": name, "n_in": r["n_in"], "n_out": r["n_out"]},
-                       energy_in=r["energy_in"], energy_out=r["energy_out"])
-            for name, r in results.items()]
+    results = ood_aurocs(
+        ctx.model, test, ctx.config.seed, ctx.config.data_root, ctx.config.batch_size, ctx.device, runtime=ctx.runtime
+    )
+    return [
+        ctx.record(
+            split="test",
+            metric="auroc",
+            value=r["auroc"],
+            readout=OUTPUT,
+            protocol={
+                "name": f"ood_{name}",
+                "score": "energy",
+                "inliers": f"{test.name}/{test.split}",
+                "outliers": name,
+                "n_in": r["n_in"],
+                "n_out": r["n_out"],
+            },
+            energy_in=r["energy_in"],
+            energy_out=r["energy_out"],
+        )
+        for name, r in results.items()
+    ]

@@ -25,9 +25,14 @@ def _standardise(train: torch.Tensor, *others: torch.Tensor) -> list[torch.Tenso
     return [(t.float() - mean) / std for t in (train, *others)]
 
 
-def fit_logistic_regression(x: torch.Tensor, y: torch.Tensor, c: float, num_classes: int,
-                            init: tuple[torch.Tensor, torch.Tensor] | None = None,
-                            max_iter: int = 200) -> tuple[torch.Tensor, torch.Tensor]:
+def fit_logistic_regression(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    c: float,
+    num_classes: int,
+    init: tuple[torch.Tensor, torch.Tensor] | None = None,
+    max_iter: int = 200,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Multinomial logistic regression with sklearn's objective ``C·Σ CE + ½‖W‖²`` (bias unpenalised),
     solved by full-batch L-BFGS in torch.
 
@@ -40,8 +45,15 @@ def fit_logistic_regression(x: torch.Tensor, y: torch.Tensor, c: float, num_clas
     w.requires_grad_(True)
     b.requires_grad_(True)
     lam = 1.0 / (2.0 * c * x.shape[0])  # the objective divided by C·N: same minimiser
-    opt = torch.optim.LBFGS([w, b], lr=1.0, max_iter=max_iter, tolerance_grad=1e-6, tolerance_change=1e-9,
-                            history_size=20, line_search_fn="strong_wolfe")
+    opt = torch.optim.LBFGS(
+        [w, b],
+        lr=1.0,
+        max_iter=max_iter,
+        tolerance_grad=1e-6,
+        tolerance_change=1e-9,
+        history_size=20,
+        line_search_fn="strong_wolfe",
+    )
 
     def closure():
         opt.zero_grad()
@@ -58,10 +70,18 @@ def _accuracy(x: torch.Tensor, y: torch.Tensor, w: torch.Tensor, b: torch.Tensor
     return float(((x @ w + b).argmax(1) == y.to(x.device)).float().mean())
 
 
-def linear_probe(train_x: torch.Tensor, train_y: torch.Tensor, val_x: torch.Tensor, val_y: torch.Tensor,
-                 test_x: torch.Tensor | None = None, test_y: torch.Tensor | None = None,
-                 cs: Sequence[float] = DEFAULT_CS, max_iter: int = 200, seed: int = 0,
-                 device: str | torch.device = "cpu") -> ProbeResult:
+def linear_probe(
+    train_x: torch.Tensor,
+    train_y: torch.Tensor,
+    val_x: torch.Tensor,
+    val_y: torch.Tensor,
+    test_x: torch.Tensor | None = None,
+    test_y: torch.Tensor | None = None,
+    cs: Sequence[float] = DEFAULT_CS,
+    max_iter: int = 200,
+    seed: int = 0,
+    device: str | torch.device = "cpu",
+) -> ProbeResult:
     """Multinomial logistic regression on standardised features (statistics from the train split); the
     inverse regularisation ``C`` is chosen by validation accuracy (the path is warm-started from the
     strongest regularisation), and the chosen model is scored once on the test split. Runs on ``device``
@@ -77,14 +97,32 @@ def linear_probe(train_x: torch.Tensor, train_y: torch.Tensor, val_x: torch.Tens
             best = (acc, c, params)
     val_acc, c, params = best
     test_acc = _accuracy(xs[2], test_y, *params) if test_x is not None else None
-    return ProbeResult(val_acc, test_acc, {"probe": "logistic_regression", "solver": "torch_lbfgs", "C": c,
-                                           "C_grid": sorted(cs), "standardise": True, "max_iter": max_iter})
+    return ProbeResult(
+        val_acc,
+        test_acc,
+        {
+            "probe": "logistic_regression",
+            "solver": "torch_lbfgs",
+            "C": c,
+            "C_grid": sorted(cs),
+            "standardise": True,
+            "max_iter": max_iter,
+        },
+    )
 
 
 @torch.no_grad()
-def knn_accuracy(bank_x: torch.Tensor, bank_y: torch.Tensor, query_x: torch.Tensor, query_y: torch.Tensor,
-                 k: int = 200, t: float = 0.1, num_classes: int | None = None, batch_size: int = 1024,
-                 device: str | torch.device = "cpu") -> float:
+def knn_accuracy(
+    bank_x: torch.Tensor,
+    bank_y: torch.Tensor,
+    query_x: torch.Tensor,
+    query_y: torch.Tensor,
+    k: int = 200,
+    t: float = 0.1,
+    num_classes: int | None = None,
+    batch_size: int = 1024,
+    device: str | torch.device = "cpu",
+) -> float:
     """Top-1 accuracy of weighted cosine kNN (InstDisc), via ``lightly.utils.benchmarking.knn_predict``."""
     from lightly.utils.benchmarking import knn_predict
 
@@ -94,16 +132,27 @@ def knn_accuracy(bank_x: torch.Tensor, bank_y: torch.Tensor, query_x: torch.Tens
     bank_y, query_y = bank_y.to(device), query_y.to(device)
     correct = torch.zeros((), dtype=torch.long, device=device)  # summed on the device: one sync at the end
     for start in range(0, len(query_x), batch_size):
-        q = torch.nn.functional.normalize(query_x[start:start + batch_size].to(device).float(), dim=1)
+        q = torch.nn.functional.normalize(query_x[start : start + batch_size].to(device).float(), dim=1)
         pred = knn_predict(q, bank, bank_y, num_classes, knn_k=min(k, bank.shape[1]), knn_t=t)[:, 0]
-        correct += (pred == query_y[start:start + batch_size]).sum()
+        correct += (pred == query_y[start : start + batch_size]).sum()
     return int(correct) / len(query_x)
 
 
-def knn_probe(train_x, train_y, val_x, val_y, test_x=None, test_y=None, k: int = 200, t: float = 0.1,
-              num_classes: int | None = None, device: str | torch.device = "cpu") -> ProbeResult:
+def knn_probe(
+    train_x,
+    train_y,
+    val_x,
+    val_y,
+    test_x=None,
+    test_y=None,
+    k: int = 200,
+    t: float = 0.1,
+    num_classes: int | None = None,
+    device: str | torch.device = "cpu",
+) -> ProbeResult:
     """kNN with the training features as the bank, scored on validation and (once) on test, on ``device``."""
     val = knn_accuracy(train_x, train_y, val_x, val_y, k, t, num_classes, device=device)
-    test = (knn_accuracy(train_x, train_y, test_x, test_y, k, t, num_classes, device=device)
-            if test_x is not None else None)
+    test = (
+        knn_accuracy(train_x, train_y, test_x, test_y, k, t, num_classes, device=device) if test_x is not None else None
+    )
     return ProbeResult(val, test, {"probe": "knn", "k": k, "T": t, "metric": "cosine", "weighted": True})

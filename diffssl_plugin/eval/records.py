@@ -14,8 +14,19 @@ import torch
 
 from ..io import append_jsonl
 
-PACKAGES = ("diffssl-plugin", "torch", "torchvision", "timm", "lightly", "diffusers", "scikit-learn",
-            "torchmetrics", "pytorch-lightning", "safetensors", "numpy")
+PACKAGES = (
+    "diffssl-plugin",
+    "torch",
+    "torchvision",
+    "timm",
+    "lightly",
+    "diffusers",
+    "scikit-learn",
+    "torchmetrics",
+    "pytorch-lightning",
+    "safetensors",
+    "numpy",
+)
 
 
 @lru_cache(maxsize=1)
@@ -27,20 +38,48 @@ def environment() -> dict:
             versions[pkg] = version(pkg)
         except PackageNotFoundError:
             versions[pkg] = None
-    machine = {"platform": platform.platform(), "python": platform.python_version(),
-               "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-               "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
+    machine = {
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+    }
     return {"versions": versions, "machine": machine}
 
 
-def make_record(*, method: str, backbone: str, dataset: str, split: str, protocol: dict, metric: str,
-                value: float, checkpoint_hash: str | None = None, budget: dict | None = None,
-                readout: dict | None = None, seed: int = 0, **extra) -> dict:
+def make_record(
+    *,
+    method: str,
+    backbone: str,
+    dataset: str,
+    split: str,
+    protocol: dict,
+    metric: str,
+    value: float,
+    checkpoint_hash: str | None = None,
+    budget: dict | None = None,
+    readout: dict | None = None,
+    seed: int = 0,
+    **extra,
+) -> dict:
     """One result with everything needed to reproduce it."""
-    return {"method": method, "backbone": backbone, "dataset": dataset, "split": split, "metric": metric,
-            "value": value, "protocol": protocol, "readout": readout or {}, "checkpoint_hash": checkpoint_hash,
-            "budget": budget or {}, "seed": seed, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            **environment(), **extra}
+    return {
+        "method": method,
+        "backbone": backbone,
+        "dataset": dataset,
+        "split": split,
+        "metric": metric,
+        "value": value,
+        "protocol": protocol,
+        "readout": readout or {},
+        "checkpoint_hash": checkpoint_hash,
+        "budget": budget or {},
+        "seed": seed,
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        **environment(),
+        **extra,
+    }
 
 
 def write_records(path: str | os.PathLike, records: list[dict]) -> Path:
@@ -66,8 +105,10 @@ def read_records(path: str | os.PathLike) -> list[dict]:
         except ValueError:
             record = None
         if not isinstance(record, dict):
-            warnings.warn(f"{path}:{number}: skipped a line that is not a JSON record (a torn write or garbage): "
-                          f"{line[:60]!r}", stacklevel=2)
+            warnings.warn(
+                f"{path}:{number}: skipped a line that is not a JSON record (a torn write or garbage): {line[:60]!r}",
+                stacklevel=2,
+            )
             continue
         records.append(record)
     return records

@@ -96,14 +96,30 @@ logger = logging.getLogger(__name__)
 
 #: settings of both protocols; ``EvalConfig.extra["segmentation"]`` overrides them key by key
 SEGMENTATION_DEFAULTS: dict = {
-    "dataset": "fashion_scenes", "dataset_kwargs": {}, "train_images": 200, "val_images": 100, "test_images": 200,
-    "input": "tile", "feature_stride": 4,
-    "timesteps": (10, 50), "blocks": ("up0", "up1"), "add_readout": True,  # diffusion backbones (extract)
+    "dataset": "fashion_scenes",
+    "dataset_kwargs": {},
+    "train_images": 200,
+    "val_images": 100,
+    "test_images": 200,
+    "input": "tile",
+    "feature_stride": 4,
+    "timesteps": (10, 50),
+    "blocks": ("up0", "up1"),
+    "add_readout": True,  # diffusion backbones (extract)
     "indices": 3,  # other backbones: the last n forward_intermediates maps (or a list of indices)
-    "batch_size": 32, "amp": True,
-    "head_epochs": 20, "head_lr": 0.03, "head_weight_decay": 1e-4, "head_batch_size": 8,
-    "mlp_members": 10, "mlp_hidden": (128, 32), "mlp_pixels": 40000, "mlp_epochs": 4, "mlp_batch_size": 256,
-    "mlp_lr": 2e-3, "mlp_vote": "mode",
+    "batch_size": 32,
+    "amp": True,
+    "head_epochs": 20,
+    "head_lr": 0.03,
+    "head_weight_decay": 1e-4,
+    "head_batch_size": 8,
+    "mlp_members": 10,
+    "mlp_hidden": (128, 32),
+    "mlp_pixels": 40000,
+    "mlp_epochs": 4,
+    "mlp_batch_size": 256,
+    "mlp_lr": 2e-3,
+    "mlp_vote": "mode",
     "pictures": 4,
 }
 
@@ -113,8 +129,7 @@ def segmentation_settings(ctx: EvalContext) -> dict:
     given = dict((ctx.config.extra or {}).get("segmentation", {}))
     unknown = set(given) - set(SEGMENTATION_DEFAULTS)
     if unknown:
-        raise InputError(f"unknown segmentation settings {sorted(unknown)}; "
-                         f"valid: {', '.join(SEGMENTATION_DEFAULTS)}")
+        raise InputError(f"unknown segmentation settings {sorted(unknown)}; valid: {', '.join(SEGMENTATION_DEFAULTS)}")
     settings = {**SEGMENTATION_DEFAULTS, **given}
     if settings["input"] not in ("tile", "full"):
         raise InputError(f"segmentation input must be 'tile' or 'full', got {settings['input']!r}")
@@ -124,8 +139,15 @@ def segmentation_settings(ctx: EvalContext) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------- picture
-def plot_segmentation(images: torch.Tensor, masks: torch.Tensor, preds: torch.Tensor, class_names: Sequence[str],
-                      path: str | os.PathLike, title: str = "", ignore_index: int = 255) -> Path:
+def plot_segmentation(
+    images: torch.Tensor,
+    masks: torch.Tensor,
+    preds: torch.Tensor,
+    class_names: Sequence[str],
+    path: str | os.PathLike,
+    title: str = "",
+    ignore_index: int = 255,
+) -> Path:
     """Rows of (input, truth, prediction) with a class legend; written atomically."""
     import matplotlib
 
@@ -137,7 +159,7 @@ def plot_segmentation(images: torch.Tensor, masks: torch.Tensor, preds: torch.Te
     k = len(class_names)
     base = plt.get_cmap("tab10" if k <= 11 else "tab20" if k <= 21 else "gist_ncar")
     colours = [(0.0, 0.0, 0.0, 1.0)] + [base(i % base.N if k <= 21 else i / max(1, k - 1)) for i in range(k - 1)]
-    cmap = ListedColormap(colours + [(1.0, 1.0, 1.0, 1.0)])  # the last colour: ignored pixels
+    cmap = ListedColormap([*colours, (1.0, 1.0, 1.0, 1.0)])  # the last colour: ignored pixels
 
     def colour(m: torch.Tensor) -> np.ndarray:
         m = m.long().clone()
@@ -157,8 +179,13 @@ def plot_segmentation(images: torch.Tensor, masks: torch.Tensor, preds: torch.Te
             if i == 0:
                 axes[i, j].set_title(name)
     if k <= 21:
-        fig.legend(handles=[Patch(color=colours[c], label=class_names[c]) for c in range(k)], loc="lower center",
-                   ncol=4, fontsize=7, frameon=False)
+        fig.legend(
+            handles=[Patch(color=colours[c], label=class_names[c]) for c in range(k)],
+            loc="lower center",
+            ncol=4,
+            fontsize=7,
+            frameon=False,
+        )
     fig.suptitle(title, fontsize=9)
     legend_rows = math.ceil(k / 4) if k <= 21 else 0
     fig.tight_layout(rect=(0, min(0.4, 0.2 * legend_rows / height), 1, 1))
@@ -179,8 +206,10 @@ def _picture_path(ctx: EvalContext, prefix: str) -> Path | None:
 def _load(settings: dict, ctx: EvalContext) -> tuple[SegmentationSet, SegmentationSet, SegmentationSet]:
     name, kw = settings["dataset"], dict(settings["dataset_kwargs"])
     kw.setdefault("seed", ctx.config.seed)
-    return tuple(load_segmentation(name, split, root=ctx.config.data_root, num_images=settings[f"{split}_images"],
-                                   **kw) for split in ("train", "val", "test"))
+    return tuple(
+        load_segmentation(name, split, root=ctx.config.data_root, num_images=settings[f"{split}_images"], **kw)
+        for split in ("train", "val", "test")
+    )
 
 
 def _prepare(ctx: EvalContext, settings: dict, folder: Path):
@@ -189,8 +218,9 @@ def _prepare(ctx: EvalContext, settings: dict, folder: Path):
     spec = dense_spec(ctx, settings)
     model = feature_model(ctx.model, spec)
     started = time.perf_counter()
-    stores = [cache_dense_features(ctx, spec, d, folder, settings["batch_size"], settings["amp"], model)
-              for d in splits]
+    stores = [
+        cache_dense_features(ctx, spec, d, folder, settings["batch_size"], settings["amp"], model) for d in splits
+    ]
     return splits, spec, stores, time.perf_counter() - started
 
 
@@ -200,9 +230,15 @@ def _readout(spec: DenseSpec) -> Readout:
 
 
 def _protocol_fields(spec: DenseSpec, settings: dict, stores) -> dict:
-    return {"dataset": settings["dataset"], "features": list(spec.names), "feature_dim": stores[0].dim,
-            "feature_grid": list(stores[0].array.shape[-2:]), "input": spec.input, "tile": spec.tile,
-            "feature_stride": spec.stride}
+    return {
+        "dataset": settings["dataset"],
+        "features": list(spec.names),
+        "feature_dim": stores[0].dim,
+        "feature_grid": list(stores[0].array.shape[-2:]),
+        "input": spec.input,
+        "tile": spec.tile,
+        "feature_stride": spec.stride,
+    }
 
 
 @register_protocol("segmentation")
@@ -212,26 +248,58 @@ def segmentation_protocol(ctx: EvalContext) -> list[dict]:
     started = time.perf_counter()
     with feature_folder(ctx) as folder:
         (train, val, test), spec, stores, feature_s = _prepare(ctx, settings, folder)
-        head, curve, best_epoch = train_linear_head((stores[0], train), (stores[1], val), settings,
-                                                    seed=ctx.config.seed, device=ctx.device, progress=ctx.progress)
+        head, curve, best_epoch = train_linear_head(
+            (stores[0], train),
+            (stores[1], val),
+            settings,
+            seed=ctx.config.seed,
+            device=ctx.device,
+            progress=ctx.progress,
+        )
         meter, preds = evaluate_head(head, stores[2], test, ctx.device, keep=settings["pictures"])
-        cache_mb = sum(s.nbytes for s in stores) / 2 ** 20
+        cache_mb = sum(s.nbytes for s in stores) / 2**20
     miou = meter.miou()
     picture = _picture_path(ctx, "segmentation")
     if picture is not None and len(preds):
-        plot_segmentation(test.images[:len(preds)], test.masks[:len(preds)], preds, test.class_names, picture,
-                          f"{ctx.method} ({ctx.backbone_name}): BN + 1×1 conv, test mIoU {100 * miou:.1f}%")
-    protocol = {"name": "segmentation", "head": "batchnorm2d+conv1x1", "optimizer": "AdamW", "schedule": "cosine",
-                "loss": "cross_entropy", "selection": "best validation mIoU epoch",
-                **{k: settings[k] for k in ("head_epochs", "head_lr", "head_weight_decay", "head_batch_size")},
-                **_protocol_fields(spec, settings, stores), "best_epoch": best_epoch, "val_curve": curve}
-    return [ctx.record(split="test", protocol=protocol, value=miou, metric="miou", dataset=settings["dataset"],
-                       readout=_readout(spec), val_miou=max(curve) if curve else None,
-                       per_class_iou=dict(zip(test.class_names, meter.class_iou())),
-                       scenes={"train": len(train), "val": len(val), "test": len(test)},
-                       picture=str(picture) if picture else None,
-                       cost={"feature_cache_mb": round(cache_mb, 2), "feature_seconds": round(feature_s, 2),
-                             "wall_seconds": round(time.perf_counter() - started, 2)})]
+        plot_segmentation(
+            test.images[: len(preds)],
+            test.masks[: len(preds)],
+            preds,
+            test.class_names,
+            picture,
+            f"{ctx.method} ({ctx.backbone_name}): BN + 1×1 conv, test mIoU {100 * miou:.1f}%",
+        )
+    protocol = {
+        "name": "segmentation",
+        "head": "batchnorm2d+conv1x1",
+        "optimizer": "AdamW",
+        "schedule": "cosine",
+        "loss": "cross_entropy",
+        "selection": "best validation mIoU epoch",
+        **{k: settings[k] for k in ("head_epochs", "head_lr", "head_weight_decay", "head_batch_size")},
+        **_protocol_fields(spec, settings, stores),
+        "best_epoch": best_epoch,
+        "val_curve": curve,
+    }
+    return [
+        ctx.record(
+            split="test",
+            protocol=protocol,
+            value=miou,
+            metric="miou",
+            dataset=settings["dataset"],
+            readout=_readout(spec),
+            val_miou=max(curve) if curve else None,
+            per_class_iou=dict(zip(test.class_names, meter.class_iou())),
+            scenes={"train": len(train), "val": len(val), "test": len(test)},
+            picture=str(picture) if picture else None,
+            cost={
+                "feature_cache_mb": round(cache_mb, 2),
+                "feature_seconds": round(feature_s, 2),
+                "wall_seconds": round(time.perf_counter() - started, 2),
+            },
+        )
+    ]
 
 
 @register_protocol("segmentation_mlp")
@@ -242,35 +310,64 @@ def segmentation_mlp_protocol(ctx: EvalContext) -> list[dict]:
     with feature_folder(ctx) as folder:
         (train, val, test), spec, stores, feature_s = _prepare(ctx, settings, folder)
         x, y = sample_pixels(stores[0], train, int(settings["mlp_pixels"]), seed=ctx.config.seed)
-        net = train_mlp_ensemble(x, y, train.num_classes, settings, seed=ctx.config.seed, device=ctx.device,
-                                 progress=ctx.progress)
+        net = train_mlp_ensemble(
+            x, y, train.num_classes, settings, seed=ctx.config.seed, device=ctx.device, progress=ctx.progress
+        )
         del x
         meter = IoUMeter(test.num_classes, test.ignore_index)
         kept, start = [], 0
         for preds in predict_mlp(net, stores[2], test.image_size, settings["mlp_vote"], device=ctx.device):
-            meter.update(preds, test.masks[start:start + len(preds)])
-            kept.append(preds[:max(0, settings["pictures"] - start)])
+            meter.update(preds, test.masks[start : start + len(preds)])
+            kept.append(preds[: max(0, settings["pictures"] - start)])
             start += len(preds)
-        cache_mb = sum(s.nbytes for s in stores) / 2 ** 20
+        cache_mb = sum(s.nbytes for s in stores) / 2**20
     miou = meter.miou()
     preds = torch.cat(kept)
     picture = _picture_path(ctx, "segmentation_mlp")
     if picture is not None and len(preds):
-        plot_segmentation(test.images[:len(preds)], test.masks[:len(preds)], preds, test.class_names, picture,
-                          f"{ctx.method} ({ctx.backbone_name}): pixel-MLP ensemble, test mIoU {100 * miou:.1f}%")
-    protocol = {"name": "segmentation_mlp", "head": "pixel_mlp_ensemble", "optimizer": "Adam",
-                "input_standardisation": "per-channel mean/std of the sampled train pixels",
-                "pixel_sampling": "uniform over labelled train pixels, evenly per scene",
-                **{k: (list(v) if isinstance(v, tuple) else v) for k, v in settings.items() if k.startswith("mlp_")},
-                **_protocol_fields(spec, settings, stores), "train_pixels": len(y)}
-    return [ctx.record(split="test", protocol=protocol, value=miou, metric="miou", dataset=settings["dataset"],
-                       readout=_readout(spec), per_class_iou=dict(zip(test.class_names, meter.class_iou())),
-                       scenes={"train": len(train), "val": len(val), "test": len(test)},
-                       picture=str(picture) if picture else None,
-                       cost={"feature_cache_mb": round(cache_mb, 2), "feature_seconds": round(feature_s, 2),
-                             "mlp_train_pixels_mb": round(len(y) * stores[0].dim * 2 / 2 ** 20, 2),
-                             "wall_seconds": round(time.perf_counter() - started, 2)})]
+        plot_segmentation(
+            test.images[: len(preds)],
+            test.masks[: len(preds)],
+            preds,
+            test.class_names,
+            picture,
+            f"{ctx.method} ({ctx.backbone_name}): pixel-MLP ensemble, test mIoU {100 * miou:.1f}%",
+        )
+    protocol = {
+        "name": "segmentation_mlp",
+        "head": "pixel_mlp_ensemble",
+        "optimizer": "Adam",
+        "input_standardisation": "per-channel mean/std of the sampled train pixels",
+        "pixel_sampling": "uniform over labelled train pixels, evenly per scene",
+        **{k: (list(v) if isinstance(v, tuple) else v) for k, v in settings.items() if k.startswith("mlp_")},
+        **_protocol_fields(spec, settings, stores),
+        "train_pixels": len(y),
+    }
+    return [
+        ctx.record(
+            split="test",
+            protocol=protocol,
+            value=miou,
+            metric="miou",
+            dataset=settings["dataset"],
+            readout=_readout(spec),
+            per_class_iou=dict(zip(test.class_names, meter.class_iou())),
+            scenes={"train": len(train), "val": len(val), "test": len(test)},
+            picture=str(picture) if picture else None,
+            cost={
+                "feature_cache_mb": round(cache_mb, 2),
+                "feature_seconds": round(feature_s, 2),
+                "mlp_train_pixels_mb": round(len(y) * stores[0].dim * 2 / 2**20, 2),
+                "wall_seconds": round(time.perf_counter() - started, 2),
+            },
+        )
+    ]
 
 
-__all__ = ["SEGMENTATION_DEFAULTS", "plot_segmentation", "segmentation_mlp_protocol", "segmentation_protocol",
-           "segmentation_settings"]
+__all__ = [
+    "SEGMENTATION_DEFAULTS",
+    "plot_segmentation",
+    "segmentation_mlp_protocol",
+    "segmentation_protocol",
+    "segmentation_settings",
+]

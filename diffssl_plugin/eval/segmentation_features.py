@@ -28,6 +28,7 @@ from .harness import EvalContext
 
 logger = logging.getLogger(__name__)
 
+
 #: settings of both protocols; ``EvalConfig.extra["segmentation"]`` overrides them key by key
 # ---------------------------------------------------------------------------------------------- features
 def is_diffusion(model: nn.Module) -> bool:
@@ -62,20 +63,27 @@ def dense_spec(ctx: EvalContext, settings: dict) -> DenseSpec:
 
         blocks = [b for b in settings["blocks"] if b in model.block_names]
         if len(blocks) < len(settings["blocks"]):
-            logger.warning("segmentation: blocks %s are not in this backbone (it has %s)",
-                           sorted(set(settings["blocks"]) - set(blocks)), model.block_names)
+            logger.warning(
+                "segmentation: blocks %s are not in this backbone (it has %s)",
+                sorted(set(settings["blocks"]) - set(blocks)),
+                model.block_names,
+            )
         maps = [(int(t), b) for t in settings["timesteps"] for b in blocks]
         readout = _readout_block(ctx) if settings["add_readout"] else None
         if readout is not None and readout[1] in model.block_names and tuple(readout) not in maps:
             maps.append((int(readout[0]), readout[1]))
         if not maps:
-            raise InputError(f"no segmentation features: none of the blocks {list(settings['blocks'])} is in "
-                             f"{model.block_names} and there is no readout block")
+            raise InputError(
+                f"no segmentation features: none of the blocks {list(settings['blocks'])} is in "
+                f"{model.block_names} and there is no readout block"
+            )
         names = [f"{b}@t{t}" for t, b in maps]
     else:
         if not hasattr(model, "forward_intermediates"):
-            raise InputError(f"{type(model).__name__} has neither extract() nor forward_intermediates(); "
-                             "segmentation needs dense feature maps")
+            raise InputError(
+                f"{type(model).__name__} has neither extract() nor forward_intermediates(); "
+                "segmentation needs dense feature maps"
+            )
         n = len(getattr(model, "feature_info", [])) or 1
         wanted = settings["indices"]
         indices = list(range(max(0, n - int(wanted)), n)) if isinstance(wanted, int) else [int(i) for i in wanted]
@@ -117,10 +125,11 @@ def _run_backbone(model: nn.Module, spec: DenseSpec, x: torch.Tensor) -> list[to
         maps = [out[key] for key in spec.maps]
     else:
         indices = [i for _, i in spec.maps]
-        maps = model.forward_intermediates(x, indices=indices, intermediates_only=True, output_fmt="NCHW",
-                                           stop_early=True)
+        maps = model.forward_intermediates(
+            x, indices=indices, intermediates_only=True, output_fmt="NCHW", stop_early=True
+        )
         if len(maps) != len(indices):  # backbones with a single level (raw pixels) ignore the indices
-            maps = [maps[-1]] * len(indices) if len(maps) == 1 else maps[-len(indices):]
+            maps = [maps[-1]] * len(indices) if len(maps) == 1 else maps[-len(indices) :]
     for m, name in zip(maps, spec.names):
         if m.dim() != 4:
             raise InputError(f"feature {name} of {type(model).__name__} has shape {tuple(m.shape)}, not NCHW")
@@ -136,8 +145,10 @@ def dense_features(model: nn.Module, spec: DenseSpec, images01: torch.Tensor) ->
         try:
             maps = _run_backbone(model, spec, normalise(model, images01))
         except (AssertionError, RuntimeError, InputError) as e:  # e.g. timm's fixed-size ViT assertion
-            raise InputError(f"{type(model).__name__} cannot read {h}×{w} images whole ({e}); use the "
-                             "segmentation setting input='tile'") from e
+            raise InputError(
+                f"{type(model).__name__} cannot read {h}×{w} images whole ({e}); use the "
+                "segmentation setting input='tile'"
+            ) from e
         return torch.cat([resize_map(m, (hf, wf)) for m in maps], dim=1)
     t = spec.tile
     gh, gw = math.ceil(h / t), math.ceil(w / t)
@@ -186,8 +197,15 @@ def _store_key(ctx: EvalContext, spec: DenseSpec, data: SegmentationSet) -> str:
     return h.hexdigest()[:24]
 
 
-def cache_dense_features(ctx: EvalContext, spec: DenseSpec, data: SegmentationSet, folder: Path,
-                         batch_size: int = 32, amp: bool = True, model: nn.Module | None = None) -> FeatureStore:
+def cache_dense_features(
+    ctx: EvalContext,
+    spec: DenseSpec,
+    data: SegmentationSet,
+    folder: Path,
+    batch_size: int = 32,
+    amp: bool = True,
+    model: nn.Module | None = None,
+) -> FeatureStore:
     """Features of every image of ``data`` in a :class:`FeatureStore` under ``folder`` (reused if present)."""
     path = folder / f"{data.name}-{data.split}-{_store_key(ctx, spec, data)}.npy"
     if path.is_file():
@@ -203,15 +221,16 @@ def cache_dense_features(ctx: EvalContext, spec: DenseSpec, data: SegmentationSe
     steps = range(0, len(data), batch_size)
     with atomic_path(path) as tmp:
         array = None
-        for start in tqdm(steps, desc=f"dense features {data.name}/{data.split}", disable=not ctx.progress,
-                          leave=False):
-            x = data.images[start:start + batch_size].float().div_(255.0).to(dev)
+        for start in tqdm(
+            steps, desc=f"dense features {data.name}/{data.split}", disable=not ctx.progress, leave=False
+        ):
+            x = data.images[start : start + batch_size].float().div_(255.0).to(dev)
             with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=amp):
                 f = dense_features(model, spec, x)
             f = f.float().clamp_(-65000.0, 65000.0).cpu().numpy().astype(np.float16)
             if array is None:
                 array = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16, shape=(len(data), *f.shape[1:]))
-            array[start:start + len(f)] = f
+            array[start : start + len(f)] = f
         array.flush()
         del array
     return FeatureStore(path)

@@ -21,6 +21,7 @@ from .segmentation_features import FeatureStore, resize_map
 
 logger = logging.getLogger(__name__)
 
+
 #: settings of both protocols; ``EvalConfig.extra["segmentation"]`` overrides them key by key
 def mean_iou(preds: torch.Tensor, target: torch.Tensor, num_classes: int, ignore_index: int = 255) -> float:
     """mIoU of integer label maps: torchmetrics' ``MulticlassJaccardIndex(average="macro")``."""
@@ -46,10 +47,17 @@ class IoUMeter:
     def update(self, preds: torch.Tensor, target: torch.Tensor) -> None:
         preds, target = preds.long().cpu().flatten(), target.long().cpu().flatten()
         keep = target != self.ignore_index
-        if preds.shape != target.shape or (preds < 0).any() or (preds >= self.num_classes).any() \
-                or (target[keep] < 0).any() or (target[keep] >= self.num_classes).any():
-            raise InputError(f"predictions and masks must be label maps of one shape with values in "
-                             f"[0, {self.num_classes}) (masks may also hold {self.ignore_index})")
+        if (
+            preds.shape != target.shape
+            or (preds < 0).any()
+            or (preds >= self.num_classes).any()
+            or (target[keep] < 0).any()
+            or (target[keep] >= self.num_classes).any()
+        ):
+            raise InputError(
+                f"predictions and masks must be label maps of one shape with values in "
+                f"[0, {self.num_classes}) (masks may also hold {self.ignore_index})"
+            )
         self.macro.update(preds, target)
         self.per_class.update(preds, target)
         self.counts += torch.bincount(torch.cat([preds[keep], target[keep]]), minlength=self.num_classes)
@@ -82,8 +90,13 @@ class LinearSegHead(nn.Module):
 
 
 @torch.no_grad()
-def predict_head(head: LinearSegHead, store: FeatureStore, size: tuple[int, int], batch_size: int = 32,
-                 device: str | torch.device | None = None) -> Iterator[torch.Tensor]:
+def predict_head(
+    head: LinearSegHead,
+    store: FeatureStore,
+    size: tuple[int, int],
+    batch_size: int = 32,
+    device: str | torch.device | None = None,
+) -> Iterator[torch.Tensor]:
     """uint8 label maps (B, H, W) batch by batch, on ``device`` (default: the head's)."""
     head.eval()
     device = device if device is not None else head.classifier.weight.device
@@ -92,22 +105,32 @@ def predict_head(head: LinearSegHead, store: FeatureStore, size: tuple[int, int]
         yield head(f, size).argmax(1).to(torch.uint8).cpu()
 
 
-def evaluate_head(head: LinearSegHead, store: FeatureStore, data: SegmentationSet,
-                  device: str | torch.device | None = None,
-                  keep: int = 0) -> tuple[IoUMeter, torch.Tensor]:
+def evaluate_head(
+    head: LinearSegHead,
+    store: FeatureStore,
+    data: SegmentationSet,
+    device: str | torch.device | None = None,
+    keep: int = 0,
+) -> tuple[IoUMeter, torch.Tensor]:
     """The head's IoU on ``data``, and its predictions for the first ``keep`` images."""
     meter = IoUMeter(data.num_classes, data.ignore_index)
     kept, start = [], 0
     for preds in predict_head(head, store, data.image_size, device=device):
-        meter.update(preds, data.masks[start:start + len(preds)])
-        kept.append(preds[:max(0, keep - start)])
+        meter.update(preds, data.masks[start : start + len(preds)])
+        kept.append(preds[: max(0, keep - start)])
         start += len(preds)
     return meter, torch.cat(kept)
 
 
-def train_linear_head(train: tuple[FeatureStore, SegmentationSet], val: tuple[FeatureStore, SegmentationSet],
-                      settings: dict, seed: int = 0, device: str | torch.device | None = None, progress: bool = False,
-                      runtime: Runtime | None = None) -> tuple[LinearSegHead, list[float], int]:
+def train_linear_head(
+    train: tuple[FeatureStore, SegmentationSet],
+    val: tuple[FeatureStore, SegmentationSet],
+    settings: dict,
+    seed: int = 0,
+    device: str | torch.device | None = None,
+    progress: bool = False,
+    runtime: Runtime | None = None,
+) -> tuple[LinearSegHead, list[float], int]:
     """Train the head (recipe in the module docstring) with :func:`~diffssl_plugin.supervised.fit`; returns
     the best-validation head, the validation mIoU after each epoch, and the best epoch (1-based)."""
     (f_train, d_train), (f_val, d_val) = train, val
@@ -122,17 +145,30 @@ def train_linear_head(train: tuple[FeatureStore, SegmentationSet], val: tuple[Fe
     epochs = int(settings["head_epochs"])
     opt = torch.optim.AdamW(head.parameters(), lr=settings["head_lr"], weight_decay=settings["head_weight_decay"])
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, epochs * steps))
-    plan = shuffled_batches(len(f_train), bs, torch.Generator().manual_seed(seed), drop_last=False,
-                            min_rows=2)  # batch norm needs two images
+    plan = shuffled_batches(
+        len(f_train), bs, torch.Generator().manual_seed(seed), drop_last=False, min_rows=2
+    )  # batch norm needs two images
 
     def loss(m: LinearSegHead, batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         f, y = batch  # summed over the pixels that count, divided by their number over every rank
         total = F.cross_entropy(m(f, d_train.image_size), y, ignore_index=d_train.ignore_index, reduction="sum")
         return total, (y != d_train.ignore_index).sum()
 
-    result = fit(head, plan, lambda idx: (f_train.get(idx.numpy()), d_train.masks[idx].long()), loss, opt, sched,
-                 epochs=epochs, validate=lambda m, d: evaluate_head(m, f_val, d_val, d)[0].miou(),
-                 check_loss=False, desc="segmentation head", progress=progress, device=device, runtime=runtime)
+    result = fit(
+        head,
+        plan,
+        lambda idx: (f_train.get(idx.numpy()), d_train.masks[idx].long()),
+        loss,
+        opt,
+        sched,
+        epochs=epochs,
+        validate=lambda m, d: evaluate_head(m, f_val, d_val, d)[0].miou(),
+        check_loss=False,
+        desc="segmentation head",
+        progress=progress,
+        device=device,
+        runtime=runtime,
+    )
     curve = [round(h["val"], 5) for h in result.history]
     return head.eval(), curve, result.best_epoch
 
@@ -148,8 +184,9 @@ class PixelMLPEnsemble(nn.Module):
         super().__init__()
         dims = [in_dim, *hidden, num_classes]
         self.members = members
-        self.weights = nn.ParameterList(nn.Parameter(torch.randn(members, a, b) * 0.02)
-                                        for a, b in itertools.pairwise(dims))
+        self.weights = nn.ParameterList(
+            nn.Parameter(torch.randn(members, a, b) * 0.02) for a, b in itertools.pairwise(dims)
+        )
         self.biases = nn.ParameterList(nn.Parameter(torch.zeros(members, 1, b)) for b in dims[1:])
         self.norms = nn.ModuleList(nn.BatchNorm1d(members * h) for h in hidden)
         self.register_buffer("mean", torch.zeros(in_dim))
@@ -175,8 +212,9 @@ class PixelMLPEnsemble(nn.Module):
         return self.rest(self.first_layer(x))
 
 
-def sample_pixels(store: FeatureStore, data: SegmentationSet, total: int, seed: int = 0, batch_size: int = 16
-                  ) -> tuple[torch.Tensor, torch.Tensor]:
+def sample_pixels(
+    store: FeatureStore, data: SegmentationSet, total: int, seed: int = 0, batch_size: int = 16
+) -> tuple[torch.Tensor, torch.Tensor]:
     """``total`` labelled pixels drawn uniformly (as evenly as possible per image), with their features
     bilinearly upsampled to the pixel: float16 (P, D) and int64 (P,). RAM: P × D × 2 bytes."""
     n = len(data)
@@ -197,9 +235,16 @@ def sample_pixels(store: FeatureStore, data: SegmentationSet, total: int, seed: 
     return torch.cat(xs), torch.cat(ys)
 
 
-def train_mlp_ensemble(x: torch.Tensor, y: torch.Tensor, num_classes: int, settings: dict, seed: int = 0,
-                       device: str | torch.device | None = None, progress: bool = False,
-                       runtime: Runtime | None = None) -> PixelMLPEnsemble:
+def train_mlp_ensemble(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    num_classes: int,
+    settings: dict,
+    seed: int = 0,
+    device: str | torch.device | None = None,
+    progress: bool = False,
+    runtime: Runtime | None = None,
+) -> PixelMLPEnsemble:
     """Train the ensemble on sampled pixels with :func:`~diffssl_plugin.supervised.fit`; each member sees its
     own shuffled order."""
     torch.manual_seed(seed)
@@ -224,14 +269,31 @@ def train_mlp_ensemble(x: torch.Tensor, y: torch.Tensor, num_classes: int, setti
         per_pixel = F.cross_entropy(logits.flatten(0, 1), yb.flatten(), reduction="none")
         return per_pixel.view(m, -1).mean(1).sum()
 
-    fit(net, plan, lambda idx: (x[idx.t()], y[idx.t()]), loss, opt, epochs=int(settings["mlp_epochs"]),
-        check_loss=False, desc="pixel MLPs", progress=progress, device=device, runtime=runtime)
+    fit(
+        net,
+        plan,
+        lambda idx: (x[idx.t()], y[idx.t()]),
+        loss,
+        opt,
+        epochs=int(settings["mlp_epochs"]),
+        check_loss=False,
+        desc="pixel MLPs",
+        progress=progress,
+        device=device,
+        runtime=runtime,
+    )
     return net.eval()
 
 
 @torch.no_grad()
-def predict_mlp(net: PixelMLPEnsemble, store: FeatureStore, size: tuple[int, int], vote: str = "mode",
-                batch_size: int = 4, device: str | torch.device | None = None) -> Iterator[torch.Tensor]:
+def predict_mlp(
+    net: PixelMLPEnsemble,
+    store: FeatureStore,
+    size: tuple[int, int],
+    vote: str = "mode",
+    batch_size: int = 4,
+    device: str | torch.device | None = None,
+) -> Iterator[torch.Tensor]:
     """uint8 label maps (B, H, W) batch by batch: first layer at feature resolution, then upsampled (on
     ``device``, default: the ensemble's)."""
     net.eval()

@@ -97,8 +97,9 @@ class SemisupSettings:
         check_name("semisup pool", s.pool, POOLS)
         bad = sorted({"seed", "train_images"} & set(s.finetune))
         if bad:
-            raise InputError(f"semisup finetune settings {bad} are fixed by the protocol (the split seed and the "
-                             "labelled subset)")
+            raise InputError(
+                f"semisup finetune settings {bad} are fixed by the protocol (the split seed and the labelled subset)"
+            )
         FinetuneRecipe.from_dict(s.finetune)  # unknown recipe names fail now, not after minutes of work
         return s
 
@@ -120,8 +121,9 @@ def positions_of(indices: torch.Tensor, wanted: torch.Tensor) -> torch.Tensor:
     loc = torch.searchsorted(ordered, wanted).clamp_max(len(ordered) - 1)
     found = ordered[loc] == wanted
     if not bool(found.all()):
-        raise InputError(f"{int((~found).sum())} of {len(wanted)} indices are not in the pool, e.g. "
-                         f"{wanted[~found][:5].tolist()}")
+        raise InputError(
+            f"{int((~found).sum())} of {len(wanted)} indices are not in the pool, e.g. {wanted[~found][:5].tolist()}"
+        )
     return order[loc]
 
 
@@ -142,8 +144,14 @@ def read_split_file(path: Path, dataset: str, fraction: float, seed: int) -> tor
     return indices
 
 
-def labelled_subset(pool: ImageSet, fraction: float, seed: int, full_size: int | None = None,
-                    split_dir: str | Path | None = None, pool_tag: str = "train") -> tuple[ImageSet, Path | None]:
+def labelled_subset(
+    pool: ImageSet,
+    fraction: float,
+    seed: int,
+    full_size: int | None = None,
+    split_dir: str | Path | None = None,
+    pool_tag: str = "train",
+) -> tuple[ImageSet, Path | None]:
     """The class-balanced labelled subset of ``pool`` for ``fraction`` (of ``full_size`` images, default the
     pool's size) and ``seed``: read from its split file in ``split_dir`` if present, else drawn with
     :func:`stratified_pick` and written there. Returns the subset and the file (None without ``split_dir``)."""
@@ -158,11 +166,21 @@ def labelled_subset(pool: ImageSet, fraction: float, seed: int, full_size: int |
     subset = pool.take(stratified_pick(pool.labels, per_class, seed))
     if path is not None:
         counts = torch.bincount(subset.labels, minlength=pool.num_classes).tolist()
-        write_json(path, {"format": SPLIT_FORMAT, "dataset": pool.name, "pool": pool_tag, "fraction": fraction,
-                          "seed": seed, "per_class": per_class, "num_images": len(subset),
-                          "class_counts": dict(zip(pool.class_names, counts)),
-                          "indices_are": "positions in load_split(dataset, 'trainval')",
-                          "indices": subset.indices.tolist()})
+        write_json(
+            path,
+            {
+                "format": SPLIT_FORMAT,
+                "dataset": pool.name,
+                "pool": pool_tag,
+                "fraction": fraction,
+                "seed": seed,
+                "per_class": per_class,
+                "num_images": len(subset),
+                "class_counts": dict(zip(pool.class_names, counts)),
+                "indices_are": "positions in load_split(dataset, 'trainval')",
+                "indices": subset.indices.tolist(),
+            },
+        )
     return subset, path
 
 
@@ -192,8 +210,11 @@ def semisup_protocol(ctx: EvalContext) -> list[dict]:
         pool, tag = eval_train, f"evaltrain{len(eval_train)}-seed{config.seed}"
     split_dir = s.split_dir or next((Path(d) / "splits" for d in (ctx.out_dir, ctx.cache_dir) if d), None)
     with ctx.runtime.rank_zero_first():  # rank 0 writes the split files the other ranks then read
-        subsets = {(f, seed): labelled_subset(pool, f, seed, len(full), split_dir, tag)
-                   for f in s.fractions for seed in s.seeds}
+        subsets = {
+            (f, seed): labelled_subset(pool, f, seed, len(full), split_dir, tag)
+            for f in s.fractions
+            for seed in s.seeds
+        }
 
     # frozen features of the labelled images only: the pool's if the linear protocol cached them, else the union
     if s.pool == "eval_train":
@@ -217,31 +238,82 @@ def semisup_protocol(ctx: EvalContext) -> list[dict]:
             for seed in s.seeds:
                 data, path = subsets[(fraction, seed)]
                 if sub == "linear":
-                    res = ctx.once(linear_probe, feats(data), data.labels, f_val, val.labels, f_test, test.labels,
-                                   cs=cs, seed=seed, device=ctx.device)
+                    res = ctx.once(
+                        linear_probe,
+                        feats(data),
+                        data.labels,
+                        f_val,
+                        val.labels,
+                        f_test,
+                        test.labels,
+                        cs=cs,
+                        seed=seed,
+                        device=ctx.device,
+                    )
                     params, test_acc, val_acc, test_images = res.params, res.test_acc, res.val_acc, len(test)
                 else:
                     recipe = FinetuneRecipe.from_dict({**s.finetune, "seed": seed})
                     recipe = replace(recipe, probe_cs=tuple(recipe.probe_cs or cs))
                     val_pos = _capped(val, s.ft_val_images, seed)
                     ft_test = test.take(_capped(test, s.ft_test_images, seed))
-                    res = finetune(ctx.model, data, val.take(val_pos), ft_test, readout, recipe, device=ctx.device,
-                                   progress=ctx.progress, frozen=(feats(data), f_val[val_pos]))
-                    params = {**asdict(recipe), "best_epoch": res.best_epoch, "val_curve": res.val_curve,
-                              "val_images": len(val_pos)}
+                    res = finetune(
+                        ctx.model,
+                        data,
+                        val.take(val_pos),
+                        ft_test,
+                        readout,
+                        recipe,
+                        device=ctx.device,
+                        progress=ctx.progress,
+                        frozen=(feats(data), f_val[val_pos]),
+                    )
+                    params = {
+                        **asdict(recipe),
+                        "best_epoch": res.best_epoch,
+                        "val_curve": res.val_curve,
+                        "val_images": len(val_pos),
+                    }
                     test_acc, val_acc, test_images = res.test_acc, res.val_acc, len(ft_test)
                 values.append(test_acc)
                 val_accs.append(val_acc)
-                records.append(ctx.record(
-                    split="test_seed", value=test_acc, val_acc=val_acc, readout=readout, subset_seed=seed,
-                    labelled_images=len(data), test_images=test_images,
-                    split_file=str(path) if path else None, split_sha256=file_sha256(path) if path else None,
-                    protocol={"name": name, "subprotocol": sub, "fraction": fraction, "seed": seed, **common,
-                              **params}))
+                records.append(
+                    ctx.record(
+                        split="test_seed",
+                        value=test_acc,
+                        val_acc=val_acc,
+                        readout=readout,
+                        subset_seed=seed,
+                        labelled_images=len(data),
+                        test_images=test_images,
+                        split_file=str(path) if path else None,
+                        split_sha256=file_sha256(path) if path else None,
+                        protocol={
+                            "name": name,
+                            "subprotocol": sub,
+                            "fraction": fraction,
+                            "seed": seed,
+                            **common,
+                            **params,
+                        },
+                    )
+                )
             mean, std = _mean_std(values)
-            records.append(ctx.record(
-                split="test", value=mean, std=std, val_acc=statistics.fmean(val_accs), readout=readout,
-                per_seed=values, labelled_images=[len(subsets[(fraction, seed)][0]) for seed in s.seeds],
-                protocol={"name": name, "subprotocol": sub, "fraction": fraction, **common,
-                          "aggregate": "mean and sample std of the per-seed test accuracies"}))
+            records.append(
+                ctx.record(
+                    split="test",
+                    value=mean,
+                    std=std,
+                    val_acc=statistics.fmean(val_accs),
+                    readout=readout,
+                    per_seed=values,
+                    labelled_images=[len(subsets[(fraction, seed)][0]) for seed in s.seeds],
+                    protocol={
+                        "name": name,
+                        "subprotocol": sub,
+                        "fraction": fraction,
+                        **common,
+                        "aggregate": "mean and sample std of the per-seed test accuracies",
+                    },
+                )
+            )
     return records

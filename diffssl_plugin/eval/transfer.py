@@ -13,7 +13,8 @@ Targets (``EvalConfig.extra["transfer"]["targets"]``; default :data:`DEFAULT_TAR
 
 A target whose channels or size differ from the backbone's input (its ``pretrained_cfg["input_size"]``) is
 adapted by :func:`adapt_images` first (file-backed sets, e.g. the torchvision ones, are decoded at the backbone's
-size when it is square, so only their channels remain to convert). Choices the sources leave open: the C grid is ``EvalConfig.final_cs``
+size when it is square, so only their channels remain to convert). Choices the sources leave open: the C grid
+is ``EvalConfig.final_cs``
 (Kornblith et al. search 45 values in [1e-6, 1e5]; override with ``"cs"``), and every target is cut to
 class-balanced subsets of the harness's sizes (``EvalConfig.train_images``/``val_images``/``test_images``;
 override with ``"train_images"`` etc., ``None`` for all). Records: protocol ``transfer_<target>`` with
@@ -52,8 +53,14 @@ def fashion_mnist_tops(split: str, root: str | None = None) -> ImageSet:
     relabel = torch.full((len(src.class_names),), -1, dtype=torch.long)
     relabel[list(TOPS_SOURCE_CLASSES)] = torch.arange(len(TOPS_SOURCE_CLASSES))
     pos = keep.nonzero().flatten()
-    return ImageSet(TOPS, split, src.images[pos], relabel[src.labels[pos]],
-                    tuple(src.class_names[c] for c in TOPS_SOURCE_CLASSES), src.indices[pos])
+    return ImageSet(
+        TOPS,
+        split,
+        src.images[pos],
+        relabel[src.labels[pos]],
+        tuple(src.class_names[c] for c in TOPS_SOURCE_CLASSES),
+        src.indices[pos],
+    )
 
 
 def load_target(name: str, split: str, root: str | None = None, image_size: int | None = None) -> ImageSet:
@@ -83,12 +90,13 @@ def adapt_images(data: ImageSet, channels: int, size: int | tuple[int, int], bat
     if c_in == channels and tuple(data.images.shape[-2:]) == (h, w):
         return data
     if c_in != channels and (c_in, channels) not in ((3, 1), (1, 3)):
-        raise InputError(f"cannot convert {data.name} images from {c_in} to {channels} channels "
-                         "(only RGB→grey and grey→RGB)")
+        raise InputError(
+            f"cannot convert {data.name} images from {c_in} to {channels} channels (only RGB→grey and grey→RGB)"
+        )
     luma = torch.tensor(LUMA).view(1, 3, 1, 1)
     out = []
     for start in range(0, len(data), batch_size):  # in chunks: float copies of a large set stay small
-        x = data.images[start:start + batch_size].float()
+        x = data.images[start : start + batch_size].float()
         if c_in == 3 and channels == 1:
             x = (x * luma).sum(1, keepdim=True)
         if tuple(x.shape[-2:]) != (h, w):
@@ -96,22 +104,35 @@ def adapt_images(data: ImageSet, channels: int, size: int | tuple[int, int], bat
         x = x.round_().clamp_(0, 255).to(torch.uint8)
         out.append(x.repeat(1, 3, 1, 1) if c_in == 1 and channels == 3 else x)
     images = torch.cat(out) if out else torch.empty((0, channels, h, w), dtype=torch.uint8)
-    return ImageSet(f"{data.name}@{channels}x{h}x{w}", data.split, images, data.labels, data.class_names,
-                    data.indices)
+    return ImageSet(f"{data.name}@{channels}x{h}x{w}", data.split, images, data.labels, data.class_names, data.indices)
 
 
-def probe_target(ctx: EvalContext, train: ImageSet, val: ImageSet, test: ImageSet,
-                 cs: tuple[float, ...]) -> tuple[ProbeResult, dict]:
+def probe_target(
+    ctx: EvalContext, train: ImageSet, val: ImageSet, test: ImageSet, cs: tuple[float, ...]
+) -> tuple[ProbeResult, dict]:
     """Adapt the three splits to the backbone's input, extract frozen features at ``ctx.readout()`` (cached),
     and fit the probe with C chosen on ``val``. Returns the probe result and how the images were adapted."""
     c, h, w = data_config(ctx.model)["input_size"]
     readout = ctx.readout()
     adapted = [adapt_images(d, c, (h, w)) for d in (train, val, test)]
     f_train, f_val, f_test = (ctx.features(d, [readout])[readout] for d in adapted)
-    res = ctx.once(linear_probe, f_train, train.labels, f_val, val.labels, f_test, test.labels, cs=cs,
-                   seed=ctx.config.seed, device=ctx.device)
-    return res, {"from": [train.channels, *train.images.shape[-2:]], "to": [c, h, w],
-                 "adapted": adapted[0] is not train}
+    res = ctx.once(
+        linear_probe,
+        f_train,
+        train.labels,
+        f_val,
+        val.labels,
+        f_test,
+        test.labels,
+        cs=cs,
+        seed=ctx.config.seed,
+        device=ctx.device,
+    )
+    return res, {
+        "from": [train.channels, *train.images.shape[-2:]],
+        "to": [c, h, w],
+        "adapted": adapted[0] is not train,
+    }
 
 
 @dataclass(frozen=True)
@@ -139,8 +160,11 @@ class TransferSettings:
             check_name("transfer target", t, target_names())
             if t == config.dataset:
                 raise InputError(f"transfer target {t!r} is the pretraining dataset; the linear protocol scores it")
-        s = cls(targets=targets, cs=tuple(given.get("cs") or config.final_cs),
-                **{k: given.get(k, getattr(config, k)) for k in ("train_images", "val_images", "test_images")})
+        s = cls(
+            targets=targets,
+            cs=tuple(given.get("cs") or config.final_cs),
+            **{k: given.get(k, getattr(config, k)) for k in ("train_images", "val_images", "test_images")},
+        )
         for k in ("train_images", "val_images", "test_images"):
             v = getattr(s, k)
             if v is not None and (not isinstance(v, int) or v < 1):
@@ -157,15 +181,30 @@ def transfer_protocol(ctx: EvalContext) -> list[dict]:
     size = h if h == w else None  # file-backed sets decode at the backbone's size; the rest are adapted
     records = []
     for target in s.targets:
-        train, val, test = (load_target(target, split, root, size).balanced_subset(total=n, seed=seed)
-                            for split, n in (("train", s.train_images), ("val", s.val_images),
-                                             ("test", s.test_images)))
+        train, val, test = (
+            load_target(target, split, root, size).balanced_subset(total=n, seed=seed)
+            for split, n in (("train", s.train_images), ("val", s.val_images), ("test", s.test_images))
+        )
         res, adapted = probe_target(ctx, train, val, test, s.cs)
-        records.append(ctx.record(
-            split="test", dataset=target, value=res.test_acc, val_acc=res.val_acc, readout=ctx.readout(),
-            target_images={"train": len(train), "val": len(val), "test": len(test)},
-            protocol={"name": f"transfer_{target}", "target": target, "classes": len(train.class_names),
-                      "input": adapted, "source": _describe(target), **res.params, "settings": asdict(s)}))
+        records.append(
+            ctx.record(
+                split="test",
+                dataset=target,
+                value=res.test_acc,
+                val_acc=res.val_acc,
+                readout=ctx.readout(),
+                target_images={"train": len(train), "val": len(val), "test": len(test)},
+                protocol={
+                    "name": f"transfer_{target}",
+                    "target": target,
+                    "classes": len(train.class_names),
+                    "input": adapted,
+                    "source": _describe(target),
+                    **res.params,
+                    "settings": asdict(s),
+                },
+            )
+        )
     return records
 
 

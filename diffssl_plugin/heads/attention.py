@@ -27,8 +27,8 @@ from ..errors import InputError, check_name
 
 #: head sizes; every key is an argument of :class:`AttentionHead`
 HEAD_PRESETS: dict[str, dict] = {
-    "cpu": dict(dim=64, pool_size=7, depth=2, num_heads=8, mlp_ratio=4.0),
-    "paper": dict(dim=1024, pool_size=16, depth=2, num_heads=8, mlp_ratio=4.0),
+    "cpu": {"dim": 64, "pool_size": 7, "depth": 2, "num_heads": 8, "mlp_ratio": 4.0},
+    "paper": {"dim": 1024, "pool_size": 16, "depth": 2, "num_heads": 8, "mlp_ratio": 4.0},
 }
 
 
@@ -70,8 +70,10 @@ class PreLayer(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         c, h, w = self.in_shape
         if x.dim() != 4 or x.shape[1] != c or tuple(x.shape[-2:]) not in ((h, w), self.size):
-            raise InputError(f"PreLayer expects maps of shape (B, {c}, {h}, {w}) or (B, {c}, {self.size[0]}, "
-                             f"{self.size[1]}), got {tuple(x.shape)}")
+            raise InputError(
+                f"PreLayer expects maps of shape (B, {c}, {h}, {w}) or (B, {c}, {self.size[0]}, "
+                f"{self.size[1]}), got {tuple(x.shape)}"
+            )
         if tuple(x.shape[-2:]) != self.size:
             x = self.pool(x)
         return self.proj(self.norm(x.float())).flatten(2).transpose(1, 2)  # (B, s², D)
@@ -85,8 +87,7 @@ class CLSTransformer(nn.Module):
         if dim % num_heads:
             raise InputError(f"the head width {dim} must be divisible by the number of heads {num_heads}")
         self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
-        self.blocks = nn.Sequential(*[Block(dim, num_heads, mlp_ratio=mlp_ratio, qkv_bias=False)
-                                      for _ in range(depth)])
+        self.blocks = nn.Sequential(*[Block(dim, num_heads, mlp_ratio=mlp_ratio, qkv_bias=False) for _ in range(depth)])
         self.blocks.apply(init_weights_vit_timm)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -103,8 +104,16 @@ class AttentionHead(nn.Module):
         dim, pool_size, depth, num_heads, mlp_ratio: sizes (see :data:`HEAD_PRESETS`).
     """
 
-    def __init__(self, in_shape: Sequence[int], num_classes: int, dim: int = 64, pool_size: int = 7,
-                 depth: int = 2, num_heads: int = 8, mlp_ratio: float = 4.0):
+    def __init__(
+        self,
+        in_shape: Sequence[int],
+        num_classes: int,
+        dim: int = 64,
+        pool_size: int = 7,
+        depth: int = 2,
+        num_heads: int = 8,
+        mlp_ratio: float = 4.0,
+    ):
         super().__init__()
         self.pre = PreLayer(in_shape, dim, pool_size)
         self.transformer = CLSTransformer(dim, depth, num_heads, mlp_ratio)
@@ -112,8 +121,7 @@ class AttentionHead(nn.Module):
         init_weights_vit_timm(self.fc)
 
     @classmethod
-    def from_preset(cls, preset: str, in_shape: Sequence[int], num_classes: int,
-                    **overrides) -> AttentionHead:
+    def from_preset(cls, preset: str, in_shape: Sequence[int], num_classes: int, **overrides) -> AttentionHead:
         return cls(in_shape, num_classes, **head_preset(preset, **overrides))
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:

@@ -37,15 +37,16 @@ class FeedbackModule(nn.Sequential):
     """diffssl's ``C_B_R`` feedback: bias-free 1×1 conv (decoder → encoder channels), BatchNorm, ReLU."""
 
     def __init__(self, in_channels: int, out_channels: int):
-        super().__init__(nn.Conv2d(in_channels, out_channels, kernel_size=1, bias=False),
-                         nn.BatchNorm2d(out_channels), nn.ReLU())
+        super().__init__(
+            nn.Conv2d(in_channels, out_channels, kernel_size=1, bias=False), nn.BatchNorm2d(out_channels), nn.ReLU()
+        )
 
 
 def auto_feedback_blocks(backbone) -> list[str]:
     """One feedback source per U-Net level: the decoder unit that mirrors the level's first residual block
     (diffssl's rule; with two residual blocks per level these are ADM's blocks 21, 24, …, 36)."""
     decoder = [n for n in backbone.unit_names if re.fullmatch(r"up\d+\.\d+", n)]
-    targets = set(backbone.mirror_block(d) for d in decoder)
+    targets = {backbone.mirror_block(d) for d in decoder}
     firsts = set()
     for name in backbone.unit_names:
         m = re.fullmatch(r"down(\d+)\.0", name)
@@ -69,19 +70,28 @@ class DifFeed(nn.Module):
         image_size: the (H, W) of the images when it is not the backbone's native size (map sizes follow).
     """
 
-    def __init__(self, backbone: nn.Module, num_classes: int, timestep: int | None = None,
-                 block: str | None = None, feedback_blocks: Sequence[str] | str = "auto", head: str = "cpu",
-                 image_size: tuple[int, int] | None = None, **head_kwargs):
+    def __init__(
+        self,
+        backbone: nn.Module,
+        num_classes: int,
+        timestep: int | None = None,
+        block: str | None = None,
+        feedback_blocks: Sequence[str] | str = "auto",
+        head: str = "cpu",
+        image_size: tuple[int, int] | None = None,
+        **head_kwargs,
+    ):
         super().__init__()
         if not (hasattr(backbone, "extract") and hasattr(backbone, "mirror_block")):
-            raise InputError(f"DifFeed needs a diffusion backbone with extract(edits=) and mirror_block(); "
-                             f"{type(backbone).__name__} has neither")
+            raise InputError(
+                f"DifFeed needs a diffusion backbone with extract(edits=) and mirror_block(); "
+                f"{type(backbone).__name__} has neither"
+            )
         self.backbone = backbone.requires_grad_(False).eval()
         self.timestep = int(backbone.timestep if timestep is None else timestep)
         self.block = block or backbone.block
         if self.block not in backbone.block_names:
-            raise InputError(f"unknown readout block {self.block!r}; "
-                             f"valid: {', '.join(backbone.block_names)}")
+            raise InputError(f"unknown readout block {self.block!r}; valid: {', '.join(backbone.block_names)}")
         sources = auto_feedback_blocks(backbone) if feedback_blocks == "auto" else list(feedback_blocks)
         if not sources:
             raise InputError("DifFeed needs at least one feedback block")
@@ -90,19 +100,23 @@ class DifFeed(nn.Module):
         for src in sources:
             target = backbone.mirror_block(src)
             if order.index(target) > order.index(self.block):
-                raise InputError(f"feedback from {src!r} goes to {target!r}, which runs after the readout "
-                                 f"block {self.block!r}: it could not change the head's input")
+                raise InputError(
+                    f"feedback from {src!r} goes to {target!r}, which runs after the readout "
+                    f"block {self.block!r}: it could not change the head's input"
+                )
             self.sources.append(src)
             self.targets.append(target)
         shapes = backbone.unit_shapes
-        self.feedback = nn.ModuleList(FeedbackModule(shapes[s][0], shapes[t][0])
-                                      for s, t in zip(self.sources, self.targets))
+        self.feedback = nn.ModuleList(
+            FeedbackModule(shapes[s][0], shapes[t][0]) for s, t in zip(self.sources, self.targets)
+        )
         in_shape = backbone.block_shapes[self.block]
         if image_size is not None and tuple(image_size) != (backbone.image_size, backbone.image_size):
             x = torch.zeros(1, backbone.in_chans, *image_size, device=next(backbone.parameters()).device)
             with torch.no_grad():
-                in_shape = tuple(backbone.extract(x, [self.timestep], [self.block], pool=None)[
-                    (self.timestep, self.block)].shape[1:])
+                in_shape = tuple(
+                    backbone.extract(x, [self.timestep], [self.block], pool=None)[(self.timestep, self.block)].shape[1:]
+                )
         self.head = AttentionHead(in_shape, num_classes, **head_preset(head, **head_kwargs))
 
     def train(self, mode: bool = True) -> DifFeed:
@@ -116,8 +130,7 @@ class DifFeed(nn.Module):
             feats = self.backbone.extract(x, [self.timestep], self.sources, pool=None, noise=noise)
         return {s: feats[(self.timestep, s)] for s in self.sources}
 
-    def second_pass(self, x: torch.Tensor, noise: torch.Tensor,
-                    first: dict[str, torch.Tensor]) -> torch.Tensor:
+    def second_pass(self, x: torch.Tensor, noise: torch.Tensor, first: dict[str, torch.Tensor]) -> torch.Tensor:
         """Pass 2: the readout block's map with the feedback added to the mirrored encoder units."""
         edits = {}
         for module, src, target in zip(self.feedback, self.sources, self.targets):

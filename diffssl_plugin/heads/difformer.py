@@ -35,9 +35,17 @@ class DifFormer(nn.Module):
         dim, pool_size, depth, num_heads, mlp_ratio: sizes, as for :class:`~.attention.AttentionHead`.
     """
 
-    def __init__(self, in_shapes: Mapping[str, Sequence[int]], timesteps: Sequence[int], num_classes: int,
-                 dim: int = 64, pool_size: int = 7, depth: int = 2, num_heads: int = 8,
-                 mlp_ratio: float = 4.0):
+    def __init__(
+        self,
+        in_shapes: Mapping[str, Sequence[int]],
+        timesteps: Sequence[int],
+        num_classes: int,
+        dim: int = 64,
+        pool_size: int = 7,
+        depth: int = 2,
+        num_heads: int = 8,
+        mlp_ratio: float = 4.0,
+    ):
         super().__init__()
         if not in_shapes or not timesteps:
             raise InputError("DifFormer needs at least one block and one timestep")
@@ -65,8 +73,9 @@ class DifFormer(nn.Module):
         missing = [k for k in self.keys if k not in feats]
         if missing:
             raise InputError(f"DifFormer needs features {missing}; got {sorted(feats)}")
-        per_t = [torch.cat([pre(feats[(t, b)]) for pre, b in zip(self.pre, self.block_names)], dim=1)
-                 for t in self.timesteps]
+        per_t = [
+            torch.cat([pre(feats[(t, b)]) for pre, b in zip(self.pre, self.block_names)], dim=1) for t in self.timesteps
+        ]
         batch = per_t[0].shape[0]
         cls = self.transformer(torch.cat(per_t, dim=0))  # (T·B, D), timestep-major
         return cls.view(len(self.timesteps), batch, -1).transpose(0, 1).reshape(batch, -1)

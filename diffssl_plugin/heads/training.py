@@ -68,12 +68,43 @@ class HeadTraining:
 
 TRAINING_PRESETS: dict[str, HeadTraining] = {
     "small": HeadTraining(),
-    "paper": HeadTraining(optimizer="sgd", lr=5e-2, weight_decay=0.0, momentum=0.0, epochs=28, batch_size=128,
-                          schedule="step", warmup_epochs=0.0, step_epochs=7, gamma=0.1, eval_every=7),
-    "paper_linear": HeadTraining(optimizer="sgd", lr=1e-2, weight_decay=0.0, epochs=28, batch_size=128,
-                                 schedule="step", warmup_epochs=0.0, step_epochs=7, gamma=0.1, eval_every=7),
-    "paper_diffeed": HeadTraining(optimizer="sgd", lr=1e-2, weight_decay=0.0, epochs=28, batch_size=16,
-                                  schedule="step", warmup_epochs=0.0, step_epochs=7, gamma=0.1, eval_every=7),
+    "paper": HeadTraining(
+        optimizer="sgd",
+        lr=5e-2,
+        weight_decay=0.0,
+        momentum=0.0,
+        epochs=28,
+        batch_size=128,
+        schedule="step",
+        warmup_epochs=0.0,
+        step_epochs=7,
+        gamma=0.1,
+        eval_every=7,
+    ),
+    "paper_linear": HeadTraining(
+        optimizer="sgd",
+        lr=1e-2,
+        weight_decay=0.0,
+        epochs=28,
+        batch_size=128,
+        schedule="step",
+        warmup_epochs=0.0,
+        step_epochs=7,
+        gamma=0.1,
+        eval_every=7,
+    ),
+    "paper_diffeed": HeadTraining(
+        optimizer="sgd",
+        lr=1e-2,
+        weight_decay=0.0,
+        epochs=28,
+        batch_size=16,
+        schedule="step",
+        warmup_epochs=0.0,
+        step_epochs=7,
+        gamma=0.1,
+        eval_every=7,
+    ),
 }
 
 
@@ -81,8 +112,9 @@ def training_preset(name: str = "small", **overrides) -> HeadTraining:
     """Preset ``name`` with ``overrides`` (field names of :class:`HeadTraining`)."""
     unknown = set(overrides) - set(HeadTraining.__dataclass_fields__)
     if unknown:
-        raise InputError(f"unknown head-training settings {sorted(unknown)}; valid: "
-                         f"{', '.join(HeadTraining.__dataclass_fields__)}")
+        raise InputError(
+            f"unknown head-training settings {sorted(unknown)}; valid: {', '.join(HeadTraining.__dataclass_fields__)}"
+        )
     return replace(TRAINING_PRESETS[check_name("training preset", name, TRAINING_PRESETS)], **overrides)
 
 
@@ -111,8 +143,9 @@ def dict_rows(feats: dict, labels: torch.Tensor) -> Rows:
     return Rows(lambda idx: {k: v[idx] for k, v in feats.items()}, labels)
 
 
-def image_rows(images_uint8: torch.Tensor, labels: torch.Tensor,
-               normalise: Callable[[torch.Tensor], torch.Tensor]) -> Rows:
+def image_rows(
+    images_uint8: torch.Tensor, labels: torch.Tensor, normalise: Callable[[torch.Tensor], torch.Tensor]
+) -> Rows:
     """Rows of uint8 images, normalised to the backbone's input range on the fly."""
     _check_len(len(images_uint8), labels)
     return Rows(lambda idx: normalise(images_uint8[idx].float().div_(255.0)), labels)
@@ -169,7 +202,7 @@ def make_optimizer(params: Sequence[nn.Parameter], cfg: HeadTraining, steps_per_
     else:
         opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     total = cfg.epochs * steps_per_epoch
-    warmup = int(round(cfg.warmup_epochs * steps_per_epoch))
+    warmup = round(cfg.warmup_epochs * steps_per_epoch)
 
     def factor(step: int) -> float:
         if cfg.schedule == "cosine" or step < warmup:
@@ -191,9 +224,16 @@ def _state(model: nn.Module, names: set[str]) -> dict[str, torch.Tensor]:
     return state
 
 
-def train_head(model: nn.Module, train: Rows, val: Rows | None = None, cfg: HeadTraining | None = None,
-               device: str | torch.device | None = None, progress: bool = False, desc: str = "head",
-               runtime: Runtime | None = None) -> TrainResult:
+def train_head(
+    model: nn.Module,
+    train: Rows,
+    val: Rows | None = None,
+    cfg: HeadTraining | None = None,
+    device: str | torch.device | None = None,
+    progress: bool = False,
+    desc: str = "head",
+    runtime: Runtime | None = None,
+) -> TrainResult:
     """Train ``model``'s trainable parameters (only those with ``requires_grad``) with cross-entropy on
     ``train``; keep the epoch with the best ``val`` accuracy. Returns the cost and the validation accuracy.
     Runs on ``runtime`` (default: the command's; see :func:`~diffssl_plugin.supervised.fit`), or alone on
@@ -208,22 +248,43 @@ def train_head(model: nn.Module, train: Rows, val: Rows | None = None, cfg: Head
     steps_per_epoch = n // batch  # drop the last partial batch (BatchNorm in DifFeed's feedback needs > 1)
     opt, sched = make_optimizer([p for _, p in named], cfg, steps_per_epoch)
     validate = (lambda m, dev: accuracy(m, val, cfg.batch_size * 2, dev, cfg.amp)) if val is not None else None
-    result = fit(model, shuffled_batches(n, batch, torch.Generator().manual_seed(cfg.seed)),
-                 lambda idx: (train.get(idx), train.labels[idx]),
-                 lambda m, batch: F.cross_entropy(m(batch[0]).float(), batch[1]), opt, sched, epochs=cfg.epochs,
-                 validate=validate, validate_every=cfg.eval_every, snapshot=lambda m: _state(m, names),
-                 amp=cfg.amp, desc=desc, progress=progress, device=device, runtime=runtime)
-    history = [{"epoch": h["epoch"], "loss": h["loss"], **({"val_acc": h["val"]} if "val" in h else {})}
-               for h in result.history]
-    return TrainResult(val_acc=result.best_score, best_epoch=result.best_epoch,
-                       train_seconds=result.train_seconds, images_seen=result.rows_seen,
-                       trainable_params=sum(p.numel() for _, p in named), param_names=sorted(names),
-                       history=history, config=asdict(cfg))
+    result = fit(
+        model,
+        shuffled_batches(n, batch, torch.Generator().manual_seed(cfg.seed)),
+        lambda idx: (train.get(idx), train.labels[idx]),
+        lambda m, batch: F.cross_entropy(m(batch[0]).float(), batch[1]),
+        opt,
+        sched,
+        epochs=cfg.epochs,
+        validate=validate,
+        validate_every=cfg.eval_every,
+        snapshot=lambda m: _state(m, names),
+        amp=cfg.amp,
+        desc=desc,
+        progress=progress,
+        device=device,
+        runtime=runtime,
+    )
+    history = [
+        {"epoch": h["epoch"], "loss": h["loss"], **({"val_acc": h["val"]} if "val" in h else {})}
+        for h in result.history
+    ]
+    return TrainResult(
+        val_acc=result.best_score,
+        best_epoch=result.best_epoch,
+        train_seconds=result.train_seconds,
+        images_seen=result.rows_seen,
+        trainable_params=sum(p.numel() for _, p in named),
+        param_names=sorted(names),
+        history=history,
+        config=asdict(cfg),
+    )
 
 
 @torch.no_grad()
-def predict(model: nn.Module, data: Rows, batch_size: int = 256, device: str | torch.device | None = None,
-            amp: bool = False) -> torch.Tensor:
+def predict(
+    model: nn.Module, data: Rows, batch_size: int = 256, device: str | torch.device | None = None, amp: bool = False
+) -> torch.Tensor:
     """Predicted classes for every row of ``data`` (eval mode), on ``device`` (default: the model's)."""
     device = torch.device(device) if device is not None else next(model.parameters()).device
     model.eval()
@@ -235,8 +296,9 @@ def predict(model: nn.Module, data: Rows, batch_size: int = 256, device: str | t
     return torch.cat(preds)
 
 
-def accuracy(model: nn.Module, data: Rows, batch_size: int = 256, device: str | torch.device | None = None,
-             amp: bool = False) -> float:
+def accuracy(
+    model: nn.Module, data: Rows, batch_size: int = 256, device: str | torch.device | None = None, amp: bool = False
+) -> float:
     """Top-1 accuracy of ``model`` on ``data``."""
     return float((predict(model, data, batch_size, device, amp) == data.labels).float().mean())
 
@@ -246,8 +308,8 @@ def peak_memory_mb(device: str | torch.device = "cpu") -> float:
     """Peak memory so far: CUDA's peak allocation on a GPU, else the process's peak resident set (RSS)."""
     device = torch.device(device)
     if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2 ** 20
+        return torch.cuda.max_memory_allocated(device) / 2**20
     import resource
 
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # kB on Linux
-    return peak / 1024 if os.uname().sysname != "Darwin" else peak / 2 ** 20
+    return peak / 1024 if os.uname().sysname != "Darwin" else peak / 2**20

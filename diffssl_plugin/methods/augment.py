@@ -30,9 +30,14 @@ def _coin(n: int, prob: float, generator: torch.Generator, device) -> torch.Tens
     return (torch.rand(n, generator=generator) < prob).to(device)
 
 
-def random_resized_crop(images: torch.Tensor, generator: torch.Generator,
-                        scale: Sequence[float] = (0.08, 1.0), ratio: Sequence[float] = (3 / 4, 4 / 3),
-                        hflip_prob: float = 0.5, mode: str = "bilinear") -> torch.Tensor:
+def random_resized_crop(
+    images: torch.Tensor,
+    generator: torch.Generator,
+    scale: Sequence[float] = (0.08, 1.0),
+    ratio: Sequence[float] = (3 / 4, 4 / 3),
+    hflip_prob: float = 0.5,
+    mode: str = "bilinear",
+) -> torch.Tensor:
     """Random-resized crop back to the input size, fused with a random horizontal flip: each image gets a crop
     of area fraction ``U(scale)`` and aspect ratio ``exp(U(log ratio))``, at a uniform position."""
     b, _, _, _ = images.shape
@@ -68,8 +73,11 @@ def _blend(a: torch.Tensor, b: torch.Tensor, factor: torch.Tensor) -> torch.Tens
 
 def _rotate_hue(images: torch.Tensor, turns: torch.Tensor) -> torch.Tensor:
     """Rotate the chroma (I, Q) of RGB images by ``turns`` of a full circle, keeping luma Y."""
-    to_yiq = torch.tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]],
-                          device=images.device, dtype=torch.float32)
+    to_yiq = torch.tensor(
+        [[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]],
+        device=images.device,
+        dtype=torch.float32,
+    )
     cos, sin = torch.cos(2 * math.pi * turns).float(), torch.sin(2 * math.pi * turns).float()
     rot = torch.zeros(len(turns), 3, 3, device=images.device)
     rot[:, 0, 0], rot[:, 1, 1], rot[:, 1, 2], rot[:, 2, 1], rot[:, 2, 2] = 1, cos, -sin, sin, cos
@@ -77,9 +85,15 @@ def _rotate_hue(images: torch.Tensor, turns: torch.Tensor) -> torch.Tensor:
     return torch.einsum("bij,bjhw->bihw", m.to(images.dtype), images).clamp(0.0, 1.0)
 
 
-def color_jitter(images: torch.Tensor, generator: torch.Generator, brightness: float = 0.4,
-                 contrast: float = 0.4, saturation: float = 0.4, hue: float = 0.1,
-                 prob: float = 0.8) -> torch.Tensor:
+def color_jitter(
+    images: torch.Tensor,
+    generator: torch.Generator,
+    brightness: float = 0.4,
+    contrast: float = 0.4,
+    saturation: float = 0.4,
+    hue: float = 0.1,
+    prob: float = 0.8,
+) -> torch.Tensor:
     """Colour jitter applied to each image with probability ``prob``; factors are ``U[max(0, 1−s), 1+s]``
     (hue: ``U[−hue, hue]`` of a turn), as torchvision's ``ColorJitter``. Images are in [0, 1]."""
     b, c = images.shape[:2]

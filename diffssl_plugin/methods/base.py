@@ -31,8 +31,16 @@ class StepBatches(Dataset):
     ``r::W`` of the global batch.
     """
 
-    def __init__(self, images: torch.Tensor, labels: torch.Tensor, global_batch_size: int, seed: int = 0,
-                 rank: int = 0, world_size: int = 1, num_steps: int = 10 ** 9):
+    def __init__(
+        self,
+        images: torch.Tensor,
+        labels: torch.Tensor,
+        global_batch_size: int,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        num_steps: int = 10**9,
+    ):
         if global_batch_size % world_size:
             raise ValueError(f"global batch {global_batch_size} is not divisible by {world_size} processes")
         if len(images) < global_batch_size:
@@ -51,7 +59,7 @@ class StepBatches(Dataset):
         if epoch != self._epoch:
             gen = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
             self._epoch, self._perm = epoch, torch.randperm(len(self.images), generator=gen)
-        idx = self._perm[pos * self.batch:(pos + 1) * self.batch][self.rank::self.world]
+        idx = self._perm[pos * self.batch : (pos + 1) * self.batch][self.rank :: self.world]
         return self.images[idx].float().div_(255.0), self.labels[idx]
 
 
@@ -87,9 +95,17 @@ class SSLMethod(pl.LightningModule):
     #: per-batch augmentation, ``transform(images_in_0_1, generator) -> images`` (set by each learner)
     transform: BatchTransform | None = None
 
-    def __init__(self, batch_size_per_device: int = 128, num_classes: int = 10, knn_k: int | None = None,
-                 knn_t: float | None = None, lr: float = 1e-3, weight_decay: float = 0.0,
-                 warmup_steps: int = 0, seed: int = 0):
+    def __init__(
+        self,
+        batch_size_per_device: int = 128,
+        num_classes: int = 10,
+        knn_k: int | None = None,
+        knn_t: float | None = None,
+        lr: float = 1e-3,
+        weight_decay: float = 0.0,
+        warmup_steps: int = 0,
+        seed: int = 0,
+    ):
         super().__init__()
         self.batch_size_per_device, self.num_classes = batch_size_per_device, num_classes
         self.knn_k, self.knn_t = knn_k, knn_t
@@ -109,16 +125,16 @@ class SSLMethod(pl.LightningModule):
     # -- Lightning plumbing --------------------------------------------------------------------------
     def step_generator(self) -> torch.Generator:
         """The random source of the current step: a function of (seed, global step, rank) only."""
-        return torch.Generator().manual_seed(
-            (self.seed * 1_000_003 + self.global_step) * 1009 + self.global_rank)
+        return torch.Generator().manual_seed((self.seed * 1_000_003 + self.global_step) * 1009 + self.global_rank)
 
     def training_step(self, batch, batch_idx):
         images, _ = batch
         with cpu_math_attention(images.device):  # under bf16 autocast on the CPU (see backbones/sdpa.py)
             loss = self.training_loss(images, self.step_generator())
         if not torch.isfinite(loss):
-            raise FloatingPointError(f"{type(self).__name__}: loss became {loss.item()} at step "
-                                     f"{self.global_step}; lower the learning rate")
+            raise FloatingPointError(
+                f"{type(self).__name__}: loss became {loss.item()} at step {self.global_step}; lower the learning rate"
+            )
         self.log("train_loss", loss, prog_bar=True, sync_dist=False)
         return loss
 
@@ -168,4 +184,3 @@ class _NoModuleTracker:
 
     def __exit__(self, *args):
         return None
-

@@ -40,12 +40,21 @@ class DDAE(SSLMethod):
     gradient_clip_val = 1.0
     timm_architecture = "ddae_unet_fmnist"  # its model_args carry the full U-Net config
 
-    def __init__(self, batch_size_per_device: int = 128, num_classes: int = 10, knn_k: int | None = None,
-                 knn_t: float | None = None, unet_config: dict | str = "fmnist_small", lr: float = 5e-4,
-                 warmup_steps: int = 100, ema_decay: float = 0.9999, readout: dict | None = None,
-                 seed: int = 0, in_chans: int | None = None):
-        super().__init__(batch_size_per_device, num_classes, knn_k, knn_t, lr=lr, warmup_steps=warmup_steps,
-                         seed=seed)
+    def __init__(
+        self,
+        batch_size_per_device: int = 128,
+        num_classes: int = 10,
+        knn_k: int | None = None,
+        knn_t: float | None = None,
+        unet_config: dict | str = "fmnist_small",
+        lr: float = 5e-4,
+        warmup_steps: int = 100,
+        ema_decay: float = 0.9999,
+        readout: dict | None = None,
+        seed: int = 0,
+        in_chans: int | None = None,
+    ):
+        super().__init__(batch_size_per_device, num_classes, knn_k, knn_t, lr=lr, warmup_steps=warmup_steps, seed=seed)
         self.save_hyperparameters()
         if isinstance(unet_config, str):
             unet_config = UNET_PRESETS[check_name("U-Net preset", unet_config, UNET_PRESETS)]
@@ -55,7 +64,7 @@ class DDAE(SSLMethod):
         self.unet = UNet2DModel(**config)
         self.scheduler = ddpm_scheduler()
         self.ema = EMA(self.unet, decay=ema_decay)
-        self.readout = {**dict(timestep=10, block="mid", pool="avg2x2"), **(readout or {})}
+        self.readout = {**{"timestep": 10, "block": "mid", "pool": "avg2x2"}, **(readout or {})}
         self._backbone_cache: dict[str, DDAEBackbone] = {}  # a dict, so Lightning does not save it twice
 
     def training_loss(self, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:

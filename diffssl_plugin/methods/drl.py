@@ -88,15 +88,31 @@ class DRL(SSLMethod):
     gradient_clip_val = 1.0
     variational = False
 
-    def __init__(self, batch_size_per_device: int = 128, num_classes: int = 10, knn_k: int | None = None,
-                 knn_t: float | None = None, code_dim: int = 64, time_dependent: bool = True,
-                 encoder_config: dict | str = "fmnist", unet_config: dict | str = "fmnist_small",
-                 sampler: str = "uniform_t", sigma_min: float = 0.01, sigma_max: float = 50.0,
-                 sigma_range: Sequence[float] | None = None, conditional: bool = True, beta: float = 1.0,
-                 l1_weight: float = 0.0, readout_t: Sequence[float] = (0.0, 0.5, 1.0), lr: float = 5e-4,
-                 warmup_steps: int = 100, ema_decay: float = 0.999, seed: int = 0, in_chans: int | None = None):
-        super().__init__(batch_size_per_device, num_classes, knn_k, knn_t, lr=lr, warmup_steps=warmup_steps,
-                         seed=seed)
+    def __init__(
+        self,
+        batch_size_per_device: int = 128,
+        num_classes: int = 10,
+        knn_k: int | None = None,
+        knn_t: float | None = None,
+        code_dim: int = 64,
+        time_dependent: bool = True,
+        encoder_config: dict | str = "fmnist",
+        unet_config: dict | str = "fmnist_small",
+        sampler: str = "uniform_t",
+        sigma_min: float = 0.01,
+        sigma_max: float = 50.0,
+        sigma_range: Sequence[float] | None = None,
+        conditional: bool = True,
+        beta: float = 1.0,
+        l1_weight: float = 0.0,
+        readout_t: Sequence[float] = (0.0, 0.5, 1.0),
+        lr: float = 5e-4,
+        warmup_steps: int = 100,
+        ema_decay: float = 0.999,
+        seed: int = 0,
+        in_chans: int | None = None,
+    ):
+        super().__init__(batch_size_per_device, num_classes, knn_k, knn_t, lr=lr, warmup_steps=warmup_steps, seed=seed)
         self.save_hyperparameters()
         self.noise = noise_sampler(sampler, sigma_min, sigma_max, sigma_range)
         self.encoder, _ = build_encoder(encoder_config, code_dim, time_dependent, self.variational, in_chans)
@@ -111,15 +127,20 @@ class DRL(SSLMethod):
     def _check_sizes(self) -> None:
         enc, unet = self.encoder, self.score_net.config
         if enc.image_size != unet.sample_size:
-            raise InputError(f"encoder image size {enc.image_size} ≠ score-net image size {unet.sample_size}; "
-                             "both networks see the same images")
+            raise InputError(
+                f"encoder image size {enc.image_size} ≠ score-net image size {unet.sample_size}; "
+                "both networks see the same images"
+            )
         if not enc.in_chans == unet.in_channels == unet.out_channels:
-            raise InputError(f"encoder takes {enc.in_chans} channel(s) but the score net maps "
-                             f"{unet.in_channels} → {unet.out_channels}; they must all match")
+            raise InputError(
+                f"encoder takes {enc.in_chans} channel(s) but the score net maps "
+                f"{unet.in_channels} → {unet.out_channels}; they must all match"
+            )
 
     # -- the algorithm --------------------------------------------------------------------------------
-    def encode(self, x0: torch.Tensor, t: torch.Tensor, generator: torch.Generator
-               ) -> tuple[torch.Tensor, torch.Tensor]:
+    def encode(
+        self, x0: torch.Tensor, t: torch.Tensor, generator: torch.Generator
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """z = E_φ(x0[, t]) and the per-image regulariser (β KL for VDRL, plus L1), in pixel-summed units."""
         mean, logvar = self.encoder(x0, t)
         z, penalty = mean, torch.zeros(x0.shape[0], device=x0.device)

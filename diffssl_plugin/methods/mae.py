@@ -49,8 +49,9 @@ def mae_transform(images: torch.Tensor, generator: torch.Generator) -> torch.Ten
     return normalize(x, *norm_stats(images.shape[1]))
 
 
-def random_token_mask(batch_size: int, num_patches: int, mask_ratio: float, generator: torch.Generator,
-                      device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+def random_token_mask(
+    batch_size: int, num_patches: int, mask_ratio: float, generator: torch.Generator, device: torch.device | str = "cpu"
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(idx_keep, idx_mask) over the sequence [class token, patches]: the class token (index 0) is always
     kept, ``int(num_patches·(1−mask_ratio))`` random patches are kept too, the rest are masked (as in
     lightly)."""
@@ -66,17 +67,40 @@ class MAE(SSLMethod):
     transform = staticmethod(mae_transform)
     timm_architecture = "mae_vit_tiny_p4"
 
-    def __init__(self, batch_size_per_device: int = 128, num_classes: int = 10, knn_k: int | None = None,
-                 knn_t: float | None = None, mask_ratio: float = 0.75, decoder_dim: int = 128,
-                 decoder_depth: int = 2, decoder_heads: int = 4, lr: float = 1.5e-3,
-                 weight_decay: float = 0.05, betas: tuple[float, float] = (0.9, 0.95), warmup_steps: int = 20,
-                 img_size: int = 28, backbone_args: dict | None = None, seed: int = 0, in_chans: int = 1):
-        super().__init__(batch_size_per_device, num_classes, knn_k, knn_t, lr=lr, weight_decay=weight_decay,
-                         warmup_steps=warmup_steps, seed=seed)
+    def __init__(
+        self,
+        batch_size_per_device: int = 128,
+        num_classes: int = 10,
+        knn_k: int | None = None,
+        knn_t: float | None = None,
+        mask_ratio: float = 0.75,
+        decoder_dim: int = 128,
+        decoder_depth: int = 2,
+        decoder_heads: int = 4,
+        lr: float = 1.5e-3,
+        weight_decay: float = 0.05,
+        betas: tuple[float, float] = (0.9, 0.95),
+        warmup_steps: int = 20,
+        img_size: int = 28,
+        backbone_args: dict | None = None,
+        seed: int = 0,
+        in_chans: int = 1,
+    ):
+        super().__init__(
+            batch_size_per_device,
+            num_classes,
+            knn_k,
+            knn_t,
+            lr=lr,
+            weight_decay=weight_decay,
+            warmup_steps=warmup_steps,
+            seed=seed,
+        )
         self.save_hyperparameters()
         self.mask_ratio, self.betas = mask_ratio, tuple(betas)
-        vit: MAEViT = timm.create_model(self.timm_architecture, in_chans=in_chans, img_size=img_size,
-                                        num_classes=0, **(backbone_args or {}))
+        vit: MAEViT = timm.create_model(
+            self.timm_architecture, in_chans=in_chans, img_size=img_size, num_classes=0, **(backbone_args or {})
+        )
         self.patch_size = vit.patch_embed.patch_size[0]
         self.num_patches = vit.patch_embed.num_patches
         self.encoder = MaskedVisionTransformerTIMM(vit=vit)
@@ -84,10 +108,14 @@ class MAE(SSLMethod):
         # never used, and a parameter without a gradient stops DDP
         self.encoder.mask_token.requires_grad_(False)
         self.decoder_embed = nn.Linear(vit.embed_dim, decoder_dim)
-        self.decoder = MaskedVisionTransformerDecoderTIMM(num_patches=self.num_patches, embed_dim=decoder_dim,
-                                                          depth=decoder_depth, num_heads=decoder_heads,
-                                                          num_prefix_tokens=vit.num_prefix_tokens)
-        self.decoder_pred = nn.Linear(decoder_dim, self.patch_size ** 2 * in_chans)
+        self.decoder = MaskedVisionTransformerDecoderTIMM(
+            num_patches=self.num_patches,
+            embed_dim=decoder_dim,
+            depth=decoder_depth,
+            num_heads=decoder_heads,
+            num_prefix_tokens=vit.num_prefix_tokens,
+        )
+        self.decoder_pred = nn.Linear(decoder_dim, self.patch_size**2 * in_chans)
 
     @property
     def backbone(self) -> MAEViT:
@@ -95,28 +123,35 @@ class MAE(SSLMethod):
 
     def training_loss(self, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         vit = self.encoder.vit
-        check_images(images, vit.in_chans, vit.patch_embed.img_size[0],
-                     name="MAE (set img_size to the data's image size)")
+        check_images(
+            images, vit.in_chans, vit.patch_embed.img_size[0], name="MAE (set img_size to the data's image size)"
+        )
         return self._loss(self.transform(images, generator), generator)
 
     def _loss(self, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         """The MAE objective on an augmented, normalised batch ``x``."""
         idx_keep, idx_mask = random_token_mask(len(x), self.num_patches, self.mask_ratio, generator, x.device)
-        encoded = self.encoder.encode(x, idx_keep=idx_keep)                 # visible tokens only
+        encoded = self.encoder.encode(x, idx_keep=idx_keep)  # visible tokens only
         visible = self.decoder_embed(encoded)
-        tokens = utils.set_at_index(                                        # back to the full sequence
-            visible.new_zeros(len(x), self.num_patches + 1, visible.shape[-1]), idx_keep, visible)
-        decoded = self.decoder(tokens, idx_mask=idx_mask)                   # mask tokens at idx_mask
+        tokens = utils.set_at_index(  # back to the full sequence
+            visible.new_zeros(len(x), self.num_patches + 1, visible.shape[-1]), idx_keep, visible
+        )
+        decoded = self.decoder(tokens, idx_mask=idx_mask)  # mask tokens at idx_mask
         prediction = self.decoder_pred(utils.get_at_index(decoded, idx_mask))
-        patches = utils.patchify(x, self.patch_size)                        # (B, N, P·P·C)
+        patches = utils.patchify(x, self.patch_size)  # (B, N, P·P·C)
         target = utils.normalize_mean_var(utils.get_at_index(patches, idx_mask - 1))  # per-patch normalised
         return F.mse_loss(prediction.float(), target.float())
 
     def configure_optimizers(self):
-        decay, no_decay = utils.get_weight_decay_parameters([self.encoder, self.decoder_embed, self.decoder,
-                                                            self.decoder_pred])
-        opt = torch.optim.AdamW([{"params": decay}, {"params": no_decay, "weight_decay": 0.0}], lr=self.lr,
-                                weight_decay=self.weight_decay, betas=self.betas)
+        decay, no_decay = utils.get_weight_decay_parameters(
+            [self.encoder, self.decoder_embed, self.decoder, self.decoder_pred]
+        )
+        opt = torch.optim.AdamW(
+            [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=self.lr,
+            weight_decay=self.weight_decay,
+            betas=self.betas,
+        )
         total = self.trainer.max_steps if self._trainer is not None else -1
         sched = warmup_cosine(opt, self.warmup_steps, total if total > 0 else None)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}

@@ -45,15 +45,28 @@ class MDSM(SSLMethod):
 
     transform = staticmethod(mdsm_transform)
 
-    def __init__(self, batch_size_per_device: int = 128, num_classes: int = 10, knn_k: int | None = None,
-                 knn_t: float | None = None, net: str = "res12", width: int | None = 16,
-                 sigma_grid: str | tuple[float, float, str] = "fmnist", sigma0: float = SIGMA0, lr: float = 5e-4,
-                 betas: tuple[float, float] = (0.9, 0.95), min_lr: float = 1e-6, global_pool: str = "flatten",
-                 seed: int = 0, in_chans: int | None = None, img_size: int | None = None):
+    def __init__(
+        self,
+        batch_size_per_device: int = 128,
+        num_classes: int = 10,
+        knn_k: int | None = None,
+        knn_t: float | None = None,
+        net: str = "res12",
+        width: int | None = 16,
+        sigma_grid: str | tuple[float, float, str] = "fmnist",
+        sigma0: float = SIGMA0,
+        lr: float = 5e-4,
+        betas: tuple[float, float] = (0.9, 0.95),
+        min_lr: float = 1e-6,
+        global_pool: str = "flatten",
+        seed: int = 0,
+        in_chans: int | None = None,
+        img_size: int | None = None,
+    ):
         super().__init__(batch_size_per_device, num_classes, knn_k, knn_t, lr=lr, seed=seed)
         self.save_hyperparameters()
         config = dict(EBM_PRESETS[check_name("EBM preset", net, EBM_PRESETS)])
-        overrides = dict(width=width, in_chans=in_chans, img_size=img_size)
+        overrides = {"width": width, "in_chans": in_chans, "img_size": img_size}
         config.update({k: v for k, v in overrides.items() if v is not None})
         if config["img_size"] > config["net_size"]:
             config["net_size"] = 8 * math.ceil(config["img_size"] / 8)

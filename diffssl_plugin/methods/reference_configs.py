@@ -18,11 +18,26 @@ from ..errors import InputError
 from .registry import get_method
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
-KEYS = {"method", "dataset", "batch_size", "epochs", "warmup_epochs", "precision", "seed", "method_kwargs",
-        "reference",
-        # read by `diffssl reproduce` (diffssl_plugin/published.py): the published rows, evaluation protocol,
-        # expected compute, and for eval-only configs (no `method`) the published checkpoint
-        "title", "published", "eval", "compute", "checkpoint", "dry_run", "notes"}
+KEYS = {
+    "method",
+    "dataset",
+    "batch_size",
+    "epochs",
+    "warmup_epochs",
+    "precision",
+    "seed",
+    "method_kwargs",
+    "reference",
+    # read by `diffssl reproduce` (diffssl_plugin/published.py): the published rows, evaluation protocol,
+    # expected compute, and for eval-only configs (no `method`) the published checkpoint
+    "title",
+    "published",
+    "eval",
+    "compute",
+    "checkpoint",
+    "dry_run",
+    "notes",
+}
 
 
 def config_path(name: str | os.PathLike) -> Path:
@@ -34,8 +49,7 @@ def config_path(name: str | os.PathLike) -> Path:
     if candidate.is_file():
         return candidate
     known = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml")) if CONFIG_DIR.is_dir() else []
-    raise InputError(f"no reference config {str(name)!r}; give a YAML path or one of: "
-                     f"{', '.join(known) or '(none)'}")
+    raise InputError(f"no reference config {str(name)!r}; give a YAML path or one of: {', '.join(known) or '(none)'}")
 
 
 def load_config(name: str | os.PathLike) -> dict:
@@ -51,8 +65,7 @@ def load_config(name: str | os.PathLike) -> dict:
     required = {"dataset"} if eval_only else {"method", "dataset", "batch_size", "epochs"}
     missing = sorted(required - set(config))
     if unknown or missing:
-        raise InputError(f"{path}: unknown keys {unknown}, missing keys {missing}; "
-                         f"valid keys: {sorted(KEYS)}")
+        raise InputError(f"{path}: unknown keys {unknown}, missing keys {missing}; valid keys: {sorted(KEYS)}")
     if not eval_only:
         get_method(config["method"])
     return config
@@ -76,10 +89,17 @@ def pretrain_kwargs(config: dict, **overrides) -> dict:
     model_cls = get_method(config["method"])["model"]
     if "img_size" in inspect.signature(model_cls.__init__).parameters and dataset in DATASETS:
         method_kwargs.setdefault("img_size", DATASETS[dataset].image_size)
-    kwargs = dict(method=config["method"], dataset=dataset, batch_size=batch, max_images=max_images,
-                  budget=Budget(steps=int(config["epochs"]) * steps_per_epoch),
-                  precision=config.get("precision", "bf16-mixed"), seed=int(config.get("seed", 0)),
-                  method_kwargs=method_kwargs, out_dir=f"runs/reference/{config['method']}")
+    kwargs = {
+        "method": config["method"],
+        "dataset": dataset,
+        "batch_size": batch,
+        "max_images": max_images,
+        "budget": Budget(steps=int(config["epochs"]) * steps_per_epoch),
+        "precision": config.get("precision", "bf16-mixed"),
+        "seed": int(config.get("seed", 0)),
+        "method_kwargs": method_kwargs,
+        "out_dir": f"runs/reference/{config['method']}",
+    }
     kwargs.update(overrides)
     return kwargs
 
@@ -90,6 +110,7 @@ def pretrain_from_config(name: str | os.PathLike, **overrides):
 
     config = load_config(name)
     if "method" not in config:
-        raise InputError(f"{name}: an eval-only config (no 'method' to pretrain); use `diffssl reproduce "
-                         f"{name} --checkpoint PATH`")
+        raise InputError(
+            f"{name}: an eval-only config (no 'method' to pretrain); use `diffssl reproduce {name} --checkpoint PATH`"
+        )
     return pretrain(**pretrain_kwargs(config, **overrides))

@@ -15,8 +15,8 @@ from ..errors import check_name
 from .ddae import DDAE
 from .drl import DRL, VDRL
 from .mae import MAE
-from .simclr import SimCLR
 from .mdsm import MDSM
+from .simclr import SimCLR
 
 ENTRY_POINT_GROUP = "diffssl_plugin.methods"
 

@@ -40,13 +40,18 @@ from .base import SSLMethod
 from .optim import warmup_cosine
 
 
-def simclr_view(images: torch.Tensor, generator: torch.Generator, min_scale: float = 0.08,
-                cj_strength: float = 0.5, cj_prob: float = 0.8, gray_prob: float = 0.2) -> torch.Tensor:
+def simclr_view(
+    images: torch.Tensor,
+    generator: torch.Generator,
+    min_scale: float = 0.08,
+    cj_strength: float = 0.5,
+    cj_prob: float = 0.8,
+    gray_prob: float = 0.2,
+) -> torch.Tensor:
     """One SimCLR view of a batch in [0, 1], normalised with the backbone's mean/std."""
     s = cj_strength
     x = random_resized_crop(images, generator, scale=(min_scale, 1.0))
-    x = color_jitter(x, generator, brightness=0.8 * s, contrast=0.8 * s, saturation=0.8 * s, hue=0.2 * s,
-                     prob=cj_prob)
+    x = color_jitter(x, generator, brightness=0.8 * s, contrast=0.8 * s, saturation=0.8 * s, hue=0.2 * s, prob=cj_prob)
     x = random_grayscale(x, generator, prob=gray_prob)
     return normalize(x, *norm_stats(images.shape[1]))
 
@@ -62,38 +67,56 @@ class SimCLR(SSLMethod):
     transform = staticmethod(simclr_transform)
     timm_architecture = "simclr_resnet18_cifar"
 
-    def __init__(self, batch_size_per_device: int = 128, num_classes: int = 10, knn_k: int | None = None,
-                 knn_t: float | None = None, temperature: float = 0.5, lr: float | None = None,
-                 momentum: float = 0.9, weight_decay: float = 5e-4, warmup_steps: int = 0,
-                 projection_dim: int = 128, backbone_args: dict | None = None, seed: int = 0,
-                 in_chans: int = 1):
-        super().__init__(batch_size_per_device, num_classes, knn_k, knn_t, lr=lr, weight_decay=weight_decay,
-                         warmup_steps=warmup_steps, seed=seed)
+    def __init__(
+        self,
+        batch_size_per_device: int = 128,
+        num_classes: int = 10,
+        knn_k: int | None = None,
+        knn_t: float | None = None,
+        temperature: float = 0.5,
+        lr: float | None = None,
+        momentum: float = 0.9,
+        weight_decay: float = 5e-4,
+        warmup_steps: int = 0,
+        projection_dim: int = 128,
+        backbone_args: dict | None = None,
+        seed: int = 0,
+        in_chans: int = 1,
+    ):
+        super().__init__(
+            batch_size_per_device,
+            num_classes,
+            knn_k,
+            knn_t,
+            lr=lr,
+            weight_decay=weight_decay,
+            warmup_steps=warmup_steps,
+            seed=seed,
+        )
         self.save_hyperparameters()
         self.momentum = momentum
-        self.resnet: CifarResNet = timm.create_model(self.timm_architecture, in_chans=in_chans, num_classes=0,
-                                                     **(backbone_args or {}))
+        self.resnet: CifarResNet = timm.create_model(
+            self.timm_architecture, in_chans=in_chans, num_classes=0, **(backbone_args or {})
+        )
         width = self.resnet.num_features
         self.projection_head = SimCLRProjectionHead(width, width, projection_dim)
         # negatives from every process under DDP (lightly's benchmarks); a no-op in a single process
-        self.criterion = NTXentLoss(temperature=temperature,
-                                    gather_distributed=torch.distributed.is_available())
+        self.criterion = NTXentLoss(temperature=temperature, gather_distributed=torch.distributed.is_available())
 
     @property
     def backbone(self) -> CifarResNet:
         return self.resnet
 
     def training_loss(self, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        views = self.transform(images, generator)                 # (2, B, C, H, W)
-        h = self.resnet(views.flatten(0, 1))                      # representations of both views
-        z0, z1 = self.projection_head(h).chunk(2)                 # projections
-        return self.criterion(z0, z1)                             # NT-Xent
+        views = self.transform(images, generator)  # (2, B, C, H, W)
+        h = self.resnet(views.flatten(0, 1))  # representations of both views
+        z0, z1 = self.projection_head(h).chunk(2)  # projections
+        return self.criterion(z0, z1)  # NT-Xent
 
     def configure_optimizers(self):
         world = self.trainer.world_size if self._trainer is not None else 1
         lr = self.lr if self.lr is not None else 0.06 * self.batch_size_per_device * world / 128
-        opt = torch.optim.SGD(self.parameters(), lr=lr, momentum=self.momentum,
-                              weight_decay=self.weight_decay)
+        opt = torch.optim.SGD(self.parameters(), lr=lr, momentum=self.momentum, weight_decay=self.weight_decay)
         total = self.trainer.max_steps if self._trainer is not None else -1
         sched = warmup_cosine(opt, self.warmup_steps, total if total > 0 else None)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}

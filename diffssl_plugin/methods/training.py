@@ -13,6 +13,7 @@ import re
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from typing import ClassVar
 
 import pytorch_lightning as pl
 import torch
@@ -34,7 +35,13 @@ class Budget:
     flops: float | None = None
     steps: int | None = None
 
-    _UNITS = {"min": "minutes", "m": "minutes", "s": "seconds", "flops": "flops", "steps": "steps"}
+    _UNITS: ClassVar[dict[str, str]] = {
+        "min": "minutes",
+        "m": "minutes",
+        "s": "seconds",
+        "flops": "flops",
+        "steps": "steps",
+    }
 
     @classmethod
     def parse(cls, text: str) -> Budget:
@@ -57,9 +64,11 @@ class Budget:
         return min(limits) if limits else -1
 
     def __str__(self) -> str:
-        parts = [f"{self.minutes:g}min" if self.minutes is not None else "",
-                 f"{self.flops:.3g}flops" if self.flops is not None else "",
-                 f"{self.steps}steps" if self.steps is not None else ""]
+        parts = [
+            f"{self.minutes:g}min" if self.minutes is not None else "",
+            f"{self.flops:.3g}flops" if self.flops is not None else "",
+            f"{self.steps}steps" if self.steps is not None else "",
+        ]
         return ",".join(p for p in parts if p) or "unlimited"
 
 
@@ -86,8 +95,15 @@ class PretrainResult:
 
 
 #: the fields of a pretraining result that evaluation records carry as their ``budget``
-BUDGET_FIELDS = ("budget", "steps", "images_seen", "wall_seconds", "train_flops", "flops_per_image",
-                 "global_batch_size")
+BUDGET_FIELDS = (
+    "budget",
+    "steps",
+    "images_seen",
+    "wall_seconds",
+    "train_flops",
+    "flops_per_image",
+    "global_batch_size",
+)
 
 
 def budget_spent(result: PretrainResult | dict) -> dict:
@@ -152,33 +168,45 @@ class BudgetProgressBar(TQDMProgressBar):
 class StepDataModule(pl.LightningDataModule):
     """Feeds :class:`StepBatches` from the current global step, so a resumed run continues the same stream."""
 
-    def __init__(self, images: torch.Tensor, labels: torch.Tensor, global_batch_size: int, seed: int,
-                 max_steps: int):
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, global_batch_size: int, seed: int, max_steps: int):
         super().__init__()
         self.images, self.labels, self.batch, self.seed = images, labels, global_batch_size, seed
-        self.max_steps = max_steps if max_steps > 0 else 10 ** 9
+        self.max_steps = max_steps if max_steps > 0 else 10**9
 
     def train_dataloader(self):
         trainer = self.trainer
-        data = StepBatches(self.images, self.labels, self.batch, self.seed, trainer.global_rank,
-                           trainer.world_size, self.max_steps)
+        data = StepBatches(
+            self.images, self.labels, self.batch, self.seed, trainer.global_rank, trainer.world_size, self.max_steps
+        )
         sampler = StartAt(trainer.global_step, self.max_steps)
         return torch.utils.data.DataLoader(data, batch_size=None, sampler=sampler, num_workers=0)
 
 
-def build_model(method: str, num_classes: int, batch_size_per_device: int, in_chans: int,
-                **method_kwargs) -> SSLMethod:
+def build_model(method: str, num_classes: int, batch_size_per_device: int, in_chans: int, **method_kwargs) -> SSLMethod:
     entry = get_method(method)
-    return entry["model"](batch_size_per_device=batch_size_per_device, num_classes=num_classes,
-                          in_chans=in_chans, **method_kwargs)
+    return entry["model"](
+        batch_size_per_device=batch_size_per_device, num_classes=num_classes, in_chans=in_chans, **method_kwargs
+    )
 
 
-def pretrain(method: str, dataset: str = "fashion_mnist", budget: Budget = Budget(minutes=4),
-             out_dir: str | os.PathLike = "runs/pretrain", batch_size: int = 128, data_root: str | None = None,
-             runtime: Runtime | None = None, precision: str | None = None, resume: bool = True,
-             progress: bool = True, seed: int = 0, checkpoint_every: int = 200, method_kwargs: dict | None = None,
-             max_images: int | None = None, callbacks: list[Callback] | None = None,
-             logger: pl.loggers.Logger | bool | None = None) -> PretrainResult:
+def pretrain(
+    method: str,
+    dataset: str = "fashion_mnist",
+    budget: Budget = Budget(minutes=4),
+    out_dir: str | os.PathLike = "runs/pretrain",
+    batch_size: int = 128,
+    data_root: str | None = None,
+    runtime: Runtime | None = None,
+    precision: str | None = None,
+    resume: bool = True,
+    progress: bool = True,
+    seed: int = 0,
+    checkpoint_every: int = 200,
+    method_kwargs: dict | None = None,
+    max_images: int | None = None,
+    callbacks: list[Callback] | None = None,
+    logger: pl.loggers.Logger | bool | None = None,
+) -> PretrainResult:
     """Pretrain ``method`` on the ``trainval`` split of ``dataset`` (labels unused) within ``budget``.
 
     Hardware comes from ``runtime`` (default :func:`diffssl_plugin.runtime.current`: what the CLI's
@@ -199,13 +227,29 @@ def pretrain(method: str, dataset: str = "fashion_mnist", budget: Budget = Budge
         data = data.balanced_subset(total=max_images, seed=seed)
     pl.seed_everything(seed, workers=True, verbose=False)
     trainer = pl.Trainer(
-        **rt.trainer_kwargs(), max_steps=-1, max_epochs=-1,
+        **rt.trainer_kwargs(),
+        max_steps=-1,
+        max_epochs=-1,
         logger=pl.loggers.CSVLogger(str(out), name="logs") if logger is None else logger,
-        callbacks=[AtomicCheckpoint(dirpath=str(out / "checkpoints"), save_last=True, save_top_k=0,
-                                    every_n_train_steps=checkpoint_every, enable_version_counter=False),
-                   WallClock(), *([BudgetProgressBar(budget)] if progress else []), *(callbacks or [])],
-        enable_progress_bar=progress, enable_model_summary=False, use_distributed_sampler=False,
-        num_sanity_val_steps=0, log_every_n_steps=10, default_root_dir=str(out))
+        callbacks=[
+            AtomicCheckpoint(
+                dirpath=str(out / "checkpoints"),
+                save_last=True,
+                save_top_k=0,
+                every_n_train_steps=checkpoint_every,
+                enable_version_counter=False,
+            ),
+            WallClock(),
+            *([BudgetProgressBar(budget)] if progress else []),
+            *(callbacks or []),
+        ],
+        enable_progress_bar=progress,
+        enable_model_summary=False,
+        use_distributed_sampler=False,
+        num_sanity_val_steps=0,
+        log_every_n_steps=10,
+        default_root_dir=str(out),
+    )
     per_device, rem = divmod(batch_size, trainer.world_size)
     if rem:
         raise ValueError(f"batch size {batch_size} is not divisible by {trainer.world_size} processes")
@@ -217,12 +261,13 @@ def pretrain(method: str, dataset: str = "fashion_mnist", budget: Budget = Budge
     if budget.minutes is not None:
         from pytorch_lightning.callbacks import Timer
 
-        timer = Timer(duration=dict(seconds=budget.minutes * 60), interval="step")
+        timer = Timer(duration={"seconds": budget.minutes * 60}, interval="step")
         trainer.callbacks.append(timer)
     datamodule = StepDataModule(data.images, data.labels, batch_size, seed, max_steps)
     last = out / "checkpoints" / "last.ckpt"
-    trainer.fit(model, datamodule=datamodule, ckpt_path=str(last) if resume and last.is_file() else None,
-                weights_only=True)
+    trainer.fit(
+        model, datamodule=datamodule, ckpt_path=str(last) if resume and last.is_file() else None, weights_only=True
+    )
     if trainer.global_step > 0:  # every rank takes part (a barrier); only rank 0 writes, then renames
         partial = str(last) + ".partial"
         trainer.save_checkpoint(partial, weights_only=False)
@@ -232,10 +277,20 @@ def pretrain(method: str, dataset: str = "fashion_mnist", budget: Budget = Budge
     wall = next(c for c in trainer.callbacks if isinstance(c, WallClock)).seconds()
     loss = trainer.callback_metrics.get("train_loss")
     result = PretrainResult(
-        method=method, dataset=dataset, out_dir=str(out), checkpoint=str(last), budget=str(budget), steps=steps,
-        images_seen=steps * batch_size, wall_seconds=round(wall, 2), flops_per_image=flops_per_image,
-        train_flops=flops_per_image * batch_size * steps, global_batch_size=batch_size,
-        final_loss=float(loss) if loss is not None else None, method_kwargs=method_kwargs)
+        method=method,
+        dataset=dataset,
+        out_dir=str(out),
+        checkpoint=str(last),
+        budget=str(budget),
+        steps=steps,
+        images_seen=steps * batch_size,
+        wall_seconds=round(wall, 2),
+        flops_per_image=flops_per_image,
+        train_flops=flops_per_image * batch_size * steps,
+        global_batch_size=batch_size,
+        final_loss=float(loss) if loss is not None else None,
+        method_kwargs=method_kwargs,
+    )
     if trainer.is_global_zero:
         export(model, out / "export", result)
     rt.barrier()  # the export is complete before any rank reads it
