@@ -90,6 +90,7 @@ def test_dry_run(name, tmp_path, capsys):
 def test_adm_configs_agree_with_the_checkpoint_converter():
     """The ADM architecture and block names written in the eval-only configs are the converter's."""
     adm = pytest.importorskip("diffssl_plugin.checkpoints.adm")
+    numbering = pytest.importorskip("diffssl_plugin.checkpoints.diffssl_blocks")
     expected = adm.adm_unet_config(adm.adm_config("adm256_uncond"))
     for name in ("diffssl_attention_imagenet", "difformer_imagenet", "diffeed_imagenet"):
         rep = load_reproduction(name)
@@ -97,9 +98,9 @@ def test_adm_configs_agree_with_the_checkpoint_converter():
         for key, value in unet.items():
             got = tuple(value) if isinstance(value, list) else value
             assert got == expected[key], (name, key)
-        assert rep.checkpoint["settings"]["block"] == adm.diffssl_block_name(24)
+        assert rep.checkpoint["settings"]["block"] == numbering.diffssl_block_name(24)
     blocks = load_reproduction("difformer_imagenet").eval_fields["extra"]["difformer"]["blocks"]
-    assert blocks == [adm.diffssl_block_name(b) for b in (19, 24, 30)]
+    assert blocks == [numbering.diffssl_block_name(b) for b in (19, 24, 30)]
 
 
 def test_ddae_cifar10_readout_is_ddae_out6_at_t11():

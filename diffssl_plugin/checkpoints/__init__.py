@@ -35,12 +35,11 @@ from .adm import (
     adm_to_unet,
     adm_unet_config,
     convert_adm_state_dict,
-    diffssl_block_name,
-    diffssl_block_number,
     load_adm,
     load_adm_unet,
     save_adm_as_diffusers,
 )
+from .diffssl_blocks import diffssl_block_name, diffssl_block_number
 from .diffusers_ddpm import (
     DDAE_CIFAR10_BLOCK,
     DDAE_CIFAR10_T,

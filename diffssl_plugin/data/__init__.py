@@ -1,8 +1,10 @@
 """Datasets: a registry of offline-first image sets with deterministic train/val/test splits.
 
-See :mod:`.registry` for the API and the registered names, and the source modules for the folder layouts.
+See :mod:`.registry` for the API, :mod:`.catalog` for the built-in names, and the source modules for the folder
+layouts.
 """
 
+from . import catalog  # noqa: F401 -- registers the built-in datasets
 from .registry import (
     DATASETS,
     SPLITS,
