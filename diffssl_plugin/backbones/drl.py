@@ -303,12 +303,14 @@ default_cfgs = generate_default_cfgs(
 DEFAULT_READOUT_T = (0.0, 0.5, 1.0)
 
 
-def _create(variant: str, pretrained: bool, time_dependent: bool, variational: bool, **kwargs) -> DRLBackbone:
-    """A 64-d code; time-dependent ones read at :data:`DEFAULT_READOUT_T`; the encoder preset of the data."""
-    args = {"encoder_config": variant.rsplit("_", 1)[1], "code_dim": 64, **kwargs}
-    if time_dependent:
-        args = {"time_dependent": True, "variational": variational, "readout_t": DEFAULT_READOUT_T, **args}
-    cls = TimeDRLBackbone if args.get("time_dependent") else DRLBackbone
+def _create(variant: str, pretrained: bool, time_dep: bool, var: bool, /, **kwargs) -> DRLBackbone:
+    """A 64-d code; time-dependent ones read at :data:`DEFAULT_READOUT_T`; the encoder preset of the data.
+    ``kwargs`` (an export's ``model_args``, say) override any of these."""
+    args = {"encoder_config": variant.rsplit("_", 1)[1], "code_dim": 64, "time_dependent": time_dep}
+    if time_dep:
+        args.update(variational=var, readout_t=DEFAULT_READOUT_T)
+    args.update(kwargs)
+    cls = TimeDRLBackbone if args["time_dependent"] else DRLBackbone
     return create_backbone(cls, variant, pretrained, **args)
 
 
