@@ -144,7 +144,10 @@ def export(model, folder: str | os.PathLike, result=None) -> Path:
     staging = folder.with_name(folder.name + ".partial")
     shutil.rmtree(staging, ignore_errors=True)
     backbone = model.backbone
-    backbone.pretrained_cfg = {**backbone.pretrained_cfg, "architecture": model.timm_architecture}
+    # the registered name of the shape trained (``ddae_unet_cifar10`` for CIFAR-10-shaped data); timm's own
+    # baselines (no ``architecture``) are named by the learner
+    architecture = getattr(backbone, "architecture", None) or model.timm_architecture
+    backbone.pretrained_cfg = {**backbone.pretrained_cfg, "architecture": architecture}
     save_for_hf(backbone, str(staging / "backbone"), model_args=backbone.model_args(), safe_serialization=True)
     unet = getattr(model, "generative_unet", None)
     if unet is not None:

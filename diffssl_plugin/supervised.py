@@ -46,14 +46,6 @@ from .runtime import Runtime, current
 Plan = Callable[[], Sequence[torch.Tensor]]  # one epoch's global batches: row tensors (rows along dim 0)
 
 
-def warmup_cosine(step: int, warmup: int, total: int) -> float:
-    """Learning-rate factor at ``step``: linear warm-up over ``warmup`` steps, then cosine from 1 to 0 at
-    ``total``."""
-    if step < warmup:
-        return (step + 1) / warmup
-    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
-
-
 def shuffled_batches(
     n: int, batch_size: int, generator: torch.Generator, drop_last: bool = True, min_rows: int = 1
 ) -> Plan:
@@ -379,5 +371,4 @@ __all__ = [
     "fit",
     "resolve_runtime",
     "shuffled_batches",
-    "warmup_cosine",
 ]

@@ -12,6 +12,7 @@ import pytest
 import timm
 import torch
 import torch.nn.functional as F
+from conftest import TINY_UNET
 from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
 
 from diffssl_plugin.backbones import UNET_PRESETS, DDAEBackbone, RawPixels
@@ -567,3 +568,45 @@ def test_raw_pixels(fmnist_uint8):
     rgb = timm.create_model("raw_pixels", in_chans=3, img_size=32, num_classes=0)  # e.g. the CIFAR floor row
     cfg = timm.data.resolve_model_data_config(rgb)
     assert cfg["input_size"] == (3, 32, 32) and cfg["mean"] == (0.0,) * 3 and rgb.num_features == 3 * 32 * 32
+
+
+# ------------------------------------------------------------------ timm's optimiser conventions
+_TINY_DRL = {"encoder_config": {"in_chans": 1, "image_size": 28, "channels": (8, 16, 16), "norm_num_groups": 4}}
+#: (model, arguments, parameter-name prefixes in forward order: each in a later coarse layer group than the one before)
+LAYER_ORDER = {
+    "ddae": (
+        "ddae_unet_fmnist",
+        {"unet_config": {**TINY_UNET, "sample_size": 28}},
+        [f"unet.{m}." for m in ("conv_in", "down_blocks.0", "down_blocks.1", "mid_block", "up_blocks.0")]
+        + ["unet.up_blocks.1.", "unet.conv_out.", "head."],
+    ),
+    "drl": (
+        "drl_time_encoder_fmnist",
+        _TINY_DRL,
+        ["encoder.time_embedding.", "encoder.blocks.0.", "encoder.blocks.1.", "encoder.norm_out.", "head."],
+    ),
+    "mdsm": ("mdsm_ebm_fmnist", {"width": 2}, ["stem.", "stages.0.", "stages.1.", "stages.2.", "head."]),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(LAYER_ORDER))
+def test_group_matcher_orders_layers_for_layer_decay(kind):
+    """timm's ``group_matcher``: coarse groups follow the forward order (the classifier last), fine groups
+    split blocks further, and timm's optimiser factory builds layer-decayed, decay-exempt groups from them."""
+    from timm.models import group_parameters
+    from timm.optim import create_optimizer_v2
+
+    name, kwargs, prefixes = LAYER_ORDER[kind]
+    model = timm.create_model(name, num_classes=3, **kwargs)
+    layer_of = group_parameters(model, model.group_matcher(coarse=True), reverse=True)
+    spans = [[layer_of[n] for n, _ in model.named_parameters() if n.startswith(p)] for p in prefixes]
+    assert all(spans) and all(max(a) < min(b) for a, b in itertools.pairwise(spans)), spans
+    fine = group_parameters(model, model.group_matcher(), reverse=True)
+    assert len(set(fine.values())) > len(set(layer_of.values())) or kind == "drl"  # DRL: one block per level
+    assert model.no_weight_decay() == set()
+    opt = create_optimizer_v2(model, "adamw", lr=1e-3, weight_decay=0.05, layer_decay=0.5)
+    scale = {id(p): (g["lr_scale"], g["weight_decay"]) for g in opt.param_groups for p in g["params"]}
+    params = dict(model.named_parameters())
+    first = next(p for n, p in params.items() if n.startswith(prefixes[0]) and p.ndim > 1)
+    assert scale[id(first)][0] < scale[id(params["head.weight"])][0] == 1.0  # decayed by depth
+    assert scale[id(first)][1] == 0.05 and scale[id(params["head.bias"])][1] == 0.0  # biases: no weight decay

@@ -9,9 +9,10 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from diffssl_plugin.backbones import DDAEBackbone
+from diffssl_plugin.backbones.timm_contract import registered_models
 
-#: every model this package registers with timm (a module tag is the last part of the module's name)
-OURS = [name for tag in ("timm_models", "drl", "ebm", "baselines") for name in timm.list_models(module=tag)]
+#: every model this package registers with timm
+OURS = registered_models()
 #: smaller versions of the big ones, where the constructor allows it
 SMALL = {"mdsm_ebm_fmnist": {"width": 4}, "mdsm_ebm_cifar10": {"width": 4}, "mae_vit_tiny_p4": {"depth": 2}}
 #: a module that gradient checkpointing recomputes in the backward (None: the model has no blocks)
@@ -22,6 +23,9 @@ RECOMPUTED = {
     "drl_encoder_fmnist": "encoder.blocks.1",
     "drl_time_encoder_fmnist": "encoder.blocks.1",
     "vdrl_time_encoder_fmnist": "encoder.blocks.1",
+    "drl_encoder_cifar10": "encoder.blocks.1",
+    "drl_time_encoder_cifar10": "encoder.blocks.1",
+    "vdrl_time_encoder_cifar10": "encoder.blocks.1",
     "mdsm_ebm_cifar10": "stages.0",
     "mdsm_ebm_fmnist": "stages.0",
     "mae_vit_tiny_p4": "blocks.0",

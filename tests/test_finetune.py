@@ -103,3 +103,15 @@ def test_ddae_backbone_fine_tunes_its_unet_at_the_swept_readout(tiny_unet_config
     tuned = res.model.backbone.unet.state_dict()
     assert not torch.equal(tuned["conv_in.weight"], before["unet.conv_in.weight"])  # gradients reached it
     assert _same(model, before)
+
+
+def test_the_one_flip_mirrors_the_images_whose_coin_came_up(splits):
+    """data.flip.hflip (learners' augmentation and fine-tuning's flips): coins drawn inside or given."""
+    from diffssl_plugin.data.flip import flip_coins, hflip
+
+    x = splits[0].images[:16].float()
+    coins = flip_coins(16, torch.Generator().manual_seed(3))
+    out = hflip(x, coins=coins)
+    assert 0 < int(coins.sum()) < 16
+    assert torch.equal(out[coins], x[coins].flip(-1)) and torch.equal(out[~coins], x[~coins])
+    assert torch.equal(hflip(x, torch.Generator().manual_seed(3)), out)

@@ -5,7 +5,6 @@ CPU processes (gloo) taking the steps one process takes."""
 from __future__ import annotations
 
 import json
-import math
 import os
 import subprocess
 import sys
@@ -24,7 +23,7 @@ from diffssl_plugin.eval.harness import load_eval_splits
 from diffssl_plugin.eval.segmentation_features import FeatureStore
 from diffssl_plugin.eval.segmentation_heads import train_linear_head, train_mlp_ensemble
 from diffssl_plugin.heads import AttentionHead, HeadTraining, tensor_rows, train_head
-from diffssl_plugin.supervised import RankBatches, SupervisedModule, shuffled_batches, warmup_cosine
+from diffssl_plugin.supervised import RankBatches, SupervisedModule, shuffled_batches
 
 WORKER = Path(__file__).parent / "ddp_training_worker.py"
 
@@ -59,21 +58,26 @@ def test_ranks_take_contiguous_parts_weighted_by_their_share():
     assert [(len(p), s) for p, s in one] == [(7, 1.0), (7, 1.0), (1, 1.0)] and one.rows == 15
 
 
-def test_warmup_cosine_is_the_loops_schedule():
-    assert [warmup_cosine(s, 4, 20) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
-    assert warmup_cosine(4, 4, 20) == 1.0 and warmup_cosine(12, 4, 20) == pytest.approx(0.5)
-    assert warmup_cosine(20, 4, 20) == pytest.approx(0.0, abs=1e-12)
-    assert warmup_cosine(7, 0, 10) == pytest.approx(0.5 * (1 + math.cos(math.pi * 0.7)))
+class Steps(list):
+    """The world size at each optimiser step taken through the helper's LightningModule, and the classes of
+    the schedules it stepped."""
+
+    schedules: set[str]
+
+    def clear(self) -> None:
+        super().clear()
+        self.schedules.clear()
 
 
 @pytest.fixture
-def steps(monkeypatch) -> list[int]:
-    """Counts the optimiser steps taken through the helper's LightningModule."""
-    calls = []
+def steps(monkeypatch) -> Steps:
+    calls = Steps()
+    calls.schedules = set()
     original = SupervisedModule.training_step
 
     def counting(self, batch, batch_idx):
         calls.append(self.trainer.world_size)
+        calls.schedules.add(type(self.scheduler).__name__)
         return original(self, batch, batch_idx)
 
     monkeypatch.setattr(SupervisedModule, "training_step", counting)
@@ -87,6 +91,7 @@ def test_heads_and_finetuning_train_through_the_helper(steps):
     rows = tensor_rows(maps, labels)
     res = train_head(head, rows, rows, HeadTraining(epochs=2, batch_size=40, eval_every=2))
     assert steps == [1] * 4 and res.images_seen == 160 and res.best_epoch == 2
+    assert steps.schedules == {"_CosineWarmup"}  # diffssl_plugin.optim.warmup_cosine, the one schedule
     assert [sorted(h) for h in res.history] == [["epoch", "loss"], ["epoch", "loss", "val_acc"]]
 
     steps.clear()
@@ -97,6 +102,7 @@ def test_heads_and_finetuning_train_through_the_helper(steps):
         recipe=FinetuneRecipe(epochs=2, batch_size=30, probe_cs=(0.1,), hflip=True),
     )
     assert steps == [1] * 6 and len(res.val_curve) == 3 and res.val_acc == max(res.val_curve)
+    assert steps.schedules == {"_CosineWarmup"}
     assert next(res.model.parameters()).device == runtime.current().device and 0 <= res.test_acc <= 1
 
 
@@ -110,6 +116,7 @@ def test_segmentation_heads_train_through_the_helper(steps, tmp_path):
     settings = {"head_batch_size": 4, "head_epochs": 2, "head_lr": 0.03, "head_weight_decay": 1e-4}
     head, curve, best = train_linear_head((stores[0], train), (stores[1], val), settings)
     assert steps == [1] * 6 and len(curve) == 2 and best in (1, 2)  # batches of 4, 4, 4 and 1 scenes
+    assert steps.schedules == {"_CosineWarmup"}
     assert not head.training
 
     steps.clear()

@@ -24,13 +24,14 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models import generate_default_cfgs, register_model
 from timm.models.resnet import BasicBlock, ResNet
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
 from ..errors import InputError, check_name
 from .sdpa import cpu_math_attention
+from .timm_contract import create_backbone, data_cfg
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 GREY_MEAN, GREY_STD = (0.449,), (0.226,)  # channel averages of the ImageNet statistics
@@ -43,18 +44,14 @@ def norm_stats(in_chans: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
     return GREY_MEAN * in_chans, GREY_STD * in_chans
 
 
-def _cfg(in_chans: int, size: int, **kw) -> dict:
+def _shape_cfg(in_chans: int, size: int) -> dict:
+    """The ``pretrained_cfg`` fields that follow the data's shape: input size, ImageNet's normalisation."""
     mean, std = norm_stats(in_chans)
-    return dict(
-        input_size=(in_chans, size, size),
-        mean=mean,
-        std=std,
-        interpolation="bilinear",
-        crop_pct=1.0,
-        crop_mode="center",
-        num_classes=0,
-        **kw,
-    )
+    return {"input_size": (in_chans, size, size), "mean": mean, "std": std}
+
+
+def _cfg(in_chans: int, size: int, **fields) -> dict:
+    return {**data_cfg(in_chans, size, **fields), **_shape_cfg(in_chans, size)}
 
 
 _RESNET = {"first_conv": "conv1", "classifier": "fc", "paper_ids": "arXiv:2002.05709"}
@@ -110,6 +107,10 @@ class CifarResNet(ResNet):
         """Arguments that rebuild this backbone through ``simclr_resnet18_cifar`` (written on export)."""
         return {"layers": self.layers, "channels": self.channels}
 
+    def data_cfg(self) -> dict:
+        """Input size and normalisation for this model's channel count (a ResNet takes any size)."""
+        return _shape_cfg(self.in_chans, self.pretrained_cfg["input_size"][-1])
+
 
 class MAEViT(VisionTransformer):
     """timm's VisionTransformer plus what the harness sweeps over: ``block_names`` and
@@ -141,6 +142,10 @@ class MAEViT(VisionTransformer):
     @property
     def block_names(self) -> list[str]:
         return [f"blocks.{i}" for i in range(len(self.blocks))]
+
+    def data_cfg(self) -> dict:
+        """Input size and normalisation for this model's channels and image size."""
+        return _shape_cfg(self.in_chans, self.patch_embed.img_size[0])
 
     @property
     def sweep_grid(self) -> dict:
@@ -176,37 +181,17 @@ class MAEViT(VisionTransformer):
         return dict(self._arch, img_size=list(size) if isinstance(size, tuple) else size, global_pool=self.global_pool)
 
 
-def _set_norm(model: nn.Module, in_chans: int) -> nn.Module:
-    """Make ``pretrained_cfg`` agree with the model's channel count (a cfg tag fixes one count)."""
-    cfg = dict(model.pretrained_cfg)
-    if len(cfg.get("mean", ())) != in_chans:
-        mean, std = norm_stats(in_chans)
-        cfg.update(mean=mean, std=std, input_size=(in_chans, *cfg["input_size"][1:]))
-        model.pretrained_cfg = model.default_cfg = cfg
-    return model
-
-
 @register_model
 def simclr_resnet18_cifar(pretrained: bool = False, **kwargs) -> CifarResNet:
     """ResNet-18 with the CIFAR stem (lightly's CIFAR-10 SimCLR backbone); 512-d average-pooled features."""
-    model = build_model_with_cfg(
-        CifarResNet, "simclr_resnet18_cifar", pretrained, feature_cfg={"feature_cls": "getter"}, **kwargs
-    )
-    return _set_norm(model, model.in_chans)
+    return create_backbone(CifarResNet, "simclr_resnet18_cifar", pretrained, **kwargs)
 
 
 @register_model
 def mae_vit_tiny_p4(pretrained: bool = False, **kwargs) -> MAEViT:
     """ViT-Tiny with 4×4 patches (MAE's encoder); features are the normed class token (192-d)."""
     args = {"patch_size": 4, "embed_dim": 192, "depth": 12, "num_heads": 3, "global_pool": "token", "fc_norm": False}
-    model = build_model_with_cfg(
-        MAEViT,
-        "mae_vit_tiny_p4",
-        pretrained,
-        feature_cfg={"feature_cls": "getter", "out_indices": 3},
-        **{**args, **kwargs},
-    )
-    return _set_norm(model, model.in_chans)
+    return create_backbone(MAEViT, "mae_vit_tiny_p4", pretrained, 3, **{**args, **kwargs})
 
 
 __all__ = ["CifarResNet", "MAEViT", "mae_vit_tiny_p4", "norm_stats", "simclr_resnet18_cifar"]

@@ -48,9 +48,10 @@ from torch import nn
 from ..diffusion.schedule import DDPM_DEFAULTS, check_timesteps, ddpm_scheduler
 from ..errors import InputError, check_name
 from ..weights import load_unet_folder
+from .noise import SharedNoiseMixin
 from .pooling import pool_cells, pool_features, pooled_dim
 from .sdpa import cpu_math_attention
-from .timm_contract import TimmBackboneMixin, default_data_cfg
+from .timm_contract import TimmBackboneMixin, create_backbone, data_cfg
 from .unet_blocks import (
     edited_output,
     truncated_unet,
@@ -59,54 +60,14 @@ from .unet_blocks import (
     unet_skip_mirrors,
     unet_unit_shapes,
 )
-
-UNET_PRESETS: dict[str, dict] = {
-    # Small CPU U-Net for 28×28 grey images, chosen by measurement (benchmarks/throughput.py, README):
-    # three levels 28→14→7, one residual block per level, self-attention only in the 7×7 middle block,
-    # where it costs little (49 tokens).
-    "fmnist_small": {
-        "sample_size": 28,
-        "in_channels": 1,
-        "out_channels": 1,
-        "block_out_channels": (32, 64, 64),
-        "layers_per_block": 1,
-        "down_block_types": ("DownBlock2D", "DownBlock2D", "DownBlock2D"),
-        "up_block_types": ("UpBlock2D", "UpBlock2D", "UpBlock2D"),
-        "norm_num_groups": 32,
-        "add_attention": True,
-    },
-    # The DDPM paper's 35.7M CIFAR-10 U-Net, i.e. the config of diffusers' google/ddpm-cifar10-32 and
-    # DDAE's DDPM_ddpm network.
-    "cifar10_ddpm": {
-        "sample_size": 32,
-        "in_channels": 3,
-        "out_channels": 3,
-        "block_out_channels": (128, 256, 256, 256),
-        "layers_per_block": 2,
-        "down_block_types": ("DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"),
-        "up_block_types": ("UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
-        "downsample_padding": 0,
-        "flip_sin_to_cos": False,
-        "freq_shift": 1,
-        "norm_eps": 1e-6,
-        "norm_num_groups": 32,
-        "attention_head_dim": None,
-        "time_embedding_type": "positional",
-        "dropout": 0.1,
-    },
-}
+from .unet_presets import UNET_PRESETS, unet_config_of, unet_group_matcher  # noqa: F401  (UNET_PRESETS: re-exported)
 
 
 class _StopForward(Exception):
     """Raised by the capture hook of the last block needed, to end the U-Net forward early."""
 
 
-def _seeded_noise(seed: int, shape: Sequence[int]) -> torch.Tensor:
-    """The shared ε of ``seed``: one (1, C, H, W) draw of a CPU generator (the same on every device)."""
-    return torch.randn((1, *shape), generator=torch.Generator().manual_seed(seed))
-
-
-class DDAEBackbone(TimmBackboneMixin, nn.Module):
+class DDAEBackbone(TimmBackboneMixin, SharedNoiseMixin, nn.Module):
     """A diffusers U-Net read as a feature extractor at ``block`` and ``timestep``, pooled by ``pool``.
 
     Args:
@@ -124,6 +85,9 @@ class DDAEBackbone(TimmBackboneMixin, nn.Module):
         unit_shapes: ``unet``'s :attr:`unit_shapes` if known (``with_settings`` passes them); else they come
             from a forward on the ``meta`` device (shapes only: no weights, no arithmetic).
     """
+
+    timm_family = "ddae_unet"
+    first_conv = "unet.conv_in"
 
     def __init__(
         self,
@@ -147,13 +111,7 @@ class DDAEBackbone(TimmBackboneMixin, nn.Module):
         if kwargs:
             raise TypeError(f"DDAEBackbone got unexpected arguments: {sorted(kwargs)}")
         if unet is None:
-            if isinstance(unet_config, str):
-                check_name("U-Net preset", unet_config, UNET_PRESETS)
-                unet_config = UNET_PRESETS[unet_config]
-            config = dict(unet_config)
-            if in_chans is not None:
-                config["in_channels"] = config["out_channels"] = in_chans
-            unet = UNet2DModel(**config)
+            unet = UNet2DModel(**unet_config_of(unet_config, in_chans))
         self.unet = unet
         self.unet_config = {
             k: (list(v) if isinstance(v, tuple) else v) for k, v in dict(unet.config).items() if not k.startswith("_")
@@ -167,14 +125,7 @@ class DDAEBackbone(TimmBackboneMixin, nn.Module):
         self.in_chans = int(unet.config.in_channels)
         self.image_size = int(unet.config.sample_size)
         self.dynamic_img_size = dynamic_img_size
-        self.noise_seed = noise_seed
-        # the shared noise at the U-Net's own size, on its device: a buffer follows .to() (not saved), and
-        # torch.compile reads it; other sizes, devices and seeds are drawn once into _noise_cache
-        size = (self.in_chans, self.image_size, self.image_size)
-        shared = None if noise_seed is None else _seeded_noise(noise_seed, size).to(next(unet.parameters()).device)
-        self.register_buffer("_shared_noise", shared, persistent=False)
-        self._shared_noise_seed = noise_seed
-        self._noise_cache: dict[tuple, torch.Tensor] = {}
+        self._init_noise(noise_seed, (self.in_chans, self.image_size, self.image_size), next(unet.parameters()).device)
         self._views: dict[tuple[str, bool], UNet2DModel | None] = {}
         self.grad_checkpointing = bool(unet.is_gradient_checkpointing)
         self._blocks = unet_block_modules(unet)
@@ -189,7 +140,7 @@ class DDAEBackbone(TimmBackboneMixin, nn.Module):
         if global_pool is not None:
             pool = global_pool or "none"
         self.drop_rate = drop_rate
-        self.pretrained_cfg = default_data_cfg(self.in_chans, self.image_size)
+        self.pretrained_cfg = self.data_cfg()
         self.feature_info = self._feature_info()
         self.reset_classifier(num_classes, pool)
         self._view(self.block)  # built here, outside any torch.compile trace of the forward
@@ -216,30 +167,6 @@ class DDAEBackbone(TimmBackboneMixin, nn.Module):
     def mirror_block(self, decoder_block: str) -> str:
         """The encoder unit whose skip connection ``decoder_block`` (``up{i}.{j}`` or ``up{i}``) consumes."""
         return self._mirrors[check_name("decoder block", decoder_block, self._mirrors)]
-
-    def draw_noise(self, x: torch.Tensor) -> torch.Tensor:
-        """The ε ``extract`` would use for ``x`` (shared seeded noise, or fresh if ``noise_seed`` is None)."""
-        return self._noise(x)
-
-    # ------------------------------------------------------------------ core: one forward, early exit
-    def _noise(self, x: torch.Tensor) -> torch.Tensor:
-        """Fresh noise, or the shared seeded ε, drawn once per (seed, shape, device, dtype) and kept, so a
-        forward neither seeds a generator nor copies noise to the device."""
-        if self.noise_seed is None:
-            return torch.randn_like(x)
-        noise = self._shared_noise
-        if (
-            noise is None
-            or self._shared_noise_seed != self.noise_seed
-            or noise.shape[1:] != x.shape[1:]
-            or noise.device != x.device
-            or noise.dtype != x.dtype
-        ):
-            key = (self.noise_seed, tuple(x.shape[1:]), x.device, x.dtype)
-            noise = self._noise_cache.get(key)
-            if noise is None:
-                noise = self._noise_cache[key] = _seeded_noise(self.noise_seed, x.shape[1:]).to(x.device, x.dtype)
-        return noise.expand_as(x)
 
     def _capture(
         self,
@@ -358,6 +285,10 @@ class DDAEBackbone(TimmBackboneMixin, nn.Module):
             info.append({"num_chs": c, "reduction": self.image_size // h, "module": module, "block": n})
         return info
 
+    def group_matcher(self, coarse: bool = False) -> dict:
+        """timm's layer groups in forward order (layer-wise lr decay): see :func:`.unet_presets.unet_group_matcher`."""
+        return unet_group_matcher("unet.", coarse)
+
     def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
         if global_pool is not None:
             self.pool = global_pool or "none"
@@ -437,3 +368,32 @@ class DDAEBackbone(TimmBackboneMixin, nn.Module):
 
     def export_unet(self) -> UNet2DModel:
         return copy.deepcopy(self.unet)
+
+
+# ---------------------------------------------------------------------- timm registration
+# timm reads ``default_cfgs`` when the ``@register_model`` functions below are decorated, so it stands above them.
+from timm.models import generate_default_cfgs, register_model  # noqa: E402
+
+_PAPER = {"first_conv": DDAEBackbone.first_conv, "paper_ids": "arXiv:2303.09769"}
+default_cfgs = generate_default_cfgs(
+    {
+        "ddae_unet_fmnist.untrained": data_cfg(1, 28, **_PAPER, description="DDAE small CPU U-Net, 28×28 grey"),
+        "ddae_unet_cifar10.untrained": data_cfg(
+            3, 32, **_PAPER, description="DDAE / DDPM 35.7M CIFAR-10 U-Net (google/ddpm-cifar10-32)"
+        ),
+    }
+)
+
+
+@register_model
+def ddae_unet_fmnist(pretrained: bool = False, **kwargs) -> DDAEBackbone:
+    """Small DDAE U-Net for Fashion-MNIST; default readout chosen by the bench sweep (mid block, 2×2 pool)."""
+    args = {"unet_config": "fmnist_small", "timestep": 10, "block": "mid", "pool": "avg2x2"}
+    return create_backbone(DDAEBackbone, "ddae_unet_fmnist", pretrained, **{**args, **kwargs})
+
+
+@register_model
+def ddae_unet_cifar10(pretrained: bool = False, **kwargs) -> DDAEBackbone:
+    """DDAE's DDPM CIFAR-10 U-Net read at DDAE's choice: ``out_6`` (our ``up1.2``) at DDAE t=11 (our 10), GAP."""
+    args = {"unet_config": "cifar10_ddpm", "timestep": 10, "block": "up1.2", "pool": "avg"}
+    return create_backbone(DDAEBackbone, "ddae_unet_cifar10", pretrained, **{**args, **kwargs})

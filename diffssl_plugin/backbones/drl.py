@@ -28,52 +28,19 @@ from collections.abc import Sequence
 from typing import ClassVar
 
 import torch
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from torch import nn
 
 from ..diffusion.schedule import check_timesteps
 from ..errors import InputError, check_name
-from .ddae import UNET_PRESETS
-from .drl_encoder import ENCODER_PRESETS, TIMESTEP_SCALE, DRLEncoder, build_encoder, preset_config
+from .drl_encoder import (
+    TIMESTEP_SCALE,
+    DRLEncoder,
+    build_encoder,
+    preset_config,  # noqa: F401  (re-exported for the DRL learner)
+)
 from .pooling import pool_cells, pool_features
-from .timm_contract import TimmBackboneMixin, default_data_cfg
-
-SCORE_NET_PRESETS: dict[str, dict] = {
-    # DDAE's small CPU U-Net (same blocks and width, so DRL and DDAE rows cost about the same per image), as an
-    # NCSN++-style VE score network: the noise level σ is the U-Net's "timestep", embedded as Gaussian Fourier
-    # features of log σ (diffusers' time_embedding_type="fourier", scale 16), and the output is divided by σ,
-    # so s_θ = unet_out / σ and σ s_θ is a noise prediction. class_embed_type="identity" adds the projected code
-    # to the time embedding (see methods/drl.py).
-    "fmnist_small": {**UNET_PRESETS["fmnist_small"], "time_embedding_type": "fourier", "class_embed_type": "identity"},
-    # A narrower, attention-free score net (0.41 GFLOP per training image vs 1.11): ~2.7× the steps per CPU
-    # minute, for the level-of-detail benchmark where the encoder, not the sample quality, is under study.
-    "fmnist_tiny": {
-        "sample_size": 28,
-        "in_channels": 1,
-        "out_channels": 1,
-        "block_out_channels": (16, 32, 64),
-        "layers_per_block": 1,
-        "down_block_types": ("DownBlock2D", "DownBlock2D", "DownBlock2D"),
-        "up_block_types": ("UpBlock2D", "UpBlock2D", "UpBlock2D"),
-        "norm_num_groups": 16,
-        "add_attention": False,
-        "time_embedding_type": "fourier",
-        "class_embed_type": "identity",
-    },
-    "cifar10_small": {
-        "sample_size": 32,
-        "in_channels": 3,
-        "out_channels": 3,
-        "block_out_channels": (64, 128, 128),
-        "layers_per_block": 2,
-        "down_block_types": ("DownBlock2D", "DownBlock2D", "DownBlock2D"),
-        "up_block_types": ("UpBlock2D", "UpBlock2D", "UpBlock2D"),
-        "norm_num_groups": 32,
-        "add_attention": True,
-        "time_embedding_type": "fourier",
-        "class_embed_type": "identity",
-    },
-}
+from .timm_contract import TimmBackboneMixin, create_backbone, data_cfg
+from .unet_presets import SCORE_NET_PRESETS  # noqa: F401  (re-exported: the DRL learner's score networks)
 
 
 def check_readout_t(readout_t: Sequence[float]) -> tuple[float, ...]:
@@ -104,6 +71,8 @@ class DRLBackbone(TimmBackboneMixin, nn.Module):
         global_pool: accepted for timm (the code is already a vector; nothing to pool).
         encoder: an existing :class:`DRLEncoder` to wrap (weights shared, not copied).
     """
+
+    first_conv = "encoder.conv_in"
 
     def __init__(
         self,
@@ -139,7 +108,7 @@ class DRLBackbone(TimmBackboneMixin, nn.Module):
         self.in_chans, self.image_size = encoder.in_chans, encoder.image_size
         self.code_dim = encoder.code_dim
         self.drop_rate = drop_rate
-        self.pretrained_cfg = {**default_data_cfg(self.in_chans, self.image_size), "first_conv": "encoder.conv_in"}
+        self.pretrained_cfg = self.data_cfg()
         self.feature_info = [
             {"num_chs": c, "reduction": r, "module": f"encoder.blocks.{i}"}
             for i, (c, r) in enumerate(zip(encoder.channels, encoder.reductions))
@@ -153,6 +122,13 @@ class DRLBackbone(TimmBackboneMixin, nn.Module):
     @property
     def variational(self) -> bool:
         return self.encoder.variational
+
+    @property
+    def timm_family(self) -> str:
+        """``drl_encoder``, ``drl_time_encoder`` or ``vdrl_time_encoder`` (the registered names' stems)."""
+        if not self.time_dependent:
+            return "drl_encoder"
+        return "vdrl_time_encoder" if self.variational else "drl_time_encoder"
 
     # ------------------------------------------------------------------ codes
     def code(self, x: torch.Tensor, t: float | torch.Tensor | None = None) -> torch.Tensor:
@@ -173,6 +149,14 @@ class DRLBackbone(TimmBackboneMixin, nn.Module):
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """timm's switch: the encoder's residual blocks recompute their activations in the backward."""
         self.grad_checkpointing = self.encoder.grad_checkpointing = enable
+
+    def group_matcher(self, coarse: bool = False) -> dict:
+        """timm's layer groups in forward order: stem (``conv_in``, time embedding), each residual block, then
+        the output norm and code projection with the last block."""
+        return {
+            "stem": r"^encoder\.(?:conv_in|time_embedding)",
+            "blocks": [(r"^encoder\.blocks\.(\d+)", None), (r"^encoder\.(?:norm_out|head)", (99999,))],
+        }
 
     def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
         self.num_classes = num_classes
@@ -298,66 +282,69 @@ def classifier_from_encoder(
 
 
 # ---------------------------------------------------------------------- timm registration
-def _cfg(description: str, in_chans: int = 1, size: int = 28) -> dict:
-    return {
-        **default_data_cfg(in_chans, size),
-        "first_conv": "encoder.conv_in",
-        "paper_ids": "arXiv:2105.14257",
-        "description": description,
-    }
+# timm reads ``default_cfgs`` when the ``@register_model`` functions below are decorated, so it stands above them.
+from timm.models import generate_default_cfgs, register_model  # noqa: E402
 
-
+_PAPER = {"first_conv": DRLBackbone.first_conv, "paper_ids": "arXiv:2105.14257"}
+_KINDS = {
+    "drl_encoder": "DRL static encoder E(x0)",
+    "drl_time_encoder": "DRL time-dependent encoder E(x0, t)",
+    "vdrl_time_encoder": "VDRL stochastic time-dependent encoder (mean code)",
+}
 default_cfgs = generate_default_cfgs(
     {
-        "drl_encoder_fmnist.untrained": _cfg("DRL static encoder E(x0) for 28×28 grey images"),
-        "drl_time_encoder_fmnist.untrained": _cfg("DRL time-dependent encoder E(x0, t) for 28×28 grey images"),
-        "vdrl_time_encoder_fmnist.untrained": _cfg("VDRL stochastic time-dependent encoder (mean code) for 28×28"),
+        f"{kind}_{data}.untrained": data_cfg(c, size, **_PAPER, description=f"{text}, {size}×{size} {colour}")
+        for kind, text in _KINDS.items()
+        for data, c, size, colour in (("fmnist", 1, 28, "grey"), ("cifar10", 3, 32, "RGB"))
     }
 )
-
-
-def _create(variant: str, pretrained: bool, defaults: dict, **kwargs) -> DRLBackbone:
-    args = {**defaults, **kwargs}
-    cls = TimeDRLBackbone if args.get("time_dependent") else DRLBackbone
-    encoder_config = preset_config("encoder preset", args.get("encoder_config", "fmnist"), ENCODER_PRESETS)
-    levels = len(encoder_config["channels"])
-    feature_cfg = {"feature_cls": "getter", "out_indices": tuple(range(levels))}
-    return build_model_with_cfg(cls, variant, pretrained, feature_cfg=feature_cfg, **args)
-
 
 #: readout times of the time-dependent timm models: a low, a middle and a high noise level
 DEFAULT_READOUT_T = (0.0, 0.5, 1.0)
 
 
+def _create(variant: str, pretrained: bool, time_dep: bool, var: bool, /, **kwargs) -> DRLBackbone:
+    """A 64-d code; time-dependent ones read at :data:`DEFAULT_READOUT_T`; the encoder preset of the data.
+    ``kwargs`` (an export's ``model_args``, say) override any of these."""
+    args = {"encoder_config": variant.rsplit("_", 1)[1], "code_dim": 64, "time_dependent": time_dep}
+    if time_dep:
+        args.update(variational=var, readout_t=DEFAULT_READOUT_T)
+    args.update(kwargs)
+    cls = TimeDRLBackbone if args["time_dependent"] else DRLBackbone
+    return create_backbone(cls, variant, pretrained, **args)
+
+
 @register_model
 def drl_encoder_fmnist(pretrained: bool = False, **kwargs) -> DRLBackbone:
-    """DRL static encoder, 64-d code."""
-    return _create("drl_encoder_fmnist", pretrained, {"encoder_config": "fmnist", "code_dim": 64}, **kwargs)
+    """DRL static encoder for 28×28 grey images, 64-d code."""
+    return _create("drl_encoder_fmnist", pretrained, False, False, **kwargs)
+
+
+@register_model
+def drl_encoder_cifar10(pretrained: bool = False, **kwargs) -> DRLBackbone:
+    """DRL static encoder for 32×32 RGB images, 64-d code."""
+    return _create("drl_encoder_cifar10", pretrained, False, False, **kwargs)
 
 
 @register_model
 def drl_time_encoder_fmnist(pretrained: bool = False, **kwargs) -> DRLBackbone:
     """DRL time-dependent encoder, 64-d code read at t = 0, 0.5, 1 and concatenated (192 features)."""
-    return _create(
-        "drl_time_encoder_fmnist",
-        pretrained,
-        {"encoder_config": "fmnist", "code_dim": 64, "time_dependent": True, "readout_t": DEFAULT_READOUT_T},
-        **kwargs,
-    )
+    return _create("drl_time_encoder_fmnist", pretrained, True, False, **kwargs)
+
+
+@register_model
+def drl_time_encoder_cifar10(pretrained: bool = False, **kwargs) -> DRLBackbone:
+    """DRL time-dependent encoder for 32×32 RGB images, codes at t = 0, 0.5, 1 (192 features)."""
+    return _create("drl_time_encoder_cifar10", pretrained, True, False, **kwargs)
 
 
 @register_model
 def vdrl_time_encoder_fmnist(pretrained: bool = False, **kwargs) -> DRLBackbone:
     """VDRL time-dependent encoder; the features are the mean codes at t = 0, 0.5, 1."""
-    return _create(
-        "vdrl_time_encoder_fmnist",
-        pretrained,
-        {
-            "encoder_config": "fmnist",
-            "code_dim": 64,
-            "time_dependent": True,
-            "variational": True,
-            "readout_t": DEFAULT_READOUT_T,
-        },
-        **kwargs,
-    )
+    return _create("vdrl_time_encoder_fmnist", pretrained, True, True, **kwargs)
+
+
+@register_model
+def vdrl_time_encoder_cifar10(pretrained: bool = False, **kwargs) -> DRLBackbone:
+    """VDRL time-dependent encoder for 32×32 RGB images; mean codes at t = 0, 0.5, 1."""
+    return _create("vdrl_time_encoder_cifar10", pretrained, True, True, **kwargs)

@@ -34,7 +34,7 @@ from torch.utils.checkpoint import checkpoint
 from ..errors import InputError, check_name
 from .checks import check_images, check_values
 from .pooling import pool_cells, pool_features
-from .timm_contract import TimmBackboneMixin
+from .timm_contract import TimmBackboneMixin, create_backbone, data_cfg
 
 EBM_PRESETS: dict[str, dict] = {
     # the paper's Fashion-MNIST / MNIST network: Res12_Quadratic(1, 64, 32), 28×28 images padded to 32×32
@@ -44,21 +44,6 @@ EBM_PRESETS: dict[str, dict] = {
 }
 
 POOLS = "'flatten' (the penultimate layer h itself), 'avg', 'avgKxK' or '' / 'none' (the map)"
-
-
-def data_cfg(in_chans: int, img_size: int) -> dict:
-    """timm ``pretrained_cfg`` fields the harness reads: input size and the [0, 1] data range (mean 0, std 1)."""
-    return {
-        "input_size": (in_chans, img_size, img_size),
-        "mean": (0.0,) * in_chans,
-        "std": (1.0,) * in_chans,
-        "interpolation": "bilinear",
-        "crop_pct": 1.0,
-        "crop_mode": "center",
-        "num_classes": 0,
-        "first_conv": "stem",
-        "classifier": "head",
-    }
 
 
 class EnergyResBlock(nn.Module):
@@ -109,6 +94,8 @@ class EnergyResNet(TimmBackboneMixin, nn.Module):
     """
 
     input_range = (0.0, 1.0)  # the paper's ToTensor images (check_inputs)
+    timm_family = "mdsm_ebm"
+    first_conv = "stem"
 
     def __init__(
         self,
@@ -148,7 +135,7 @@ class EnergyResNet(TimmBackboneMixin, nn.Module):
         self.stages = nn.ModuleList(stages)
         self.final_chs, self.final_size = chs, net_size // 8
         self.energy_head = QuadraticEnergyHead(chs * self.final_size**2)
-        self.pretrained_cfg = data_cfg(in_chans, img_size)
+        self.pretrained_cfg = self.data_cfg()
         self.feature_info = [{"num_chs": width, "reduction": 1, "module": "stem"}] + [
             {"num_chs": width * 2 ** (i + 1), "reduction": 2 ** (i + 1), "module": f"stages.{i}"} for i in range(3)
         ]
@@ -185,6 +172,11 @@ class EnergyResNet(TimmBackboneMixin, nn.Module):
         return -energy_grad(self.energy, x, create_graph=create_graph)[1]
 
     # ------------------------------------------------------------------ timm contract
+    def group_matcher(self, coarse: bool = False) -> dict:
+        """timm's layer groups in forward order: the stem, then each stage (fine: each residual block); the
+        energy head, like a classifier, comes last."""
+        return {"stem": r"^stem", "blocks": r"^stages\.(\d+)" if coarse else r"^stages\.(\d+)\.(\d+)"}
+
     def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
         if global_pool is not None:
             pool = global_pool or "none"
@@ -252,38 +244,28 @@ class EnergyResNet(TimmBackboneMixin, nn.Module):
 
 # ---------------------------------------------------------------------- timm registration
 # timm reads ``default_cfgs`` when the ``@register_model`` functions below are decorated, so it stands above them.
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model  # noqa: E402
+from timm.models import generate_default_cfgs, register_model  # noqa: E402
 
+_PAPER = {"first_conv": EnergyResNet.first_conv, "paper_ids": "arXiv:1910.07762"}
 default_cfgs = generate_default_cfgs(
     {
-        "mdsm_ebm_fmnist.untrained": {
-            **data_cfg(1, 28),
-            "paper_ids": "arXiv:1910.07762",
-            "description": "MDSM Res12 quadratic energy ResNet, 28×28 grey padded to 32×32",
-        },
-        "mdsm_ebm_cifar10.untrained": {
-            **data_cfg(3, 32),
-            "paper_ids": "arXiv:1910.07762",
-            "description": "MDSM Res18 quadratic energy ResNet for CIFAR-10",
-        },
+        "mdsm_ebm_fmnist.untrained": data_cfg(
+            1, 28, (0.0, 1.0), **_PAPER, description="MDSM Res12 quadratic energy ResNet, 28×28 grey padded to 32×32"
+        ),
+        "mdsm_ebm_cifar10.untrained": data_cfg(
+            3, 32, (0.0, 1.0), **_PAPER, description="MDSM Res18 quadratic energy ResNet for CIFAR-10"
+        ),
     }
 )
-
-
-def _create(variant: str, preset: str, pretrained: bool, **kwargs) -> EnergyResNet:
-    feature_cfg = {"feature_cls": "getter", "out_indices": (0, 1, 2, 3)}
-    return build_model_with_cfg(
-        EnergyResNet, variant, pretrained, feature_cfg=feature_cfg, **{**EBM_PRESETS[preset], **kwargs}
-    )
 
 
 @register_model
 def mdsm_ebm_fmnist(pretrained: bool = False, **kwargs) -> EnergyResNet:
     """MDSM's Fashion-MNIST energy network (Res12, width 64; pass ``width=`` for a thinner CPU network)."""
-    return _create("mdsm_ebm_fmnist", "res12", pretrained, **kwargs)
+    return create_backbone(EnergyResNet, "mdsm_ebm_fmnist", pretrained, **{**EBM_PRESETS["res12"], **kwargs})
 
 
 @register_model
 def mdsm_ebm_cifar10(pretrained: bool = False, **kwargs) -> EnergyResNet:
     """MDSM's CIFAR-10 energy network (Res18, width 128)."""
-    return _create("mdsm_ebm_cifar10", "res18", pretrained, **kwargs)
+    return create_backbone(EnergyResNet, "mdsm_ebm_cifar10", pretrained, **{**EBM_PRESETS["res18"], **kwargs})

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .timm_contract import TimmBackboneMixin, default_data_cfg
+from .timm_contract import TimmBackboneMixin, create_backbone, data_cfg
 
 
 class RawPixels(TimmBackboneMixin, nn.Module):
@@ -13,6 +13,7 @@ class RawPixels(TimmBackboneMixin, nn.Module):
     checkpointing has nothing to recompute)."""
 
     input_range = (0.0, 1.0)
+    timm_family = "raw_pixels"
 
     def __init__(
         self, in_chans: int = 1, img_size: int = 28, num_classes: int = 0, global_pool: str | None = None, **kwargs
@@ -23,17 +24,6 @@ class RawPixels(TimmBackboneMixin, nn.Module):
         self.pretrained_cfg = self.data_cfg()
         self.feature_info = [{"num_chs": in_chans, "reduction": 1, "module": ""}]
         self.reset_classifier(num_classes)
-
-    def data_cfg(self) -> dict:
-        """Input size and identity normalisation for this channel count and size."""
-        c = self.in_chans
-        return {
-            **default_data_cfg(c, self.image_size),
-            "mean": (0.0,) * c,
-            "std": (1.0,) * c,
-            "first_conv": "",
-            "classifier": "head",
-        }
 
     def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
         self.num_classes = num_classes
@@ -53,3 +43,16 @@ class RawPixels(TimmBackboneMixin, nn.Module):
     ):
         feats = self.forward_features(x)
         return [feats] if intermediates_only else (feats, [feats])
+
+
+# ---------------------------------------------------------------------- timm registration
+# timm reads ``default_cfgs`` when the ``@register_model`` functions below are decorated, so it stands above them.
+from timm.models import generate_default_cfgs, register_model  # noqa: E402
+
+default_cfgs = generate_default_cfgs({"raw_pixels.fmnist": data_cfg(1, 28, RawPixels.input_range, first_conv="")})
+
+
+@register_model
+def raw_pixels(pretrained: bool = False, **kwargs) -> RawPixels:
+    """Flattened pixels: the floor row of every leaderboard (``in_chans=``, ``img_size=`` for other data)."""
+    return create_backbone(RawPixels, "raw_pixels", pretrained, **kwargs)

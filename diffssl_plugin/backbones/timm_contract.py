@@ -1,10 +1,19 @@
-"""The part of timm's backbone contract that every diffssl backbone implements the same way.
+"""The part of timm's backbone contract that every diffssl backbone implements the same way, and the one way
+they are registered with timm.
 
 Each backbone defines ``forward_features``, ``forward_head``, ``reset_classifier``, ``feature_info`` and its
-own ``forward_intermediates``; this mixin adds ``get_classifier``, ``forward``, ``prune_intermediate_layers``,
-the index/format check ``forward_intermediates`` starts with, ``set_grad_checkpointing`` (a flag the backbone's
-block loop reads) and the input checks (:meth:`~TimmBackboneMixin.check_inputs`: metadata in every forward, values
-once per dataset, see :mod:`.checks`). Put it before ``nn.Module`` in the bases.
+own ``forward_intermediates`` (and ``group_matcher`` where its layers have a depth order); this mixin adds
+``get_classifier``, ``forward``, ``prune_intermediate_layers``, the index/format check ``forward_intermediates``
+starts with, ``set_grad_checkpointing`` (a flag the backbone's block loop reads), ``no_weight_decay``, the
+backbone's own ``pretrained_cfg`` (:meth:`~TimmBackboneMixin.data_cfg`), the registered name of the shape it was
+built for (:attr:`~TimmBackboneMixin.architecture`) and the input checks
+(:meth:`~TimmBackboneMixin.check_inputs`: metadata in every forward, values once per dataset, see
+:mod:`.checks`). Put it before ``nn.Module`` in the bases.
+
+**Registration**, the same in every model file: a ``default_cfgs`` table of :func:`data_cfg` entries, then
+three-line ``@register_model`` functions at the bottom of the file that call :func:`create_backbone`. Model
+names are ``{family}_{dataset}`` (``ddae_unet_cifar10``); :func:`architecture_for` picks the one whose input
+size a trained backbone has, which is the name its export records.
 """
 
 from __future__ import annotations
@@ -28,6 +37,25 @@ class TimmBackboneMixin:
     #: also run the value checks (NaN/inf, range: host syncs) in every forward; default DIFFSSL_STRICT_INPUTS
     strict_inputs: bool = STRICT_INPUTS
     grad_checkpointing: bool = False
+    #: registered names are ``f"{timm_family}_{dataset}"`` (see :func:`architecture_for`)
+    timm_family: str = ""
+    #: ``pretrained_cfg["first_conv"]``: the module that reads the image (timm adapts it to other channel counts)
+    first_conv: str = ""
+
+    def data_cfg(self) -> dict:
+        """This backbone's timm ``pretrained_cfg``: its channels and size, and the normalisation that maps
+        [0, 1] images onto :attr:`input_range`."""
+        return data_cfg(self.in_chans, self.image_size, self.input_range or (0.0, 1.0), first_conv=self.first_conv)
+
+    @property
+    def architecture(self) -> str:
+        """The registered timm name of this backbone's family and input shape (what an export records)."""
+        return architecture_for(self.timm_family, self.in_chans, self.image_size)
+
+    def no_weight_decay(self) -> set[str]:
+        """timm's optimiser factory already exempts biases and 1-D parameters (norms); our backbones have no
+        embedding table or token that should also be exempt, so the set is empty."""
+        return set()
 
     def check_inputs(self, x: torch.Tensor, values: bool = True) -> None:
         """Raise :class:`InputError` naming the problem if ``x`` is not a batch this backbone reads: type, shape,
@@ -71,16 +99,73 @@ class TimmBackboneMixin:
         return take
 
 
-def default_data_cfg(in_chans: int, image_size: int) -> dict:
-    """The timm ``pretrained_cfg`` fields the harness reads: input size and [-1, 1] normalisation."""
+# ---------------------------------------------------------------------- registration helpers
+def data_cfg(in_chans: int, image_size: int, input_range: tuple[float, float] = (-1.0, 1.0), **fields) -> dict:
+    """The timm ``pretrained_cfg`` fields the harness reads: input size, and ``mean``/``std`` that map [0, 1]
+    images onto ``input_range`` ((-1, 1): 0.5 and 0.5; (0, 1): 0 and 1). ``fields`` add or override any field
+    (``first_conv``, ``paper_ids``, ``description``, ImageNet ``mean``/``std``, ...)."""
+    low, high = input_range
     return {
         "input_size": (in_chans, image_size, image_size),
-        "mean": (0.5,) * in_chans,
-        "std": (0.5,) * in_chans,
+        "mean": (-low / (high - low) + 0.0,) * in_chans,  # + 0.0: 0.0, not -0.0
+        "std": (1.0 / (high - low),) * in_chans,
         "interpolation": "bilinear",
         "crop_pct": 1.0,
         "crop_mode": "center",
         "num_classes": 0,
-        "first_conv": "unet.conv_in",
         "classifier": "head",
+        **fields,
     }
+
+
+def create_backbone(
+    cls: type, variant: str, pretrained: bool = False, feature_indices: int | tuple[int, ...] | None = None, **kwargs
+) -> nn.Module:
+    """timm's builder for every registered model: ``build_model_with_cfg``, then a ``pretrained_cfg`` that
+    describes the model built (a registered cfg fixes one channel count and size; ``in_chans=``, ``img_size=``
+    or a config may change them: ``cls.data_cfg()`` says). ``features_only=True`` wraps it in timm's getter
+    feature net over ``out_indices`` (default ``feature_indices``, or every entry of ``feature_info``)."""
+    from timm.models import build_model_with_cfg
+    from timm.models._builder import pretrained_cfg_for_features
+    from timm.models._features import FeatureGetterNet
+
+    features_only = kwargs.pop("features_only", False)
+    out_indices = kwargs.pop("out_indices", feature_indices)
+    kwargs.pop("feature_cls", None)
+    model = build_model_with_cfg(cls, variant, pretrained, **kwargs)
+    model.pretrained_cfg = model.default_cfg = {**model.pretrained_cfg, **model.data_cfg()}
+    if not features_only:
+        return model
+    take = tuple(range(len(model.feature_info))) if out_indices is None else out_indices
+    features = FeatureGetterNet(model, out_indices=take)
+    features.pretrained_cfg = features.default_cfg = pretrained_cfg_for_features(model.pretrained_cfg)
+    return features
+
+
+def registered_models() -> list[str]:
+    """Every timm model name this package registers (sorted)."""
+    import timm
+    from timm.models import model_entrypoint
+
+    return [n for n in timm.list_models() if model_entrypoint(n).__module__.startswith(__package__ + ".")]
+
+
+def architecture_for(family: str, in_chans: int, image_size: int) -> str:
+    """The registered ``{family}_{dataset}`` name for images of ``in_chans`` × ``image_size``²: the one whose
+    default input size is that shape, else one with that channel count, else the first. The exported
+    ``model_args`` carry the whole configuration, so any of them rebuilds the network; the name says which
+    preset (which data shape) it was trained as."""
+    import timm
+    from timm.models import get_pretrained_cfg
+
+    if family and timm.is_model(family):  # one name for every shape (raw_pixels)
+        return family
+    names = [n for n in timm.list_models(f"{family}_*") if "_" not in n[len(family) + 1 :]]
+    if not family or not names:
+        raise InputError(f"no timm model is registered for the backbone family {family!r}")
+
+    def fit(name: str) -> int:
+        c, h, _ = get_pretrained_cfg(name).input_size
+        return (c == in_chans) + (c == in_chans and h == image_size)
+
+    return max(names, key=fit)

@@ -37,11 +37,13 @@ from dataclasses import asdict, dataclass, field, replace
 import torch
 from torch import nn
 
-from ..backbones.sdpa import cpu_math_attention
 from ..data import ImageSet
+from ..data.flip import flip_coins, hflip
 from ..errors import InputError
+from ..heads.training import Rows, accuracy, image_rows
+from ..optim import warmup_cosine
 from ..runtime import Runtime
-from ..supervised import fit, resolve_runtime, shuffled_batches, warmup_cosine
+from ..supervised import fit, resolve_runtime, shuffled_batches
 from .features import OUTPUT, Readout, extract_features, normalise, pooled_output
 from .harness import EvalContext, register_protocol
 from .probes import DEFAULT_CS, fit_logistic_regression
@@ -139,25 +141,9 @@ class Classifier(nn.Module):
         return acc
 
 
-def _batches(data: ImageSet, batch_size: int):
-    for start in range(0, len(data), batch_size):
-        yield data.images[start : start + batch_size].float().div_(255.0), data.labels[start : start + batch_size]
-
-
-@torch.no_grad()
-def accuracy(
-    model: Classifier, data: ImageSet, batch_size: int = 256, device: str | torch.device | None = None, amp: bool = True
-) -> float:
-    """Top-1 accuracy of ``model`` on ``data`` (eval mode, no augmentation), on ``device`` (default: the
-    model's)."""
-    model.eval()
-    dev = torch.device(device) if device is not None else model.head.weight.device
-    correct = 0
-    for x, y in _batches(data, batch_size):
-        x = normalise(model.backbone, x).to(dev)
-        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=amp), cpu_math_attention(dev):
-            correct += int((model(x).argmax(1).cpu() == y).sum())
-    return correct / max(1, len(data))
+def image_set_rows(model: Classifier, data: ImageSet) -> Rows:
+    """``data``'s images normalised for ``model``'s backbone, as rows to score (:func:`~..heads.training.accuracy`)."""
+    return image_rows(data.images, data.labels, lambda x: normalise(model.backbone, x))
 
 
 def finetune(
@@ -203,8 +189,7 @@ def finetune(
     opt = torch.optim.AdamW([g for g in groups if g["params"]], weight_decay=recipe.weight_decay)
     steps_per_epoch = max(1, len(train) // recipe.batch_size)  # full batches (batch norm in the head)
     total = recipe.epochs * steps_per_epoch
-    warmup = max(1, round(recipe.warmup_fraction * total))
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: warmup_cosine(s, warmup, total))
+    sched = warmup_cosine(opt, round(recipe.warmup_fraction * total), total)
     gen = torch.Generator().manual_seed(recipe.seed)
     order = shuffled_batches(len(train), recipe.batch_size, gen)
 
@@ -212,13 +197,13 @@ def finetune(
         if not recipe.hflip:
             return order()
         # a coin per image, drawn after the epoch's order, batch by batch: rows are (index, flip)
-        return [torch.stack([b, (torch.rand(len(b), generator=gen) < 0.5).long()], 1) for b in order()]
+        return [torch.stack([b, flip_coins(len(b), gen).long()], 1) for b in order()]
 
     def load(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         idx = rows[:, 0] if recipe.hflip else rows
         x = train.images[idx].float().div_(255.0)
         if recipe.hflip:
-            x = torch.where(rows[:, 1].bool().view(-1, 1, 1, 1), x.flip(-1), x)
+            x = hflip(x, coins=rows[:, 1].bool())
         return normalise(model.backbone, x), train.labels[idx]
 
     result = fit(
@@ -229,7 +214,7 @@ def finetune(
         opt,
         sched,
         epochs=recipe.epochs,
-        validate=lambda m, d: accuracy(m, val, device=d, amp=recipe.amp),
+        validate=lambda m, d: accuracy(m, image_set_rows(m, val), device=d, amp=recipe.amp),
         start_score=probe_acc,
         select_best=recipe.select_best,
         train_mode=recipe.train_mode,
@@ -239,7 +224,7 @@ def finetune(
         progress=progress,
         runtime=rt,
     )
-    test_acc = accuracy(model, test, amp=recipe.amp)
+    test_acc = accuracy(model, image_set_rows(model, test), amp=recipe.amp)
     curve = [probe_acc] + [h["val"] for h in result.history]
     return FinetuneResult(result.best_score, test_acc, result.best_epoch, curve, len(train), model)
 

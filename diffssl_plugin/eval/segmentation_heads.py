@@ -15,6 +15,7 @@ from torch import nn
 
 from ..data.scenes import SegmentationSet
 from ..errors import InputError
+from ..optim import warmup_cosine
 from ..runtime import Runtime
 from ..supervised import fit, shuffled_batches
 from .segmentation_features import FeatureStore, resize_map
@@ -144,7 +145,7 @@ def train_linear_head(
     steps = max(1, math.ceil(len(f_train) / bs))
     epochs = int(settings["head_epochs"])
     opt = torch.optim.AdamW(head.parameters(), lr=settings["head_lr"], weight_decay=settings["head_weight_decay"])
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, epochs * steps))
+    sched = warmup_cosine(opt, 0, epochs * steps)  # the package's one schedule: cosine, no warm-up
     plan = shuffled_batches(
         len(f_train), bs, torch.Generator().manual_seed(seed), drop_last=False, min_rows=2
     )  # batch norm needs two images

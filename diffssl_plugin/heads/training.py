@@ -34,11 +34,13 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torchmetrics.functional.classification import multiclass_accuracy
 
 from ..backbones.sdpa import cpu_math_attention
 from ..errors import InputError, check_name
+from ..optim import warmup_cosine
 from ..runtime import Runtime
-from ..supervised import fit, shuffled_batches, warmup_cosine
+from ..supervised import fit, shuffled_batches
 
 
 @dataclass(frozen=True)
@@ -203,15 +205,13 @@ def make_optimizer(params: Sequence[nn.Parameter], cfg: HeadTraining, steps_per_
         opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     total = cfg.epochs * steps_per_epoch
     warmup = round(cfg.warmup_epochs * steps_per_epoch)
-
-    def factor(step: int) -> float:
-        if cfg.schedule == "cosine" or step < warmup:
-            return warmup_cosine(step, warmup, total)
-        if cfg.schedule == "step":
-            return cfg.gamma ** (step // steps_per_epoch // cfg.step_epochs)
-        return 1.0
-
-    return opt, torch.optim.lr_scheduler.LambdaLR(opt, factor)
+    if cfg.schedule != "step":  # the package's one warm-up + cosine schedule; constant after the warm-up
+        return opt, warmup_cosine(opt, warmup, total if cfg.schedule == "cosine" else None)
+    decay = torch.optim.lr_scheduler.StepLR(opt, step_size=cfg.step_epochs * steps_per_epoch, gamma=cfg.gamma)
+    if warmup <= 0:
+        return opt, decay
+    ramp = warmup_cosine(opt, warmup, None)
+    return opt, torch.optim.lr_scheduler.SequentialLR(opt, [ramp, decay], milestones=[warmup])
 
 
 def _state(model: nn.Module, names: set[str]) -> dict[str, torch.Tensor]:
@@ -299,8 +299,10 @@ def predict(
 def accuracy(
     model: nn.Module, data: Rows, batch_size: int = 256, device: str | torch.device | None = None, amp: bool = False
 ) -> float:
-    """Top-1 accuracy of ``model`` on ``data``."""
-    return float((predict(model, data, batch_size, device, amp) == data.labels).float().mean())
+    """Top-1 accuracy of ``model`` on ``data`` (torchmetrics' micro-averaged multiclass accuracy)."""
+    preds = predict(model, data, batch_size, device, amp)
+    num_classes = int(max(preds.max(), data.labels.max())) + 1
+    return float(multiclass_accuracy(preds, data.labels.to(preds.device), num_classes, average="micro"))
 
 
 # ---------------------------------------------------------------------------------------------- memory
