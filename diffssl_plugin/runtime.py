@@ -243,10 +243,14 @@ def use(runtime: Runtime) -> Iterator[Runtime]:
 
 # ---------------------------------------------------------------------------------------------- command line
 def add_runtime_arguments(p: argparse.ArgumentParser) -> None:
-    """The hardware options of every command that computes (pretrain, eval, bench, reproduce)."""
-    p.add_argument("--accelerator", default="auto", help="cpu, gpu or auto (Lightning)")
+    """The hardware options of every command that computes (pretrain, eval, bench, reproduce), each checked
+    where it is parsed."""
+    from .cli_args import devices, positive_int
+
+    p.add_argument("--accelerator", default="auto", choices=ACCELERATORS, help="hardware (Lightning)")
     p.add_argument(
         "--devices",
+        type=devices,
         default="1",
         help="devices per node (Lightning), e.g. 8, auto, or a list 0,1; more than one starts one "
         "process per device (DDP)",
@@ -254,14 +258,15 @@ def add_runtime_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--strategy", default="auto", help="Lightning strategy, e.g. ddp (auto: ddp for several devices)")
     p.add_argument(
         "--num-nodes",
-        type=int,
+        type=positive_int,
         default=1,
         help="nodes (each node's processes started by this command, torchrun or SLURM)",
     )
     p.add_argument(
         "--precision",
         default="auto",
-        help="auto (bf16 autocast where supported, else fp16), bf16-mixed, 16-mixed or 32-true",
+        choices=PRECISIONS,
+        help="auto: bf16 autocast where supported, else fp16",
     )
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
