@@ -172,28 +172,6 @@ def check_args(args: argparse.Namespace) -> None:
         A.check_names("bench learner", args.methods or (), ALL_LEARNERS)
 
 
-def check_readouts(backbone, args: argparse.Namespace) -> None:
-    """Explicit ``--blocks/--timesteps/--pools`` must exist in ``backbone``: an error lists what it has, and
-    nothing is silently replaced."""
-    name = backbone.pretrained_cfg.get("architecture") or type(backbone).__name__
-    asked = [o for o, v in (("--blocks", args.blocks), ("--timesteps", args.timesteps)) if v]
-    if not hasattr(backbone, "extract"):
-        if asked or args.pools:
-            raise UsageError(
-                f"{name} is read at its pooled output only: it has no blocks, timesteps or poolings to choose "
-                f"(drop {', '.join(asked + (['--pools'] if args.pools else []))})"
-            )
-        return
-    if args.blocks:
-        A.check_names(f"block of {name}", args.blocks, list(backbone.block_names))
-    steps = getattr(backbone, "num_train_timesteps", None)
-    for t in args.timesteps or ():
-        if steps is None and t != 0:
-            raise UsageError(f"{name} has no diffusion timesteps; use --timesteps 0 (or leave it out)")
-        if steps is not None and not 0 <= t < steps:
-            raise UsageError(f"timestep {t} is not one of {name}'s timesteps 0..{steps - 1}")
-
-
 def cmd_pretrain(args) -> int:
     from .methods import METHODS, load_entry_point_methods
     from .methods.training import pretrain
@@ -231,7 +209,7 @@ def cmd_eval(args) -> int:
     from .runtime import current
 
     backbone = load_backbone(args.checkpoint, args.model, args.weights)
-    check_readouts(backbone, args)
+    A.check_readouts(backbone, args.blocks, args.timesteps, args.pools)
     name = backbone.pretrained_cfg.get("architecture") or args.model or "backbone"
     config = EvalConfig(
         dataset=args.dataset,

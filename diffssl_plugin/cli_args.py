@@ -131,6 +131,30 @@ def check_names(kind: str, names: Sequence[str], valid: Sequence[str]) -> None:
             raise UnknownNameError(kind, name, valid)
 
 
+def check_readouts(
+    backbone, blocks: Sequence[str] | None, timesteps: Sequence[int] | None, pools: Sequence[str] | None
+) -> None:
+    """Explicit ``--blocks/--timesteps/--pools`` must exist in ``backbone``: an error lists what it has, and
+    nothing is silently replaced."""
+    name = backbone.pretrained_cfg.get("architecture") or type(backbone).__name__
+    asked = [o for o, v in (("--blocks", blocks), ("--timesteps", timesteps)) if v]
+    if not hasattr(backbone, "extract"):
+        if asked or pools:
+            raise UsageError(
+                f"{name} is read at its pooled output only: it has no blocks, timesteps or poolings to choose "
+                f"(drop {', '.join(asked + (['--pools'] if pools else []))})"
+            )
+        return
+    if blocks:
+        check_names(f"block of {name}", blocks, list(backbone.block_names))
+    steps = getattr(backbone, "num_train_timesteps", None)
+    for t in timesteps or ():
+        if steps is None and t != 0:
+            raise UsageError(f"{name} has no diffusion timesteps; use --timesteps 0 (or leave it out)")
+        if steps is not None and not 0 <= t < steps:
+            raise UsageError(f"timestep {t} is not one of {name}'s timesteps 0..{steps - 1}")
+
+
 def method_names() -> list[str]:
     from .methods import METHODS, load_entry_point_methods
 

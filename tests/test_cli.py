@@ -101,7 +101,7 @@ def test_bad_budget_is_a_usage_error(capsys):
 
 
 def test_eval_rejects_missing_or_non_export_checkpoint(capsys, tmp_path):
-    assert main(["eval", "--checkpoint", str(tmp_path / "nowhere")]) == 2
+    assert main(["eval", "--checkpoint", str(tmp_path / "nowhere")]) == 1  # a runtime failure, not usage
     assert "not an exported backbone folder" in capsys.readouterr().err
 
 
@@ -109,7 +109,7 @@ def test_eval_rejects_weights_that_do_not_fit(capsys, tmp_path):
     from diffssl_plugin.io import save_safetensors
 
     path = save_safetensors({"head.weight": torch.zeros(3, 3)}, tmp_path / "w.safetensors")
-    assert main(["eval", "--model", "raw_pixels", "--weights", str(path), "--out", str(tmp_path)]) == 2
+    assert main(["eval", "--model", "raw_pixels", "--weights", str(path), "--out", str(tmp_path)]) == 1
     assert "does not fit raw_pixels" in capsys.readouterr().err
 
 
@@ -129,7 +129,7 @@ class Payload:  # unpickling this would need code: a stand-in for an untrusted c
 def test_export_refuses_bad_checkpoints(capsys, tmp_path, content, message):
     path = tmp_path / "last.ckpt"
     path.write_bytes(content)
-    assert main(["export", str(path), str(tmp_path / "out")]) == 2
+    assert main(["export", str(path), str(tmp_path / "out")]) == 1
     err = capsys.readouterr().err
     assert message in err and "last.ckpt" in err
     assert not (tmp_path / "out").exists()  # nothing half-written

@@ -111,8 +111,9 @@ class FeatureCache:
         self._keys[path] = key
         return path
 
-    def load(self, path: Path | None) -> torch.Tensor | None:
-        """The entry at ``path`` if it is whole and belongs there, else None (the caller recomputes it)."""
+    def load(self, path: Path | None, key: str | None = None) -> torch.Tensor | None:
+        """The entry at ``path`` if it is whole and holds ``key`` (default: the key :meth:`path` made ``path``
+        from), else None: the caller recomputes it."""
         if path is None or not path.is_file():
             return None
         from safetensors import safe_open
@@ -125,7 +126,10 @@ class FeatureCache:
             return self._distrust(path, f"unreadable ({type(e).__name__}: {str(e).splitlines()[0][:80]})")
         if meta.get("format") != self.FORMAT or "key" not in meta:
             return self._distrust(path, "written by another version")
-        if hashlib.sha256(meta["key"].encode()).hexdigest()[:24] not in path.name:
+        expected = key or self._keys.get(path)
+        if meta["key"] != expected and (
+            expected or hashlib.sha256(meta["key"].encode()).hexdigest()[:24] not in path.name
+        ):
             return self._distrust(path, "holds the features of another key")
         if _values_sha256(features) != meta.get("sha256"):
             return self._distrust(path, "its values do not match their checksum (torn or zero-filled)")
