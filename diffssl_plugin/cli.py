@@ -166,10 +166,10 @@ def check_args(args: argparse.Namespace) -> None:
         if args.model:
             A.check_model_name(args.model)
     if command == "bench":
-        from .bench import ALL_LEARNERS, PRESETS
+        from .bench import PRESETS
 
         A.check_names("bench preset", [args.preset], sorted(PRESETS))
-        A.check_names("bench learner", args.methods or (), ALL_LEARNERS)
+        A.check_names("method", args.methods or (), A.method_names())
 
 
 def cmd_pretrain(args) -> int:

@@ -117,12 +117,13 @@ USAGE = [
     (["eval"], ["--checkpoint", "--model"]),
     # bench
     (["bench", "--preset", "huge"], ["unknown bench preset 'huge'", "smoke"]),
-    (["bench", "--methods", "ddae,byol"], ["unknown bench learner 'byol'", "simclr"]),
+    (["bench", "--methods", "ddae,byol"], ["unknown method 'byol'", "simclr"]),
     (["bench", "--dataset", "cifar1000"], ["unknown dataset 'cifar1000'"]),
     # export, reproduce
     (["export", "x.ckpt", "out", "--method", "byol"], ["unknown method 'byol'"]),
     (["reproduce", "no_such_config", "--dry-run"], ["no_such_config", "ddae_cifar10"]),
     (["reproduce"], ["name a config", "--list"]),
+    (["reproduce", "simclr_cifar10", "--checkpoint-kind", "pt"], ["--checkpoint-kind", "invalid choice", "adm"]),
 ]
 
 
@@ -242,6 +243,8 @@ def test_python_api_names_the_problem():
         load_backbone(model="vit_nope")
     with pytest.raises(UnknownNameError, match="unknown bench preset 'huge'"):
         run_bench("huge")
+    with pytest.raises(UnknownNameError, match="unknown method 'byol'"):
+        run_bench("smoke", methods=("ddae", "byol"))
 
 
 def test_debug_shows_the_traceback(tmp_path, capsys):
