@@ -110,19 +110,6 @@ def pool_list(text: str) -> tuple[str, ...]:
     return pools
 
 
-def devices(text: str) -> int | str:
-    """Lightning's ``devices``: a positive count, ``auto``, ``-1`` (all), or a list of indices ``0,1``."""
-    text = str(text).strip()
-    if text in ("auto", "-1"):
-        return text
-    if text.isdigit():
-        return positive_int(text)
-    parts = text.split(",")
-    if len(parts) > 1 and all(p.strip().isdigit() for p in parts):
-        return text
-    raise argparse.ArgumentTypeError(f"expected a positive count, 'auto', -1 or indices like 0,1; got {text!r}")
-
-
 # ---------------------------------------------------------------------------------------------- names
 def check_names(kind: str, names: Sequence[str], valid: Sequence[str]) -> None:
     """Raise :class:`UnknownNameError` (listing ``valid``) for the first name not in ``valid``."""

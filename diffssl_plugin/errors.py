@@ -55,6 +55,10 @@ class FileFormatError(DiffSSLError, OSError):
     message names the file and the problem."""
 
 
+class MissingFileError(FileFormatError, FileNotFoundError):
+    """A file the package reads is not there; the message says how to make it."""
+
+
 def exit_code(error: BaseException) -> int:
     """The ``diffssl`` exit code of an expected failure: 2 for usage errors, 1 for runtime failures."""
     return 2 if isinstance(error, UsageError) else 1

@@ -245,7 +245,20 @@ def use(runtime: Runtime) -> Iterator[Runtime]:
 def add_runtime_arguments(p: argparse.ArgumentParser) -> None:
     """The hardware options of every command that computes (pretrain, eval, bench, reproduce), each checked
     where it is parsed."""
-    from .cli_args import devices, positive_int
+
+    def positive_int(text: str) -> int:
+        if not str(text).strip().isdigit() or int(text) < 1:
+            raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+        return int(text)
+
+    def devices(text: str) -> int | str:
+        """A positive count, ``auto``, ``-1`` (all), or device indices ``0,1``."""
+        text = str(text).strip()
+        if text in ("auto", "-1") or (text.isdigit() and int(text) > 0):
+            return int(text) if text.isdigit() else text
+        if "," in text and all(p.strip().isdigit() for p in text.split(",")):
+            return text
+        raise argparse.ArgumentTypeError(f"expected a positive count, 'auto', -1 or indices like 0,1; got {text!r}")
 
     p.add_argument("--accelerator", default="auto", choices=ACCELERATORS, help="hardware (Lightning)")
     p.add_argument(

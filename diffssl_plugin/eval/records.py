@@ -122,13 +122,13 @@ def read_records(path: str | os.PathLike, check: Callable[[dict], str | None] | 
     import json
     import warnings
 
-    from ..errors import FileFormatError
+    from ..errors import FileFormatError, MissingFileError
 
     path = Path(path)
     if path.is_dir():
         raise FileFormatError(f"{path} is a folder, not a records file (did you mean {path / 'records.jsonl'}?)")
     if not path.is_file():
-        raise FileFormatError(f"no records file at {path}; run `diffssl eval` or `diffssl bench` first")
+        raise MissingFileError(f"no records file at {path}; run `diffssl eval` or `diffssl bench` first")
     try:
         text = path.read_text(errors="replace")
     except OSError as e:
