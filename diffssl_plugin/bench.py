@@ -145,9 +145,12 @@ def run_bench(
     import timm
 
     from .diffusion.sampling import sample_images, save_grid
+    from .methods import get_method
 
-    rt = (runtime or current()).launch()
     cfg = PRESETS[check_name("bench preset", preset, PRESETS)]
+    for method in methods or ():
+        get_method(method)  # an unknown name fails here, listing the registered ones, before any work
+    rt = (runtime or current()).launch()
     cfg = replace(cfg, budget=budget or cfg.budget, methods=methods or cfg.methods)
     eval_cfg = replace(cfg.eval, dataset=dataset or cfg.eval.dataset, data_root=data_root)
     out = Path(out_dir)

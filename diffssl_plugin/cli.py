@@ -10,112 +10,166 @@ import contextlib
 import json
 import os
 import sys
+import warnings
 from pathlib import Path
 
-from .errors import DiffSSLError
+from . import cli_args as A
+from .errors import DiffSSLError, UsageError, exit_code
 from .loading import load_backbone
 from .runtime import add_runtime_arguments
 
-
-def _json_dict(text: str) -> dict:
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise argparse.ArgumentTypeError(f"not valid JSON: {e}") from e
-    if not isinstance(value, dict):
-        raise argparse.ArgumentTypeError(f"expected a JSON object, got {text!r}")
-    return value
+_HELP = argparse.ArgumentDefaultsHelpFormatter
 
 
-def _budget(text: str):
-    from .methods.training import Budget
+class _Parser(argparse.ArgumentParser):
+    """argparse with a one-line usage error (exit code 2) that points at ``--help`` instead of the usage block."""
 
-    try:
-        return Budget.parse(text)
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(str(e)) from e
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--debug",
+        action="store_true",
+        default=argparse.SUPPRESS,
+        help="show the full traceback of an error (default: one line)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="diffssl", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="command", required=True)
+    """The ``diffssl`` argument parser: every option has help text and its default shown."""
+    parser = _Parser(prog="diffssl", description=__doc__.splitlines()[0], formatter_class=_HELP)
+    parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    parser.subcommands = {}
 
-    p = sub.add_parser("pretrain", help="pretrain one learner under a budget")
+    def add(name: str, help: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help, description=help, formatter_class=_HELP)
+        parser.subcommands[name] = p
+        _common(p)
+        return p
+
+    p = add("pretrain", "pretrain one learner under a budget")
+    p.add_argument("--config", default=None, help="YAML file of options (keys = option names; flags override it)")
     p.add_argument("--method", default="ddae", help="registered method name (see `diffssl pretrain --list`)")
     p.add_argument("--list", action="store_true", help="list the registered methods and exit")
-    p.add_argument("--dataset", default="fashion_mnist")
+    p.add_argument("--dataset", default="fashion_mnist", help="dataset name (see diffssl_plugin.data.DATASETS)")
     p.add_argument("--data-root", default=None, help="folder with the dataset files (else the installed copy)")
-    p.add_argument("--budget", type=_budget, default="4min", help="e.g. 4min, 90s, 2e13flops, 500steps")
-    p.add_argument("--batch-size", type=int, default=128, help="global batch size")
-    p.add_argument("--out", default="runs/pretrain")
+    p.add_argument("--budget", type=A.budget, default="4min", help="e.g. 4min, 90s, 2e13flops, 500steps")
+    p.add_argument("--batch-size", type=A.positive_int, default=128, help="global batch size")
+    p.add_argument(
+        "--accumulate-grad-batches",
+        type=A.positive_int,
+        default=1,
+        help="optimizer step every N batches (Lightning's accumulate_grad_batches)",
+    )
+    p.add_argument("--sync-batchnorm", action="store_true", help="synchronise BatchNorm statistics across processes")
+    p.add_argument("--logger", default="csv", choices=A.LOGGERS, help="training logger (files under OUT/logs)")
+    p.add_argument("--out", default="runs/pretrain", help="output folder (checkpoints, logs, export)")
     p.add_argument("--no-resume", action="store_true", help="start over even if OUT has a checkpoint")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--max-images", type=int, default=None, help="pretrain on a class-balanced subset")
-    p.add_argument("--method-args", default="{}", help="JSON dict of extra method arguments")
+    p.add_argument("--seed", type=A.non_negative_int, default=0, help="random seed (data order, init, noise)")
+    p.add_argument("--max-images", type=A.positive_int, default=None, help="pretrain on a class-balanced subset")
+    p.add_argument("--method-args", type=A.json_dict, default="{}", help="JSON dict of extra method arguments")
     add_runtime_arguments(p)
 
-    p = sub.add_parser("eval", help="evaluate a backbone with the harness (linear probe, kNN, sweep)")
-    src = p.add_mutually_exclusive_group(required=True)
+    p = add("eval", "evaluate a backbone with the harness (linear probe, kNN, sweep)")
+    p.add_argument("--config", default=None, help="YAML file of options (keys = option names; flags override it)")
+    src = p.add_mutually_exclusive_group()
     src.add_argument("--checkpoint", help="an export folder (from pretrain/export) or its backbone/ folder")
     src.add_argument("--model", help="a timm model name (after `import diffssl_plugin`), e.g. raw_pixels")
     p.add_argument("--weights", default=None, help="weights file for --model (safetensors or weights-only)")
     p.add_argument("--method", default=None, help="name for the records (default: from the checkpoint)")
-    p.add_argument("--dataset", default="fashion_mnist")
-    p.add_argument("--data-root", default=None)
-    p.add_argument("--timesteps", default=None, help="comma-separated sweep timesteps, e.g. 0,10,50")
-    p.add_argument("--blocks", default=None, help="comma-separated sweep blocks, e.g. mid,up0")
-    p.add_argument("--pools", default=None, help="comma-separated poolings, e.g. avg,avg2x2")
+    p.add_argument("--dataset", default="fashion_mnist", help="dataset name (see diffssl_plugin.data.DATASETS)")
+    p.add_argument("--data-root", default=None, help="folder with the dataset files (else the installed copy)")
+    p.add_argument("--timesteps", type=A.int_list, default=None, help="comma-separated sweep timesteps, e.g. 0,10,50")
+    p.add_argument("--blocks", type=A.str_list, default=None, help="comma-separated sweep blocks, e.g. mid,up0")
+    p.add_argument("--pools", type=A.pool_list, default=None, help="comma-separated poolings, e.g. avg,avg2x2")
     p.add_argument(
         "--protocol",
+        type=A.str_list,
         default="linear",
-        help="comma-separated protocols (see diffssl_plugin.eval.PROTOCOLS); default: linear",
+        help="comma-separated protocols (see diffssl_plugin.eval.PROTOCOLS)",
     )
-    p.add_argument("--train-images", type=int, default=10000, help="class-balanced train subset")
-    p.add_argument("--val-images", type=int, default=5000, help="class-balanced validation subset")
-    p.add_argument("--test-images", type=int, default=None, help="class-balanced test subset (default: all)")
+    p.add_argument("--train-images", type=A.count_or_all, default=10000, help="class-balanced train subset (or all)")
+    p.add_argument("--val-images", type=A.count_or_all, default=5000, help="class-balanced validation subset (or all)")
+    p.add_argument("--test-images", type=A.count_or_all, default=None, help="class-balanced test subset (None: all)")
     p.add_argument(
         "--extra",
-        type=_json_dict,
+        type=A.json_dict,
         default={},
         help='JSON dict of protocol settings (EvalConfig.extra), e.g. \'{"semisup": {"seeds": [0, 1, 2]}}\'',
     )
-    p.add_argument("--out", default="runs/eval")
+    p.add_argument("--out", default="runs/eval", help="output folder (records, leaderboard, feature cache)")
     add_runtime_arguments(p)
 
-    p = sub.add_parser("bench", help="the main job: pretrain all learners, evaluate, print a leaderboard")
+    p = add("bench", "the main job: pretrain all learners, evaluate, print a leaderboard")
     p.add_argument(
         "--preset",
         default="default",
         help="default (every learner and evaluation, under 20 min on 2 CPU cores), heads (DDAE with "
         "GAP-linear, attention, DifFormer, DifFeed), or smoke (the same code path in about 3 min)",
     )
-    p.add_argument("--dataset", default=None)
-    p.add_argument("--data-root", default=None)
-    p.add_argument("--budget", type=_budget, default=None, help="per-learner budget (default: the preset's)")
-    p.add_argument("--methods", default=None, help="comma-separated learners (default: the preset's)")
-    p.add_argument("--out", default="runs/bench")
-    p.add_argument("--no-resume", action="store_true")
+    p.add_argument("--dataset", default=None, help="dataset name (default: the preset's)")
+    p.add_argument("--data-root", default=None, help="folder with the dataset files (else the installed copy)")
+    p.add_argument("--budget", type=A.budget, default=None, help="per-learner budget (default: the preset's)")
+    p.add_argument("--methods", type=A.str_list, default=None, help="comma-separated learners (default: the preset's)")
+    p.add_argument("--out", default="runs/bench", help="output folder")
+    p.add_argument("--no-resume", action="store_true", help="start every learner over")
     add_runtime_arguments(p)
 
-    p = sub.add_parser("leaderboard", help="render Markdown and CSV from a records file")
+    p = add("leaderboard", "render Markdown and CSV from a records file")
     p.add_argument("records", help="records.jsonl")
-    p.add_argument("--dataset", default=None)
+    p.add_argument("--dataset", default=None, help="only records evaluated on this dataset (default: all)")
     p.add_argument("--out", default=None, help="folder for leaderboard.md/.csv (default: beside the records)")
 
-    p = sub.add_parser("export", help="turn a Lightning checkpoint into backbone safetensors (+ diffusers folder)")
+    p = add("export", "turn a Lightning checkpoint into backbone safetensors (+ diffusers folder)")
     p.add_argument("checkpoint", help="a .ckpt written by `diffssl pretrain`")
     p.add_argument("out", help="export folder")
-    p.add_argument("--method", default="ddae")
+    p.add_argument("--method", default="ddae", help="the learner that wrote the checkpoint")
 
-    p = sub.add_parser("reproduce", help="run a published-result config: paper vs ours")
+    p = add("reproduce", "run a published-result config: paper vs ours")
     from .reproduce import add_arguments as add_reproduce_arguments
 
     add_reproduce_arguments(p)
     return parser
 
 
-def _split(text: str | None, cast=str):
-    return tuple(cast(t) for t in text.split(",") if t) if text else None
+def _parse(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
+    """Parse ``argv``; with ``--config FILE``, the file's options go first so that flags override them."""
+    args = parser.parse_args(argv)
+    if getattr(args, "config", None):
+        sub = parser.subcommands[args.command]
+        at = argv.index(args.command)
+        tokens = A.config_tokens(args.config, sub, argv[at + 1 :])
+        args = parser.parse_args([*argv[: at + 1], *tokens, *argv[at + 1 :]])
+    return args
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """The checks argparse cannot make alone: names against the registries (listing the valid ones), required
+    options that a config file may give, and option combinations."""
+    command = args.command
+    if command == "pretrain" and not args.list:
+        A.check_names("method", [args.method], A.method_names())
+        A.make_logger(args.logger, None)  # only checks that its package is installed
+    if command == "export":
+        A.check_names("method", [args.method], A.method_names())
+    if command in ("pretrain", "eval") or (command == "bench" and args.dataset):
+        A.check_names("dataset", [args.dataset], A.dataset_names())
+    if command == "eval":
+        if not (args.checkpoint or args.model):
+            raise UsageError("name what to evaluate: --checkpoint EXPORT_FOLDER or --model TIMM_NAME")
+        if args.weights and not args.model:
+            raise UsageError("--weights goes with --model (an export folder carries its own weights)")
+        A.check_names("protocol", args.protocol, A.protocol_names())
+        if args.model:
+            A.check_model_name(args.model)
+    if command == "bench":
+        from .bench import PRESETS
+
+        A.check_names("bench preset", [args.preset], sorted(PRESETS))
+        A.check_names("method", args.methods or (), A.method_names())
 
 
 def cmd_pretrain(args) -> int:
@@ -126,6 +180,9 @@ def cmd_pretrain(args) -> int:
         load_entry_point_methods()
         print("\n".join(sorted(METHODS)))
         return 0
+    kwargs = {}
+    if args.accumulate_grad_batches != 1:  # only then: pretrain() gained the parameter in issue 17
+        kwargs["accumulate_grad_batches"] = args.accumulate_grad_batches
     result = pretrain(
         args.method,
         args.dataset,
@@ -136,8 +193,10 @@ def cmd_pretrain(args) -> int:
         resume=not args.no_resume,
         progress=not args.no_progress,
         seed=args.seed,
-        method_kwargs=json.loads(args.method_args),
+        method_kwargs=args.method_args,
         max_images=args.max_images,
+        logger=A.make_logger(args.logger, args.out),
+        **kwargs,
     )
     print(json.dumps(result.as_record(), indent=2))
     return 0
@@ -150,6 +209,7 @@ def cmd_eval(args) -> int:
     from .runtime import current
 
     backbone = load_backbone(args.checkpoint, args.model, args.weights)
+    A.check_readouts(backbone, args.blocks, args.timesteps, args.pools)
     name = backbone.pretrained_cfg.get("architecture") or args.model or "backbone"
     config = EvalConfig(
         dataset=args.dataset,
@@ -159,13 +219,9 @@ def cmd_eval(args) -> int:
         test_images=args.test_images,
         extra=args.extra,
     )
-    for field_name, text, cast in (
-        ("timesteps", args.timesteps, int),
-        ("blocks", args.blocks, str),
-        ("pools", args.pools, str),
-    ):
-        if text:
-            setattr(config, field_name, _split(text, cast))
+    for field_name in ("timesteps", "blocks", "pools"):
+        if getattr(args, field_name):
+            setattr(config, field_name, getattr(args, field_name))
     out = Path(args.out)
     info = read_pretrain_info(args.checkpoint) if args.checkpoint else None  # an export says what it cost
     records = evaluate(
@@ -173,7 +229,7 @@ def cmd_eval(args) -> int:
         args.method or (info or {}).get("method") or name,
         name,
         config,
-        protocols=_split(args.protocol),
+        protocols=args.protocol,
         budget=budget_spent(info) if info else None,
         cache_dir=out / "feature_cache",
         out_dir=out,
@@ -193,7 +249,7 @@ def cmd_bench(args) -> int:
         args.out,
         dataset=args.dataset,
         budget=args.budget,
-        methods=_split(args.methods),
+        methods=args.methods,
         data_root=args.data_root,
         progress=not args.no_progress,
         resume=not args.no_resume,
@@ -204,9 +260,20 @@ def cmd_bench(args) -> int:
 
 
 def cmd_leaderboard(args) -> int:
+    from .errors import FileFormatError
     from .eval import read_records, write_leaderboard
+    from .eval.leaderboard import leaderboard_rows
+    from .eval.records import record_problem
 
-    records = read_records(args.records)
+    records = read_records(args.records, check=record_problem)
+    if not records:
+        raise FileFormatError(f"{args.records} holds no usable records")
+    if not leaderboard_rows(records, args.dataset):
+        found = sorted({(r.get("eval_config") or {}).get("dataset", r.get("dataset")) or "?" for r in records})
+        wanted = f" on dataset {args.dataset!r}" if args.dataset else ""
+        raise FileFormatError(
+            f"{args.records} has no test-split records{wanted}; datasets with records: {', '.join(map(str, found))}"
+        )
     print(write_leaderboard(records, args.out or Path(args.records).parent, dataset=args.dataset))
     return 0
 
@@ -246,20 +313,62 @@ COMMANDS = {
 }
 
 
+def _one_line_warning(command: str):
+    """A ``warnings.showwarning`` that prints one line (a skipped records line, a rebuilt cache), like errors."""
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        print(f"diffssl {command}: warning: {message}", file=file or sys.stderr)
+
+    return show
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run the ``diffssl`` command; return its exit code: 0 success, 1 runtime failure, 2 usage error.
+
+    Expected failures print one line ``diffssl COMMAND: error: ...`` (``--debug``: the traceback)."""
+    import dataclasses
+
     from . import runtime
 
-    args = build_parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)  # usage errors of argparse exit with 2 and its usage line
+    debug = getattr(args, "debug", False) or os.environ.get("DIFFSSL_DEBUG") == "1"
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     try:
+        args = _parse(parser, argv)
+        check_args(args)
         rt = runtime.from_args(args)
-        if rt is None:
-            return COMMANDS[args.command](args)
-        with runtime.use(rt), _quiet_unless(rt.is_global_zero):  # starts the other processes, if any
-            return COMMANDS[args.command](args)
-    except (DiffSSLError, FileNotFoundError) as e:
-        print(f"diffssl {args.command}: error: {e}", file=sys.stderr)
-        return 2
+        if rt is not None and getattr(args, "sync_batchnorm", False):
+            rt = dataclasses.replace(rt, sync_batchnorm=True)
+        with warnings.catch_warnings():
+            if not debug:
+                warnings.showwarning = _one_line_warning(args.command)
+            if rt is None:
+                return COMMANDS[args.command](args)
+            with runtime.use(rt), _quiet_unless(rt.is_global_zero):  # starts the other processes, if any
+                return COMMANDS[args.command](args)
+    except (DiffSSLError, FileNotFoundError, PermissionError) as e:
+        if debug:
+            raise
+        print(f"diffssl {args.command}: error: {_one_line(e)}", file=sys.stderr)
+        return exit_code(e)
+    except KeyboardInterrupt:
+        print(f"diffssl {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # a bug: one line and a pointer to --debug, not a wall of frames
+        if debug:
+            raise
+        print(
+            f"diffssl {args.command}: unexpected error: {type(e).__name__}: {_one_line(e)} "
+            "(rerun with --debug for the traceback, and please report it)",
+            file=sys.stderr,
+        )
+        return 1
+
+
+def _one_line(error: BaseException) -> str:
+    return " ".join(str(error).split()) or type(error).__name__
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ import os
 import shutil
 from pathlib import Path
 
-from .errors import CheckpointError
+from .errors import CheckpointError, UnknownNameError
 from .io import load_weights, write_json
 
 
@@ -43,9 +43,18 @@ def load_backbone(checkpoint: str | None = None, model: str | None = None, weigh
             )
         try:
             return timm.create_model(f"local-dir:{folder}", pretrained=True)
-        except (RuntimeError, OSError, ValueError) as e:
-            raise CheckpointError(f"cannot load the backbone in {folder}: {e}") from e
-    net = timm.create_model(model, num_classes=0)
+        except Exception as e:  # timm, safetensors and json raise many types for a damaged folder
+            raise CheckpointError(
+                f"cannot load the backbone in {folder} (truncated or corrupted?): {type(e).__name__}: {_first_line(e)}"
+            ) from e
+    if not model:
+        raise UnknownNameError("timm model", str(model), timm.list_models())
+    if not timm.is_model(model):
+        raise UnknownNameError("timm model", model, timm.list_models())
+    try:
+        net = timm.create_model(model, num_classes=0)
+    except (TypeError, ValueError, RuntimeError) as e:
+        raise CheckpointError(f"cannot build timm model {model!r}: {_first_line(e)}") from e
     if weights:
         state = load_weights(weights)
         try:

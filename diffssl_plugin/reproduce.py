@@ -370,7 +370,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--checkpoint-kind",
         default=None,
-        help="export (a `diffssl pretrain` export folder), diffusers_ddpm, adm or mdsm (default: the config's)",
+        choices=("export", "diffusers_ddpm", "adm", "mdsm"),
+        help="export (a `diffssl pretrain` export folder), diffusers_ddpm, adm or mdsm (None: the config's)",
     )
     p.add_argument("--data-root", default=None, help="folder with the dataset (see `diffssl_plugin.data`)")
     p.add_argument("--out", default=None, help="output folder (default runs/reproduce/NAME; dry run: a temp dir)")

@@ -243,10 +243,27 @@ def use(runtime: Runtime) -> Iterator[Runtime]:
 
 # ---------------------------------------------------------------------------------------------- command line
 def add_runtime_arguments(p: argparse.ArgumentParser) -> None:
-    """The hardware options of every command that computes (pretrain, eval, bench, reproduce)."""
-    p.add_argument("--accelerator", default="auto", help="cpu, gpu or auto (Lightning)")
+    """The hardware options of every command that computes (pretrain, eval, bench, reproduce), each checked
+    where it is parsed."""
+
+    def positive_int(text: str) -> int:
+        if not str(text).strip().isdigit() or int(text) < 1:
+            raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+        return int(text)
+
+    def devices(text: str) -> int | str:
+        """A positive count, ``auto``, ``-1`` (all), or device indices ``0,1``."""
+        text = str(text).strip()
+        if text in ("auto", "-1") or (text.isdigit() and int(text) > 0):
+            return int(text) if text.isdigit() else text
+        if "," in text and all(p.strip().isdigit() for p in text.split(",")):
+            return text
+        raise argparse.ArgumentTypeError(f"expected a positive count, 'auto', -1 or indices like 0,1; got {text!r}")
+
+    p.add_argument("--accelerator", default="auto", choices=ACCELERATORS, help="hardware (Lightning)")
     p.add_argument(
         "--devices",
+        type=devices,
         default="1",
         help="devices per node (Lightning), e.g. 8, auto, or a list 0,1; more than one starts one "
         "process per device (DDP)",
@@ -254,14 +271,15 @@ def add_runtime_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--strategy", default="auto", help="Lightning strategy, e.g. ddp (auto: ddp for several devices)")
     p.add_argument(
         "--num-nodes",
-        type=int,
+        type=positive_int,
         default=1,
         help="nodes (each node's processes started by this command, torchrun or SLURM)",
     )
     p.add_argument(
         "--precision",
         default="auto",
-        help="auto (bf16 autocast where supported, else fp16), bf16-mixed, 16-mixed or 32-true",
+        choices=PRECISIONS,
+        help="auto: bf16 autocast where supported, else fp16",
     )
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
 

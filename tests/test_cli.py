@@ -101,7 +101,7 @@ def test_bad_budget_is_a_usage_error(capsys):
 
 
 def test_eval_rejects_missing_or_non_export_checkpoint(capsys, tmp_path):
-    assert main(["eval", "--checkpoint", str(tmp_path / "nowhere")]) == 2
+    assert main(["eval", "--checkpoint", str(tmp_path / "nowhere")]) == 1  # a runtime failure, not usage
     assert "not an exported backbone folder" in capsys.readouterr().err
 
 
@@ -109,7 +109,7 @@ def test_eval_rejects_weights_that_do_not_fit(capsys, tmp_path):
     from diffssl_plugin.io import save_safetensors
 
     path = save_safetensors({"head.weight": torch.zeros(3, 3)}, tmp_path / "w.safetensors")
-    assert main(["eval", "--model", "raw_pixels", "--weights", str(path), "--out", str(tmp_path)]) == 2
+    assert main(["eval", "--model", "raw_pixels", "--weights", str(path), "--out", str(tmp_path)]) == 1
     assert "does not fit raw_pixels" in capsys.readouterr().err
 
 
@@ -129,7 +129,7 @@ class Payload:  # unpickling this would need code: a stand-in for an untrusted c
 def test_export_refuses_bad_checkpoints(capsys, tmp_path, content, message):
     path = tmp_path / "last.ckpt"
     path.write_bytes(content)
-    assert main(["export", str(path), str(tmp_path / "out")]) == 2
+    assert main(["export", str(path), str(tmp_path / "out")]) == 1
     err = capsys.readouterr().err
     assert message in err and "last.ckpt" in err
     assert not (tmp_path / "out").exists()  # nothing half-written
@@ -166,3 +166,48 @@ def test_export_round_trip_from_a_training_checkpoint(tmp_path, capsys):
     b = timm.create_model(f"local-dir:{tmp_path / 'run' / 'export' / 'backbone'}", pretrained=True)
     x = torch.rand(2, 1, 28, 28) * 2 - 1
     torch.testing.assert_close(a(x), b(x))
+
+
+def test_trainer_options_reach_pretrain(tmp_path, monkeypatch, capsys):
+    """--sync-batchnorm reaches the Runtime, --accumulate-grad-batches and --logger reach pretrain(); an
+    accumulation of 1 is not passed at all (pretrain without the parameter still works)."""
+    import pytorch_lightning as pl
+
+    import diffssl_plugin.methods.training as training
+    from diffssl_plugin.runtime import current
+
+    seen = []
+
+    class Result:
+        def as_record(self):
+            return {"ok": True}
+
+    def fake_pretrain(*args, **kwargs):
+        seen.append((kwargs, current()))
+        return Result()
+
+    monkeypatch.setattr(training, "pretrain", fake_pretrain)
+    out = str(tmp_path)
+    assert main(["pretrain", "--out", out, "--sync-batchnorm", "--accumulate-grad-batches", "4"]) == 0
+    assert main(["pretrain", "--out", out, "--method", "simclr", "--batch-size", "32"]) == 0
+    (first, rt1), (second, rt2) = seen
+    assert rt1.sync_batchnorm and not rt2.sync_batchnorm
+    assert first["accumulate_grad_batches"] == 4 and "accumulate_grad_batches" not in second
+    assert isinstance(first["logger"], pl.loggers.CSVLogger) and second["batch_size"] == 32
+    assert json.loads(capsys.readouterr().out.split("}")[0] + "}") == {"ok": True}
+
+
+def test_every_option_has_help_with_its_default(capsys):
+    from diffssl_plugin.cli import build_parser
+
+    parser = build_parser()
+    for name, sub in parser.subcommands.items():
+        for action in sub._actions:
+            assert action.help, (name, action.dest)
+    for name in ("pretrain", "eval"):
+        with pytest.raises(SystemExit):
+            main([name, "--help"])
+        text = " ".join(capsys.readouterr().out.split())
+        for option in ("--dataset", "--out", "--num-nodes", "--precision"):
+            assert option in text
+        assert "(default: fashion_mnist)" in text and "(default: auto)" in text and "(default: 1)" in text

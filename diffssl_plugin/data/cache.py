@@ -17,9 +17,10 @@ root is read-only)::
                                          <part>.files.txt     the source file of every row
                                          <part>.json          written last: its presence marks a complete cache
 
-Writing is atomic (temporary files moved into place, see :func:`diffssl_plugin.io.atomic_path`) and guarded by
-a lock file, so a crash leaves no half cache and several processes (e.g. DDP ranks) build it once. The cache
-is not checked against the source files on reuse: delete the folder after changing the data.
+Writing is atomic (temporary files flushed to disk, then moved into place, see
+:func:`diffssl_plugin.io.atomic_path`) and guarded by a lock file, so a crash leaves no half cache and several
+processes (e.g. DDP ranks) build it once; the temporary files of a killed writer are removed by the next build.
+The cache is not checked against the source files on reuse: delete the folder after changing the data.
 
 Resizing (every file-backed set): the shorter side is resized to ``size`` with Pillow's antialiased bicubic
 filter and the centre ``size``×``size`` square is kept (the SimCLR/Kornblith linear-evaluation preprocessing,
@@ -119,8 +120,12 @@ def open_part(folder: Path, part: str, image_size: int, channels: int) -> Part |
     except (OSError, ValueError) as e:
         warnings.warn(f"cache {folder}/{part} is unreadable ({e}); rebuilding it", stacklevel=3)
         return None
+    if not isinstance(meta, dict):
+        warnings.warn(f"cache {folder}/{part}.json is not a JSON object; rebuilding the cache", stacklevel=3)
+        return None
     expected = (meta.get("count"), channels, image_size, image_size)
-    if meta.get("format") != FORMAT or images.shape != expected or labels.shape != (expected[0],):
+    torn = meta.get("labels_sha256") not in (None, _sha256(labels.astype(np.int64)))
+    if meta.get("format") != FORMAT or images.shape != expected or labels.shape != (expected[0],) or torn:
         warnings.warn(
             f"cache {folder}/{part} does not match (format {meta.get('format')}, images "
             f"{images.shape}, expected {expected}); rebuilding it",
@@ -176,6 +181,7 @@ def cached_part(
     with _locked(folder / f".{part}.lock"):
         found = open_part(folder, part, image_size, channels)  # another process may have built it meanwhile
         if found is None:
+            _remove_dead_temporaries(folder, part)
             build_part(folder, part, image_size, plan(), desc, channels, mode)
             found = open_part(folder, part, image_size, channels)
     if found is None:
@@ -209,6 +215,7 @@ def build_part(
         finally:  # on a bad file, stop at once instead of decoding the rest of ImageNet first
             pool.shutdown(wait=True, cancel_futures=True)
         out.flush()
+        _fsync(tmp)
     _save_npy(folder / f"{part}.labels.npy", np.asarray(plan.labels, dtype=np.int64))
     if plan.indices is not None:
         _save_npy(folder / f"{part}.indices.npy", np.asarray(plan.indices, dtype=np.int64))
@@ -225,6 +232,7 @@ def build_part(
             "class_names": list(plan.class_names),
             "val_start": plan.val_start,
             "val_source": plan.val_source,
+            "labels_sha256": _sha256(np.asarray(plan.labels, dtype=np.int64)),
             "source": str(plan.source),
             "resize": RESIZE,
             "seconds": round(time.time() - start, 1),
@@ -233,8 +241,30 @@ def build_part(
 
 
 def _save_npy(path: Path, array: np.ndarray) -> None:
-    with atomic_path(path) as tmp, open(tmp, "wb") as f:  # np.save(str) would append ".npy" to the temp name
-        np.save(f, array)
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as f:  # np.save(str) would append ".npy" to the temp name
+            np.save(f, array)
+        _fsync(tmp)
+
+
+def _fsync(path: Path) -> None:
+    """Data on disk before the rename that publishes it (else a power cut can leave a zero-filled file)."""
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
+def _sha256(array: np.ndarray) -> str:
+    import hashlib
+
+    return hashlib.sha256(np.ascontiguousarray(array).tobytes()).hexdigest()
+
+
+def _remove_dead_temporaries(folder: Path, part: str) -> None:
+    """Temporary files of ``part`` left by a writer killed mid-write (called under the part's lock, so no
+    live writer owns one): never read, but an ImageNet-sized one would waste gigabytes."""
+    for tmp in folder.glob(f".{part}.*.tmp"):
+        with contextlib.suppress(OSError):
+            tmp.unlink()
 
 
 def _relative(path: str | os.PathLike, base: Path) -> str:

@@ -8,6 +8,7 @@ any timm model (``forward_head(forward_features(x), pre_logits=True)``), or a li
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -75,39 +76,103 @@ def model_fingerprint(model: nn.Module) -> str:
 
 
 class FeatureCache:
-    """One safetensors file per (model, dataset, split, images, readout); writes are atomic."""
+    """One safetensors file per (model, dataset, split, images, readout), safe to share between processes.
+
+    Writers never collide: each entry is written to a private temporary file, flushed to disk and moved into
+    place with one atomic rename, so two evaluations sharing a cache both finish (the second rename replaces
+    an identical entry) and a reader only ever sees a whole entry. Readers trust nothing they cannot check: the
+    entry's metadata carries its cache key and a SHA-256 of its values, and an entry that is torn, zero-filled,
+    from another key or unreadable is ignored (with a warning) and recomputed. Temporary files of a writer
+    killed mid-write are never read, and are removed once they are an hour old.
+    """
+
+    #: bump when the entry layout changes: older entries are recomputed
+    FORMAT = "2"
+    #: a temporary file older than this belongs to a dead writer
+    STALE_SECONDS = 3600
 
     def __init__(self, root: str | os.PathLike | None):
         self.root = Path(root) if root else None
+        self._keys: dict[Path, str] = {}  # the key of every path handed out, for save()
+
+    @staticmethod
+    def key(model_hash: str, data: ImageSet, readout: Readout) -> str:
+        ids = hashlib.sha256(data.indices.numpy().tobytes()).hexdigest()[:12] if data.indices is not None else "all"
+        return json.dumps(
+            [model_hash, data.name, data.split, len(data), ids, readout.timestep, readout.block, readout.pool]
+        )
 
     def path(self, model_hash: str, data: ImageSet, readout: Readout) -> Path | None:
         if self.root is None:
             return None
-        ids = hashlib.sha256(data.indices.numpy().tobytes()).hexdigest()[:12] if data.indices is not None else "all"
-        key = json.dumps(
-            [model_hash, data.name, data.split, len(data), ids, readout.timestep, readout.block, readout.pool]
-        )
+        key = self.key(model_hash, data, readout)
         digest = hashlib.sha256(key.encode()).hexdigest()[:24]
-        return self.root / model_hash / f"{data.name}-{data.split}-{digest}.safetensors"
+        path = self.root / model_hash / f"{data.name}-{data.split}-{digest}.safetensors"
+        self._keys[path] = key
+        return path
 
-    def load(self, path: Path | None) -> torch.Tensor | None:
+    def load(self, path: Path | None, key: str | None = None) -> torch.Tensor | None:
+        """The entry at ``path`` if it is whole and holds ``key`` (default: the key :meth:`path` made ``path``
+        from), else None: the caller recomputes it."""
         if path is None or not path.is_file():
             return None
-        from safetensors.torch import load_file
+        from safetensors import safe_open
 
         try:
-            return load_file(str(path))["features"]
-        except Exception:  # noqa: BLE001 -- a damaged cache entry is recomputed, never trusted
-            path.unlink(missing_ok=True)
-            return None
+            with safe_open(str(path), framework="pt") as f:
+                meta = f.metadata() or {}
+                features = f.get_tensor("features")
+        except Exception as e:  # noqa: BLE001 -- safetensors raises several types for a torn file
+            return self._distrust(path, f"unreadable ({type(e).__name__}: {str(e).splitlines()[0][:80]})")
+        if meta.get("format") != self.FORMAT or "key" not in meta:
+            return self._distrust(path, "written by another version")
+        expected = key or self._keys.get(path)
+        if meta["key"] != expected and (
+            expected or hashlib.sha256(meta["key"].encode()).hexdigest()[:24] not in path.name
+        ):
+            return self._distrust(path, "holds the features of another key")
+        if _values_sha256(features) != meta.get("sha256"):
+            return self._distrust(path, "its values do not match their checksum (torn or zero-filled)")
+        return features
 
-    def save(self, path: Path | None, features: torch.Tensor) -> None:
+    @staticmethod
+    def _distrust(path: Path, why: str) -> None:
+        import warnings
+
+        warnings.warn(f"feature cache entry {path} is {why}; recomputing it", stacklevel=3)
+        return None
+
+    def save(self, path: Path | None, features: torch.Tensor, key: str | None = None) -> None:
+        """Write an entry atomically (private temporary file, fsync, rename). ``key`` defaults to the key
+        :meth:`path` made ``path`` from (:meth:`load` checks that the two agree)."""
         if path is None:
             return
         from safetensors.torch import save_file
 
+        features = features.contiguous()
+        key = key or self._keys.get(path)
+        if key is None:
+            raise InputError(f"no cache key for {path}: pass key=, or take the path from FeatureCache.path")
+        meta = {"format": self.FORMAT, "key": key, "sha256": _values_sha256(features)}
         with atomic_path(path) as tmp:
-            save_file({"features": features.contiguous()}, str(tmp))
+            save_file({"features": features}, str(tmp), metadata=meta)
+            with open(tmp, "rb") as fh:
+                os.fsync(fh.fileno())  # the data is on disk before the rename makes it visible
+        self._remove_stale_temporaries(path.parent)
+
+    def _remove_stale_temporaries(self, folder: Path) -> None:
+        import time
+
+        now = time.time()
+        for tmp in folder.glob(".*.tmp"):
+            with contextlib.suppress(OSError):
+                if now - tmp.stat().st_mtime > self.STALE_SECONDS:
+                    tmp.unlink()
+
+
+def _values_sha256(features: torch.Tensor) -> str:
+    flat = features.detach().cpu().contiguous().reshape(-1)
+    return hashlib.sha256(flat.view(torch.uint8).numpy().tobytes() if flat.numel() else b"").hexdigest()
 
 
 def _to_device(images_uint8: torch.Tensor, device: torch.device) -> torch.Tensor:

@@ -54,7 +54,7 @@ def leaderboard_rows(records: list[dict], dataset: str | None = None) -> list[di
         row.setdefault("values", {})[r["protocol"]["name"]] = (r["value"], r.get("std"))
         readout = r.get("readout") or {}
         if r["protocol"]["name"] == "linear" and readout.get("block"):  # the readout the sweep chose
-            row["readout"] = f"{readout['block']} @ t={readout['timestep']} ({readout['pool']})"
+            row["readout"] = f"{readout['block']} @ t={readout.get('timestep')} ({readout.get('pool')})"
         elif r["protocol"]["name"] == "linear" and readout:
             row["readout"] = "pooled output"
         budget = r.get("budget") or {}

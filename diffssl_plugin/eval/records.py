@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import platform
 import time
+from collections.abc import Callable
 from functools import lru_cache
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -87,28 +88,63 @@ def write_records(path: str | os.PathLike, records: list[dict]) -> Path:
     return append_jsonl(path, records)
 
 
-def read_records(path: str | os.PathLike) -> list[dict]:
-    """The records of a JSONL file. A line that is not a JSON object (torn by a killed writer, or garbage) is
-    skipped with a warning naming the file and line number; the other records are kept."""
+def _is_object(record: object) -> str | None:
+    return None if isinstance(record, dict) else f"not a JSON object but {type(record).__name__}"
+
+
+def record_problem(record: object) -> str | None:
+    """Why ``record`` cannot be one leaderboard entry (a missing or mistyped field), or None if it can."""
+    if not isinstance(record, dict):
+        return f"not a JSON object but {type(record).__name__}"
+    for key in ("method", "backbone", "split"):
+        if not isinstance(record.get(key), str):
+            return f"field {key!r} is missing or not a string"
+    protocol = record.get("protocol")
+    if not isinstance(protocol, dict) or not isinstance(protocol.get("name"), str):
+        return "field 'protocol' is missing or has no 'name'"
+    value = record.get("value")
+    if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+        return f"field 'value' is not a number: {value!r}"
+    for key in ("readout", "budget", "eval_config"):
+        if record.get(key) is not None and not isinstance(record[key], dict):
+            return f"field {key!r} is not a JSON object"
+    for key, number in (record.get("budget") or {}).items():
+        if key in ("wall_seconds", "steps", "train_flops") and not isinstance(number, (int, float, type(None))):
+            return f"budget {key!r} is not a number: {number!r}"
+    return None
+
+
+def read_records(path: str | os.PathLike, check: Callable[[dict], str | None] | None = None) -> list[dict]:
+    """The records of a JSONL file. A line that is not a JSON object (torn by a killed writer, or garbage), or
+    that ``check`` finds a problem with (e.g. :func:`record_problem`: a record a leaderboard cannot show), is
+    skipped with a warning naming the file, the line number and the problem; the other records are kept. A
+    missing or unreadable file raises :class:`~diffssl_plugin.errors.FileFormatError`."""
     import json
     import warnings
 
+    from ..errors import FileFormatError, MissingFileError
+
     path = Path(path)
+    if path.is_dir():
+        raise FileFormatError(f"{path} is a folder, not a records file (did you mean {path / 'records.jsonl'}?)")
     if not path.is_file():
-        raise FileNotFoundError(f"no records file at {path}; run `diffssl eval` or `diffssl bench` first")
+        raise MissingFileError(f"no records file at {path}; run `diffssl eval` or `diffssl bench` first")
+    try:
+        text = path.read_text(errors="replace")
+    except OSError as e:
+        raise FileFormatError(f"cannot read records file {path}: {e.strerror or e}") from e
     records = []
-    for number, line in enumerate(path.read_text(errors="replace").splitlines(), start=1):
+    for number, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
         try:
             record = json.loads(line)
         except ValueError:
-            record = None
-        if not isinstance(record, dict):
-            warnings.warn(
-                f"{path}:{number}: skipped a line that is not a JSON record (a torn write or garbage): {line[:60]!r}",
-                stacklevel=2,
-            )
+            problem = "not JSON (a torn write or garbage)"
+        else:
+            problem = (check or _is_object)(record)
+        if problem is not None:
+            warnings.warn(f"{path}:{number}: skipped a line: {problem}: {line[:60]!r}", stacklevel=2)
             continue
         records.append(record)
     return records
