@@ -567,3 +567,55 @@ def test_raw_pixels(fmnist_uint8):
     rgb = timm.create_model("raw_pixels", in_chans=3, img_size=32, num_classes=0)  # e.g. the CIFAR floor row
     cfg = timm.data.resolve_model_data_config(rgb)
     assert cfg["input_size"] == (3, 32, 32) and cfg["mean"] == (0.0,) * 3 and rgb.num_features == 3 * 32 * 32
+
+
+# ================================================================ DDAE's EMA (ema-pytorch's warm-up)
+def test_ema_pytorch_warmup_values():
+    """ema-pytorch's get_current_decay at its defaults (inv_gamma 1, power 2/3, min_value 0, beta cap) for the
+    n-th update, n = s + 1: the first copies, then 1 − n^(−2/3); exact at n = 8 and 27."""
+    from diffssl_plugin.diffusion import ema_decay
+
+    assert ema_decay(0, 0.9999, "ema_pytorch") == 0.0
+    assert ema_decay(7, 0.9999, "ema_pytorch") == pytest.approx(0.75)
+    assert ema_decay(26, 0.9999, "ema_pytorch") == pytest.approx(1 - 1 / 9)
+    assert ema_decay(10**9, 0.9999, "ema_pytorch") == 0.9999  # capped at beta (reached after 1M updates)
+    assert ema_decay(999_999, 0.9999, "ema_pytorch") == pytest.approx(0.9999, abs=1e-9)
+    assert ema_decay(7, 0.9999, "ema_pytorch", inv_gamma=7.0) == pytest.approx(1 - 2 ** (-2 / 3))
+    assert ema_decay(1, 0.9999, "ema_pytorch", min_value=0.5) == 0.5
+    with pytest.raises(UnknownNameError, match="ema_pytorch"):
+        ema_decay(1, 0.9999, "ema-pytorch")
+
+
+def test_ddae_ema_follows_ema_pytorch(tiny_unet_config):
+    """DDAE's EMA (paper configs and CPU preset) is ema-pytorch's; against the library itself when installed."""
+    from diffssl_plugin.diffusion import EMA
+    from diffssl_plugin.methods.ddae import DDAE
+    from diffssl_plugin.published import load_reproduction
+
+    assert DDAE(unet_config=tiny_unet_config).ema.warmup == "ema_pytorch"
+    for name in ("ddae_cifar10", "ddae_tiny_imagenet"):
+        assert load_reproduction(name).raw["method_kwargs"]["ema_warmup"] == "ema_pytorch"
+    torch.manual_seed(0)
+    live = torch.nn.Linear(3, 2)
+    ours = EMA(live, decay=0.9999, warmup="ema_pytorch")
+    expected = [p.detach().clone() for p in live.parameters()]
+    ema_pytorch = None
+    try:
+        import ema_pytorch
+    except ImportError:
+        pass
+    ref = ema_pytorch and ema_pytorch.EMA(live, beta=0.9999, update_after_step=0, update_every=1)
+    for n in range(1, 41):
+        with torch.no_grad():
+            for p in live.parameters():
+                p.add_(torch.randn_like(p))
+        ours.update(live)
+        decay = 0.0 if n == 1 else 1 - n ** (-2 / 3)  # the n-th update of ema-pytorch (DDAE's train.py)
+        expected = [e * decay + p.detach() * (1 - decay) for e, p in zip(expected, live.parameters())]
+        if ref is not None:
+            ref.update()
+    for e, o in zip(expected, ours.module.parameters()):
+        torch.testing.assert_close(o, e)
+    if ref is not None:
+        for r, o in zip(ref.ema_model.parameters(), ours.module.parameters()):
+            torch.testing.assert_close(o, r)
