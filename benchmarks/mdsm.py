@@ -190,13 +190,15 @@ def main(argv=None) -> dict:
 
     t = time.perf_counter()
     with bf16():
+        # sampled at the padded 32×32 size (the official order: pad, then noise), the 28×28 centre kept
+        side, pad = model.sample_size, (model.sample_size - 28) // 2
         samples = sample(
             model.energy,
-            (args.samples, 1, 28, 28),
+            (args.samples, 1, side, side),
             temps,
             step_size,
             generator=torch.Generator().manual_seed(args.seed),
-        )
+        )[..., pad : pad + 28, pad : pad + 28]
     save_grid(samples, out / "samples.png")
     report["samples"] = {
         "count": args.samples,

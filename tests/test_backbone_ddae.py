@@ -190,7 +190,7 @@ def _plain_hook_features(model: DDAEBackbone, x: torch.Tensor, t: int) -> dict[s
 
     handles = [m.register_forward_hook(keep(n)) for n, m in modules.items()]
     tt = torch.full((x.shape[0],), t, dtype=torch.long)
-    x_t = add_noise(model.scheduler, x, model._noise(x), tt)
+    x_t = add_noise(model.scheduler, x, model.draw_noise(x, t), tt)
     try:
         out = unet(x_t, tt).sample
     finally:
@@ -286,14 +286,38 @@ def test_construction_and_with_settings_run_no_forward(tiny_unet_config):
     assert c.n == 0 and other.unit_shapes == m.unit_shapes and other.block_shapes["up0"] == (16, 8, 8)
 
 
-def test_shared_noise_is_drawn_once(tiny_backbone, x8):
-    first = tiny_backbone.draw_noise(x8)
-    assert tiny_backbone.draw_noise(x8[:2]).data_ptr() == first.data_ptr()  # views of one stored draw
-    torch.testing.assert_close(first[0], torch.randn((1, 1, 8, 8), generator=torch.Generator().manual_seed(0))[0])
-    assert not [k for k in tiny_backbone.state_dict() if "noise" in k]  # not saved with the weights
-    dynamic = tiny_backbone.with_settings(dynamic_img_size=True)
-    x16 = F.interpolate(x8, size=(16, 16))
-    assert dynamic.draw_noise(x16).data_ptr() == dynamic.draw_noise(x16).data_ptr()
+def test_seeded_noise_is_independent_per_image_and_timestep(tiny_backbone, x8):
+    """DDAE and diffssl draw fresh ε per image and per t; the seeded draw keeps that independence, as a function
+    of (seed, t, dataset index) only."""
+    eps = tiny_backbone.draw_noise(x8, 10)
+    assert eps.shape == x8.shape
+    for i in range(1, 4):
+        assert not torch.allclose(eps[0], eps[i])  # not one image's noise shared by the batch
+    assert not torch.allclose(eps, tiny_backbone.draw_noise(x8, 100))  # nor by the timesteps
+    assert torch.equal(tiny_backbone.draw_noise(x8[2:4], 10, index=torch.tensor([2, 3])), eps[2:4])
+    assert torch.equal(tiny_backbone.draw_noise(x8, 10), eps)  # reproducible
+    assert not [k for k in tiny_backbone.state_dict() if "noise" in k]  # nothing saved with the weights
+    from diffssl_plugin.diffusion.noise import indexed_noise
+
+    big = indexed_noise(0, 10, torch.arange(512), (3, 16, 16))
+    assert abs(float(big.mean())) < 0.01 and abs(float(big.std()) - 1) < 0.01
+    assert float(torch.corrcoef(big.flatten(1)[:64]).triu(1).abs().max()) < 0.15
+    with pytest.raises(InputError, match="one dataset position per image"):
+        tiny_backbone.draw_noise(x8, 10, index=torch.arange(3))
+
+
+def test_feature_extraction_noise_ignores_batch_size(tiny_backbone, fmnist_uint8):
+    """extract_features passes each image's dataset index: the same features whatever the batch size."""
+    from diffssl_plugin.data import ImageSet
+    from diffssl_plugin.eval.features import Readout, extract_features
+
+    images = F.interpolate(fmnist_uint8[:10].float(), size=(8, 8), mode="area").round().to(torch.uint8)
+    data = ImageSet("fm8", "test", images, torch.zeros(10, dtype=torch.long), tuple("0123456789"))
+    r = Readout(100, "up1", "avg")
+    kw = {"progress": False, "amp": False, "device": "cpu"}
+    a = extract_features(tiny_backbone, data, [r], batch_size=10, **kw)[r]
+    b = extract_features(tiny_backbone, data, [r], batch_size=3, **kw)[r]
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
 def test_edits_refuse_gradient_checkpointing(tiny_backbone, x8):
@@ -320,8 +344,9 @@ def test_noise_seed_is_deterministic_and_batch_independent(tiny_backbone, x8):
     with torch.no_grad():
         a = tiny_backbone.extract(x8, [10, 100], ["mid", "up1"], pool=None)
         b = tiny_backbone.extract(x8, [10, 100], ["mid", "up1"], pool=None)
-        one = tiny_backbone.extract(x8[:1], [10, 100], ["mid", "up1"], pool=None)
-        reordered = tiny_backbone.extract(x8.flip(0), [10, 100], ["mid", "up1"], pool=None)
+        one = tiny_backbone.extract(x8[:1], [10, 100], ["mid", "up1"], pool=None, index=torch.tensor([0]))
+        back = torch.arange(4).flip(0)
+        reordered = tiny_backbone.extract(x8.flip(0), [10, 100], ["mid", "up1"], pool=None, index=back)
     for k in a:
         assert torch.equal(a[k], b[k])
         torch.testing.assert_close(one[k][0], a[k][0], rtol=1e-5, atol=1e-5)
@@ -610,3 +635,55 @@ def test_group_matcher_orders_layers_for_layer_decay(kind):
     first = next(p for n, p in params.items() if n.startswith(prefixes[0]) and p.ndim > 1)
     assert scale[id(first)][0] < scale[id(params["head.weight"])][0] == 1.0  # decayed by depth
     assert scale[id(first)][1] == 0.05 and scale[id(params["head.bias"])][1] == 0.0  # biases: no weight decay
+
+
+# ================================================================ DDAE's EMA (ema-pytorch's warm-up)
+def test_ema_pytorch_warmup_values():
+    """ema-pytorch's get_current_decay at its defaults (inv_gamma 1, power 2/3, min_value 0, beta cap) for the
+    n-th update, n = s + 1: the first copies, then 1 − n^(−2/3); exact at n = 8 and 27."""
+    from diffssl_plugin.diffusion import ema_decay
+
+    assert ema_decay(0, 0.9999, "ema_pytorch") == 0.0
+    assert ema_decay(7, 0.9999, "ema_pytorch") == pytest.approx(0.75)
+    assert ema_decay(26, 0.9999, "ema_pytorch") == pytest.approx(1 - 1 / 9)
+    assert ema_decay(10**9, 0.9999, "ema_pytorch") == 0.9999  # capped at beta (reached after 1M updates)
+    assert ema_decay(999_999, 0.9999, "ema_pytorch") == pytest.approx(0.9999, abs=1e-9)
+    assert ema_decay(7, 0.9999, "ema_pytorch", inv_gamma=7.0) == pytest.approx(1 - 2 ** (-2 / 3))
+    assert ema_decay(1, 0.9999, "ema_pytorch", min_value=0.5) == 0.5
+    with pytest.raises(UnknownNameError, match="ema_pytorch"):
+        ema_decay(1, 0.9999, "ema-pytorch")
+
+
+def test_ddae_ema_follows_ema_pytorch(tiny_unet_config):
+    """DDAE's EMA (paper configs and CPU preset) is ema-pytorch's; against the library itself when installed."""
+    from diffssl_plugin.diffusion import EMA
+    from diffssl_plugin.methods.ddae import DDAE
+    from diffssl_plugin.published import load_reproduction
+
+    assert DDAE(unet_config=tiny_unet_config).ema.warmup == "ema_pytorch"
+    for name in ("ddae_cifar10", "ddae_tiny_imagenet"):
+        assert load_reproduction(name).raw["method_kwargs"]["ema_warmup"] == "ema_pytorch"
+    torch.manual_seed(0)
+    live = torch.nn.Linear(3, 2)
+    ours = EMA(live, decay=0.9999, warmup="ema_pytorch")
+    expected = [p.detach().clone() for p in live.parameters()]
+    ema_pytorch = None
+    try:
+        import ema_pytorch
+    except ImportError:
+        pass
+    ref = ema_pytorch and ema_pytorch.EMA(live, beta=0.9999, update_after_step=0, update_every=1)
+    for n in range(1, 41):
+        with torch.no_grad():
+            for p in live.parameters():
+                p.add_(torch.randn_like(p))
+        ours.update(live)
+        decay = 0.0 if n == 1 else 1 - n ** (-2 / 3)  # the n-th update of ema-pytorch (DDAE's train.py)
+        expected = [e * decay + p.detach() * (1 - decay) for e, p in zip(expected, live.parameters())]
+        if ref is not None:
+            ref.update()
+    for e, o in zip(expected, ours.module.parameters()):
+        torch.testing.assert_close(o, e)
+    if ref is not None:
+        for r, o in zip(ref.ema_model.parameters(), ours.module.parameters()):
+            torch.testing.assert_close(o, r)

@@ -667,3 +667,19 @@ def test_mdsm_refuses_trained_layernorms_and_foreign_weights(tmp_path):
     torch.save({"optimizer": {"lr": 1.0}}, tmp_path / "nothing.pt")
     with pytest.raises(CheckpointError, match="no state dict found"):
         load_backbone_checkpoint("mdsm", tmp_path / "nothing.pt")
+
+
+@pytest.mark.parametrize("name", ["diffssl_attention_imagenet", "difformer_imagenet", "diffeed_imagenet"])
+def test_imagenet_dry_run_configs_have_the_converted_adm_architecture(name):
+    """The architecture a ``--dry-run``/``--full-scale`` build reads from the config (diffusers defaults filled
+    in) is the one :func:`adm_unet_config` gives the real checkpoint, mid-block attention GroupNorm included."""
+    import inspect
+
+    from diffssl_plugin.published import load_reproduction
+
+    rep = load_reproduction(name)
+    defaults = {k: p.default for k, p in inspect.signature(UNet2DModel.__init__).parameters.items() if k != "self"}
+    given = {k: tuple(v) if isinstance(v, list) else v for k, v in rep.checkpoint["backbone"]["unet_config"].items()}
+    built = {**defaults, **given}
+    reference = adm_unet_config(adm_config(rep.checkpoint["method"]))
+    assert {k: built[k] for k in reference} == reference

@@ -140,6 +140,27 @@ def test_bad_schedule_and_sampler_inputs():
         NoiseSampler("uniform_t", VESchedule(), (2.0, 1.0))
 
 
+def test_score_is_the_unet_output_over_sigma_with_a_log_sigma_fourier_embedding():
+    """s_θ = out/σ (NCSN++): the score net's last conv output divided by σ, its noise embedding the Gaussian
+    Fourier features sin/cos(2π W log σ)."""
+    m = tiny_drl().eval()
+    net = m.score_net
+    seen = {}
+    hooks = [
+        net.conv_out.register_forward_hook(lambda mod, i, o: seen.__setitem__("out", o)),
+        net.time_proj.register_forward_hook(lambda mod, i, o: seen.__setitem__("emb", o)),
+    ]
+    sigma = torch.tensor([0.02, 1.0, 40.0])
+    x_t = torch.randn(3, 1, 8, 8) * sigma.view(-1, 1, 1, 1)
+    with torch.no_grad():
+        score = m.score(x_t, sigma, torch.randn(3, m.hparams.code_dim))
+    for h in hooks:
+        h.remove()
+    torch.testing.assert_close(score, seen["out"] / sigma.view(-1, 1, 1, 1))
+    angle = sigma.log()[:, None] * net.time_proj.weight[None, :] * 2 * math.pi  # float32 angles up to ~10³ rad
+    torch.testing.assert_close(seen["emb"], torch.cat([angle.sin(), angle.cos()], dim=1))
+
+
 # ================================================================ encoders and codes
 def test_time_dependent_codes_differ_across_t_and_static_codes_do_not(x28):
     td = DRLBackbone(time_dependent=True, code_dim=16).eval()
@@ -148,7 +169,9 @@ def test_time_dependent_codes_differ_across_t_and_static_codes_do_not(x28):
         z = {t: td.code(x28, t) for t in (0.0, 0.3, 1.0)}
         for a, b in ((0.0, 0.3), (0.3, 1.0), (0.0, 1.0)):
             assert (z[a] - z[b]).abs().mean() > 1e-3 * z[a].abs().mean()
-        torch.testing.assert_close(static.code(x28, 0.0), static.code(x28, 1.0))
+        # a static encoder has no time conditioning at all (not merely an ignored t): fewer parameters, no t input
+        assert not hasattr(static.encoder, "time_embedding") and hasattr(td.encoder, "time_embedding")
+        assert sum(p.numel() for p in static.parameters()) < sum(p.numel() for p in td.parameters())
         # per-image times: row i at t_i equals the batch read at t_i
         mixed = td.code(x28, torch.tensor([0.0, 0.3, 1.0, 0.0]))
         torch.testing.assert_close(mixed[1], z[0.3][1], rtol=1e-4, atol=1e-5)
@@ -416,4 +439,6 @@ def test_harness_sweeps_the_readout_time(tmp_path):
     assert {r["protocol"]["name"] for r in records if r["split"] == "test"} == {"linear", "knn20"}
     static = evaluate(timm.create_model("drl_encoder_fmnist"), "drl", "drl_encoder_fmnist", config, progress=False)
     assert [r["readout"]["block"] for r in static] == [None, None]
-    assert all(0.0 <= r["value"] <= 1.0 for r in records + static)
+    # random-init codes of 100 real images still beat chance (10%) by a margin: the records carry real accuracies
+    tests = [r for r in records + static if r["split"] == "test"]
+    assert tests and all(r["value"] > 0.25 for r in tests), [(r["protocol"]["name"], r["value"]) for r in tests]

@@ -429,3 +429,19 @@ def test_protocol_settings_merge_kwargs(tiny_backbone):
     got = protocol_settings(EvalContext(tiny_backbone, "t", "t", cfg), "diffeed")
     assert got["training_kwargs"] == {**PROTOCOL_DEFAULTS["diffeed"]["training_kwargs"], "epochs": 1}
     assert got["train_images"] == 10 and got["feedback_blocks"] == "auto"
+
+
+def test_paper_diffeed_freezes_the_feedback_batchnorm_from_epoch_7():
+    """diffssl's feedback training runs BatchNorm in eval mode from epoch 7 on: the running statistics stop
+    after 7 epochs of steps (the affine weights keep training), whatever mode switches validation makes."""
+    assert training_preset("paper_diffeed").freeze_bn_epoch == 7
+    torch.manual_seed(0)
+    x, y = torch.randn(64, 6) * 3 + 1, torch.randint(0, 3, (64,))
+    model = torch.nn.Sequential(torch.nn.BatchNorm1d(6), torch.nn.Linear(6, 3))
+    cfg = HeadTraining(epochs=4, batch_size=16, freeze_bn_epoch=2, eval_every=1, warmup_epochs=0.0)
+    train_head(model, tensor_rows(x, y), tensor_rows(x, y), cfg)
+    bn = model[0]
+    assert int(bn.num_batches_tracked) == 2 * 4  # 2 epochs of 4 steps, then frozen
+    assert not torch.allclose(bn.weight, torch.ones(6))  # still trained after the freeze
+    with pytest.raises(InputError, match="freeze_bn_epoch"):
+        HeadTraining(freeze_bn_epoch=-1)

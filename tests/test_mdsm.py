@@ -177,13 +177,43 @@ def test_inpainting_never_updates_unmasked_pixels(mask_dtype):
     known = ~mask.bool().expand_as(images)
     assert out.shape == images.shape
     assert torch.equal(out[known], images[known])  # bit-for-bit
-    assert not torch.allclose(out[~known], images[~known])
     moved = annealed_langevin(
         net.energy, images, torch.full((5,), 100.0), mask=mask, generator=torch.Generator().manual_seed(0)
     )
     assert torch.equal(moved[known], images[known])
     with pytest.raises(InputError, match="broadcast"):
         inpaint(net.energy, images, torch.ones(3, 3), temperature_schedule("exp", steps=5))
+
+
+def test_masked_langevin_fills_the_masked_pixels_from_the_energy():
+    """A quadratic energy with its minimum at c: the masked pixels end near c (they start at 0.5 + N(0, 1))."""
+    energy = Quadratic(a=20.0, c=0.2)
+    images = torch.rand(4, 1, 8, 8, dtype=torch.float64)
+    mask = torch.zeros(1, 1, 8, 8, dtype=torch.bool)
+    mask[..., 4:, :] = True
+    temps = torch.cat([torch.ones(100), torch.linspace(1.0, 0.0, 100)])
+    out = inpaint(energy, images, mask, temps, step_size=0.1, generator=torch.Generator().manual_seed(0))
+    filled = out[mask.expand_as(out)]
+    assert abs(float(filled.mean()) - 0.2) < 0.02 and float(filled.std()) < 0.05
+
+
+@pytest.mark.parametrize("temp", [16.0, 81.0])
+def test_masked_langevin_noises_the_context_by_the_fourth_root_of_t(temp):
+    """The energy sees the known pixels with noise 0.1·T^(1/4) (the official code square-roots T twice)."""
+    seen = []
+
+    def energy(x):
+        seen.append(x.detach().clone())
+        return 0.5 * x.pow(2).flatten(1).sum(1)
+
+    images = torch.rand(8, 1, 8, 8, dtype=torch.float64)
+    mask = torch.zeros(1, 1, 8, 8, dtype=torch.bool)
+    mask[..., :2, :] = True
+    annealed_langevin(energy, images, torch.full((6,), temp), mask=mask, generator=torch.Generator().manual_seed(0))
+    known = ~mask.expand_as(images)
+    context = torch.stack([x[known] - images[known] for x in seen])
+    assert abs(float(context.std()) - 0.1 * temp**0.25) < 0.1 * 0.1 * temp**0.25
+    assert abs(float(context.mean())) < 0.02
 
 
 def test_denoise_is_one_tweedie_step():
@@ -206,6 +236,14 @@ class MeanEnergy(nn.Module):
 
     def energy(self, x):
         return x.flatten(1).mean(1)
+
+
+class VerticalEnergy(MeanEnergy):
+    """A stand-in energy reading orientation: mean brightness of the bottom half minus the top half's."""
+
+    def energy(self, x):
+        h = x.shape[-2] // 2
+        return x[..., h:, :].flatten(1).mean(1) - x[..., :h, :].flatten(1).mean(1)
 
 
 def test_auroc_of_a_separable_case_is_one():
@@ -238,15 +276,26 @@ def test_ood_protocol_emits_records_only_for_energy_models(monkeypatch):
     assert PROTOCOLS["ood"] is ood_protocol  # ``diffssl eval --protocol ood`` and the bench find it by name
     records = ood_protocol(EvalContext(net, "mdsm", "mdsm_ebm_fmnist", config))
     assert [r["protocol"]["name"] for r in records] == ["ood_mnist5k", "ood_uniform", "ood_vflip"]
+    test = EvalContext(net, "mdsm", "mdsm_ebm_fmnist", config).splits()[2]
+    e_in = energy_scores(net, test.images)
     for r in records:
-        assert r["metric"] == "auroc" and r["split"] == "test" and 0.0 <= r["value"] <= 1.0
-        assert r["protocol"]["n_in"] == 40
+        assert r["metric"] == "auroc" and r["split"] == "test" and r["protocol"]["n_in"] == 40
+        if r["protocol"]["outliers"] == "vflip":  # the record's number is the energy AUROC of the flipped set
+            assert r["value"] == pytest.approx(auroc(e_in, energy_scores(net, test.images.flip(-2))))
     assert records[0]["protocol"]["n_out"] == 1797 and records[1]["protocol"]["n_out"] == 40
     assert ood_protocol(EvalContext(RawPixels(), "raw_pixels", "raw_pixels", config)) == []
-    # a brightness "energy" tells uniform noise (mean 0.5) from mostly-black clothes; a flip fools it
-    test = EvalContext(MeanEnergy(), "m", "m", config).splits()[2]
+    # the brightness baseline: uniform noise (mean 0.5) is far brighter than mostly-black clothes, and a flip keeps
+    # brightness; for a brightness "energy" the energy AUROC and the baseline are the same numbers
     res = ood_aurocs(MeanEnergy(), test, names=("uniform", "vflip"))
-    assert res["uniform"]["auroc"] > 0.95 and res["vflip"]["auroc"] == pytest.approx(0.5, abs=0.01)
+    assert res["uniform"]["brightness_auroc"] > 0.95 and res["vflip"]["brightness_auroc"] == pytest.approx(
+        0.5, abs=0.01
+    )
+    for r in res.values():
+        assert r["auroc"] == pytest.approx(r["brightness_auroc"])
+    # the vflip set is a vertical flip: an energy reading top against bottom tells it apart (an identity or a
+    # horizontal flip would leave this energy's distribution unchanged: AUROC 0.5)
+    res = ood_aurocs(VerticalEnergy(), test, names=("vflip",))
+    assert abs(res["vflip"]["auroc"] - 0.5) > 0.15
 
 
 # ================================================================ timm contract and export
@@ -324,7 +373,7 @@ def test_bad_inputs_raise_input_error(x28, case):
     m = EnergyResNet(width=2)
     bad = {
         "channels": x28.repeat(1, 3, 1, 1),
-        "size": torch.rand(2, 1, 32, 32),
+        "size": torch.rand(2, 1, 30, 30),  # neither img_size 28 nor the padded net_size 32
         "range": x28 * 4 - 1,
         "nan": x28.clone().index_put_((torch.tensor([0]),), torch.tensor(float("nan"))),
         "ndim": x28[0],
@@ -366,6 +415,24 @@ def test_registry_and_flops_count_the_double_backward(x28):
     assert all(p.grad is None for p in model.parameters())
 
 
+def test_training_pads_before_noising_like_the_official_loader(x28):
+    """The official Fashion-MNIST loader pads 28 → 32 before noise is added: the energy sees a noised border."""
+    model = MDSM(width=2)
+    seen = []
+    energy = model.energy_net.energy
+    model.energy_net.energy = lambda x: seen.append(x.detach()) or energy(x)
+    model.training_loss(x28, torch.Generator().manual_seed(0))
+    (noisy,) = seen
+    assert noisy.shape[-2:] == (32, 32)
+    border = torch.ones(32, 32, dtype=torch.bool)
+    border[2:30, 2:30] = False
+    assert float(noisy[..., border].std()) > 0.1  # σ ≥ 0.1 noise on the padded zeros
+    # a clean 28×28 image and its zero-padded 32×32 copy have the same energy; samplers draw at 32×32
+    net = model.energy_net.eval()
+    torch.testing.assert_close(net.energy(x28), net.energy(torch.nn.functional.pad(x28, (2, 2, 2, 2))))
+    assert net.sample_size == 32 and sample(net.energy, (1, 1, 32, 32), torch.ones(2)).shape == (1, 1, 32, 32)
+
+
 def test_training_loss_decreases_on_fashion_mnist(fmnist_uint8):
     """A few Adam steps on 64 real images lower the loss measured on fixed noise draws (a 4-wide net, so fast)."""
     torch.manual_seed(0)
@@ -377,7 +444,8 @@ def test_training_loss_decreases_on_fashion_mnist(fmnist_uint8):
         return sum(model.training_loss(images, torch.Generator().manual_seed(1000 + k)).item() for k in range(2)) / 2
 
     before = held_out_noise_loss()
-    assert before == pytest.approx(784 / 0.1**4, rel=0.01)  # ∇E ≈ 0 at init: ‖σε‖²/(σ²σ0⁴) = pixels/σ0⁴
+    # ∇E ≈ 0 at init: ‖σε‖²/(σ²σ0⁴) = pixels/σ0⁴, over the 32×32 padded image (noised border included)
+    assert before == pytest.approx(32 * 32 / 0.1**4, rel=0.01)
     for step in range(40):
         batch = images[(step % 2) * 32 : (step % 2) * 32 + 32]
         loss = model.training_loss(batch, torch.Generator().manual_seed(step))

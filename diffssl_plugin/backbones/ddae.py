@@ -29,9 +29,11 @@ edited through their ``down{i}.{j}`` names. :meth:`DDAEBackbone.mirror_block` na
 the encoder unit whose skip it consumes (its mirror in the U; diffssl's pairs ``b → 38 − b`` in ADM's
 block numbering).
 
-**Noise.** With ``noise_seed`` set (default 0) every image is noised with the same fixed ε drawn from that seed
-(DDPM-seg's "shared noise"), so features do not depend on batch composition and evaluations repeat exactly.
-``noise_seed=None`` draws fresh noise at each call, as DDAE's code does.
+**Noise.** With ``noise_seed`` set (default 0) each image gets its own ε at each timestep, a function of
+(seed, t, the image's index in its dataset) (:func:`~diffssl_plugin.diffusion.noise.indexed_noise`): independent
+across images and timesteps, as DDAE's and diffssl's fresh draws are, yet reproducible and independent of batch
+size, sharding and the OOM back-off (the feature extractor passes each image's dataset index as ``index``;
+without it the index is the position in the batch). ``noise_seed=None`` draws fresh noise at each call.
 
 Inputs are images normalised to [-1, 1] (mean = std = 0.5).
 """
@@ -45,15 +47,15 @@ import torch
 from diffusers import UNet2DModel
 from torch import nn
 
+from ..diffusion.noise import indexed_noise
 from ..diffusion.schedule import DDPM_DEFAULTS, check_timesteps, ddpm_scheduler
 from ..errors import InputError, check_name
 from ..weights import load_unet_folder
-from .noise import SharedNoiseMixin
 from .pooling import pool_cells, pool_features, pooled_dim
 from .sdpa import cpu_math_attention
 from .timm_contract import TimmBackboneMixin, create_backbone, data_cfg
 from .unet_blocks import (
-    edited_output,
+    capture_units,
     truncated_unet,
     unet_block_modules,
     unet_encoder_units,
@@ -63,11 +65,7 @@ from .unet_blocks import (
 from .unet_presets import UNET_PRESETS, unet_config_of, unet_group_matcher  # noqa: F401  (UNET_PRESETS: re-exported)
 
 
-class _StopForward(Exception):
-    """Raised by the capture hook of the last block needed, to end the U-Net forward early."""
-
-
-class DDAEBackbone(TimmBackboneMixin, SharedNoiseMixin, nn.Module):
+class DDAEBackbone(TimmBackboneMixin, nn.Module):
     """A diffusers U-Net read as a feature extractor at ``block`` and ``timestep``, pooled by ``pool``.
 
     Args:
@@ -75,7 +73,7 @@ class DDAEBackbone(TimmBackboneMixin, SharedNoiseMixin, nn.Module):
         timestep: 0-indexed diffusers timestep the image is noised to before the forward.
         block: block read by ``forward_features`` (see the module docstring for names).
         pool: ``"avg"`` (DDAE's global average pool), ``"avgKxK"`` or ``"none"``.
-        noise_seed: seed of the shared noise; ``None`` draws fresh noise at each call.
+        noise_seed: seed of the per-(image, timestep) noise; ``None`` draws fresh noise at each call.
         scheduler_config: overrides of the DDPM schedule (``num_train_timesteps``, ``beta_*``).
         num_classes: 0 for a feature extractor (timm convention), else a linear classifier is added.
         in_chans: timm's channel argument; overrides the U-Net's input/output channels.
@@ -125,7 +123,7 @@ class DDAEBackbone(TimmBackboneMixin, SharedNoiseMixin, nn.Module):
         self.in_chans = int(unet.config.in_channels)
         self.image_size = int(unet.config.sample_size)
         self.dynamic_img_size = dynamic_img_size
-        self._init_noise(noise_seed, (self.in_chans, self.image_size, self.image_size), next(unet.parameters()).device)
+        self.noise_seed = noise_seed
         self._views: dict[tuple[str, bool], UNet2DModel | None] = {}
         self.grad_checkpointing = bool(unet.is_gradient_checkpointing)
         self._blocks = unet_block_modules(unet)
@@ -168,6 +166,28 @@ class DDAEBackbone(TimmBackboneMixin, SharedNoiseMixin, nn.Module):
         """The encoder unit whose skip connection ``decoder_block`` (``up{i}.{j}`` or ``up{i}``) consumes."""
         return self._mirrors[check_name("decoder block", decoder_block, self._mirrors)]
 
+    #: the extraction-noise scheme (a feature-cache key: features drawn under another scheme are not reused)
+    noise_scheme = "indexed-v1"
+
+    def draw_noise(
+        self, x: torch.Tensor, timestep: int | None = None, index: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """The ε ``extract`` would use for ``x`` at ``timestep`` (default: the backbone's) for images at dataset
+        positions ``index`` (default: their batch positions); fresh noise if ``noise_seed`` is None."""
+        return self._noise(x, self.timestep if timestep is None else timestep, index)
+
+    # ------------------------------------------------------------------ core: one forward, early exit
+    def _noise(self, x: torch.Tensor, timestep: int, index: torch.Tensor | None) -> torch.Tensor:
+        if self.noise_seed is None:
+            return torch.randn_like(x)
+        if index is None:
+            index = torch.arange(x.shape[0], device=x.device)
+        elif index.shape != (x.shape[0],):
+            raise InputError(
+                f"index must hold one dataset position per image, shape ({x.shape[0]},), got {tuple(index.shape)}"
+            )
+        return indexed_noise(self.noise_seed, timestep, index.to(x.device), x.shape[1:], x.dtype)
+
     def _capture(
         self,
         x_t: torch.Tensor,
@@ -191,33 +211,8 @@ class DDAEBackbone(TimmBackboneMixin, SharedNoiseMixin, nn.Module):
             if view is not None:
                 with cpu_math_attention(x_t.device):
                     return {block: view(x_t, t, return_dict=False)[0]}
-        feats: dict[str, torch.Tensor] = {}
-        edits = dict(edits or {})
-        last = max(wanted, key=self._order.__getitem__)
-
-        def hook_for(name: str):
-            def hook(module, args, output):
-                if name in edits:
-                    output = edited_output(name, output, edits[name])
-                if name in wanted:
-                    feats[name] = output[0] if isinstance(output, tuple) else output
-                if name == last:
-                    raise _StopForward
-                return output if name in edits else None
-
-            return hook
-
-        hooked = wanted | {n for n in edits if self._order[n] < self._order[last]}
-        handles = [self._units[n].register_forward_hook(hook_for(n)) for n in hooked]
-        try:
-            with cpu_math_attention(x_t.device):
-                self.unet(x_t, t)
-        except _StopForward:
-            pass
-        finally:
-            for h in handles:
-                h.remove()
-        return feats
+        with cpu_math_attention(x_t.device):
+            return capture_units(self.unet, self._units, self._order, x_t, t, wanted, edits)
 
     def _view(self, block: str) -> UNet2DModel | None:
         """:func:`truncated_unet` of ``block``, built once (again after :meth:`set_grad_checkpointing`)."""
@@ -235,14 +230,15 @@ class DDAEBackbone(TimmBackboneMixin, SharedNoiseMixin, nn.Module):
         *,
         noise: torch.Tensor | None = None,
         edits: Mapping[str, Callable[[torch.Tensor], torch.Tensor]] | None = None,
+        index: torch.Tensor | None = None,
     ) -> dict[tuple[int, str], torch.Tensor]:
         """Features of ``blocks`` at each of ``timesteps``: ``{(t, block): tensor}``, one U-Net forward per timestep.
 
         ``x`` is a batch in [-1, 1]. ``pool`` is ``"avg"``, ``"avgKxK"`` or ``None``/``"none"`` (NCHW maps).
-        ``noise``: the ε that noises ``x`` (default :meth:`draw_noise`); two calls with the same ``noise`` see
-        the same ``x_t``. ``edits``: ``{unit: fn}`` replaces each named unit's output (a name of
-        :attr:`unit_names`) by ``fn(output)`` during every forward, before anything downstream reads it (see
-        the module docstring).
+        ``noise``: the ε that noises ``x`` at every timestep (default: :meth:`draw_noise` per timestep, for
+        the images at dataset positions ``index``); two calls with the same ``noise`` see the same ``x_t``.
+        ``edits``: ``{unit: fn}`` replaces each named unit's output (a name of :attr:`unit_names`) by
+        ``fn(output)`` during every forward, before anything downstream reads it (see the module docstring).
         """
         self._check(x)
         timesteps = check_timesteps(timesteps, self.num_train_timesteps)
@@ -259,15 +255,14 @@ class DDAEBackbone(TimmBackboneMixin, SharedNoiseMixin, nn.Module):
             )
         pool = pool or "none"
         pool_cells(pool)
-        if noise is None:
-            noise = self._noise(x)
-        elif not isinstance(noise, torch.Tensor) or noise.shape != x.shape:
+        if noise is not None and (not isinstance(noise, torch.Tensor) or noise.shape != x.shape):
             got = tuple(noise.shape) if isinstance(noise, torch.Tensor) else type(noise).__name__
             raise InputError(f"noise must be a tensor of the images' shape {tuple(x.shape)}, got {got}")
         out: dict[tuple[int, str], torch.Tensor] = {}
         for t in timesteps:
+            eps = self._noise(x, t, index) if noise is None else noise
             a, s = self._noise_scales[t]  # diffusion.schedule.add_noise at one timestep
-            x_t = (a * x.float() + s * noise.float()).to(x.dtype)
+            x_t = (a * x.float() + s * eps.float()).to(x.dtype)
             feats = self._capture(x_t, t, blocks, edits)
             for b in blocks:
                 out[(t, b)] = pool_features(feats[b], pool)

@@ -18,10 +18,13 @@ Fashion-MNIST/MNIST network, ``res18`` (three per stage, width 128, 3 channels) 
 per stage", which is ``Res6_Quadratic``; we follow ``Res12_Quadratic`` as the training script does.)
 ``width`` is an argument so CPU runs can use a thinner network.
 
-Input: images in [0, 1] (the paper's ``ToTensor`` data), so ``pretrained_cfg`` has mean 0 and std 1. The paper
-pads 28×28 images with 2 zero pixels to 32×32 before noising; here the zero padding happens inside the network
-(``net_size``), so the energy is a function of the 28×28 image itself and samplers never touch a border that is
-always black in the data. This is our choice; the network the padded image meets is the paper's.
+Input: images in [0, 1] (the paper's ``ToTensor`` data), so ``pretrained_cfg`` has mean 0 and std 1. The official
+Fashion-MNIST loader pads 28×28 images with 2 zero pixels to 32×32 *before* noise is added, so the training loss
+and the samplers cover the border too. We follow that order: :meth:`EnergyResNet.energy` takes images of either
+``net_size`` (already padded, possibly noised: used as they are) or ``img_size`` (clean images: zero-padded
+inside, which is exactly the loader's padding); MDSM's training pads before noising
+(:meth:`EnergyResNet.pad_input`), and samplers run at :attr:`EnergyResNet.sample_size` (= ``net_size``). The timm
+feature interface reads ``img_size`` images.
 """
 
 from __future__ import annotations
@@ -146,9 +149,19 @@ class EnergyResNet(TimmBackboneMixin, nn.Module):
     def image_size(self) -> int:
         return self.img_size
 
+    @property
+    def sample_size(self) -> int:
+        """The side of the images samplers should draw (``net_size``): the official order pads, then noises."""
+        return self.net_size
+
+    def pad_input(self, x: torch.Tensor) -> torch.Tensor:
+        """``img_size`` images zero-padded to ``net_size`` (the official loader's padding); ``net_size`` images
+        are returned as they are."""
+        return F.pad(x, (self.pad,) * 4) if self.pad and x.shape[-1] == self.img_size else x
+
     def _trunk(self, x: torch.Tensor, last: int = 3) -> list[torch.Tensor]:
         """Maps after the stem and after each stage, up to level ``last`` (0 = stem, 3 = last stage)."""
-        h = self.stem(F.pad(x, (self.pad,) * 4) if self.pad else x)
+        h = self.stem(self.pad_input(x))
         maps = [h]
         for stage in self.stages[:last]:
             if self.grad_checkpointing and torch.is_grad_enabled():
@@ -159,8 +172,10 @@ class EnergyResNet(TimmBackboneMixin, nn.Module):
         return maps
 
     def energy(self, x: torch.Tensor) -> torch.Tensor:
-        """``E(x)``, shape (B,), float32. ``x`` may lie outside [0, 1] (noisy or partly sampled images)."""
-        check_images(x, self.in_chans, self.img_size, name=type(self).__name__)
+        """``E(x)``, shape (B,), float32. ``x`` may lie outside [0, 1] (noisy or partly sampled images); it is
+        ``net_size``² (padded before any noise, as the official code does) or ``img_size``² (clean: padded here)."""
+        size = self.net_size if x.dim() == 4 and x.shape[-1] == self.net_size else self.img_size
+        check_images(x, self.in_chans, size, name=type(self).__name__)
         if self.strict_inputs:
             check_values(x, None, name=type(self).__name__)
         return self.energy_head(self._trunk(x)[-1].flatten(1))

@@ -1,7 +1,8 @@
 """The block structure of a diffusers ``UNet2DModel``, read without running it: readable block names, the units
 whose outputs become skip connections, which encoder unit each decoder unit mirrors, every unit's output
 shape (from a forward on the ``meta`` device), a truncated view of the U-Net that ends at one block, and the
-edit of a unit's output (DifFeed's feedback).
+edit of a unit's output (DifFeed's feedback), and one forward that captures (and edits) several units through
+forward hooks, ending after the last one needed.
 
 Names (see :mod:`diffssl_plugin.backbones.ddae`): ``down{i}``, ``mid``, ``up{i}.{j}`` (j-th residual block of
 ``up_blocks[i]``, before the upsampler), ``up{i}`` (after it); encoder units ``conv_in`` and ``down{i}.{j}``.
@@ -171,3 +172,48 @@ def _check_edit(name: str, old: torch.Tensor, new) -> None:
     if not isinstance(new, torch.Tensor) or new.shape != old.shape:
         got = tuple(new.shape) if isinstance(new, torch.Tensor) else type(new).__name__
         raise InputError(f"the edit of {name!r} must return a tensor of shape {tuple(old.shape)}, got {got}")
+
+
+class _StopForward(Exception):
+    """Raised by the capture hook of the last unit needed, to end the U-Net forward early."""
+
+
+def capture_units(
+    unet: UNet2DModel,
+    units: dict[str, nn.Module],
+    order: dict[str, int],
+    x_t: torch.Tensor,
+    t: torch.Tensor,
+    wanted: set[str],
+    edits: dict[str, Callable[[torch.Tensor], torch.Tensor]] | None = None,
+) -> dict[str, torch.Tensor]:
+    """One forward of ``unet`` on ``(x_t, t)`` with forward hooks on ``units`` (name → module, forward ``order``):
+    the outputs of the ``wanted`` units, the ``edits`` applied to unit outputs on the way (a unit both edited
+    and wanted is returned edited), and the forward ended by the last wanted unit's hook (edits of later units
+    never run)."""
+    feats: dict[str, torch.Tensor] = {}
+    edits = dict(edits or {})
+    last = max(wanted, key=order.__getitem__)
+
+    def hook_for(name: str):
+        def hook(module, args, output):
+            if name in edits:
+                output = edited_output(name, output, edits[name])
+            if name in wanted:
+                feats[name] = output[0] if isinstance(output, tuple) else output
+            if name == last:
+                raise _StopForward
+            return output if name in edits else None
+
+        return hook
+
+    hooked = wanted | {n for n in edits if order[n] < order[last]}
+    handles = [units[n].register_forward_hook(hook_for(n)) for n in hooked]
+    try:
+        unet(x_t, t)
+    except _StopForward:
+        pass
+    finally:
+        for h in handles:
+            h.remove()
+    return feats

@@ -27,7 +27,8 @@ the four strided slices) equals ``avg_pool2d(2)`` on the even-sized maps these n
 
 The network's size is read from the weights: ``width`` from the stem, ``blocks_per_stage`` from the block names,
 ``in_chans`` from the stem, ``net_size`` from the energy head. ``img_size`` defaults to 28 for 1-channel
-networks (the paper pads 28×28 (F)MNIST to 32×32; ours pads inside the network) and to ``net_size`` otherwise.
+networks (the paper pads 28×28 (F)MNIST to 32×32 before noising; the network takes either size) and to
+``net_size`` otherwise.
 """
 
 from __future__ import annotations

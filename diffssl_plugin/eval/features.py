@@ -69,7 +69,7 @@ def pooled_output(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
 def model_fingerprint(model: nn.Module) -> str:
     """A short hash of a model's weights and readout-relevant settings (the feature-cache key)."""
     h = hashlib.sha256(state_dict_sha256(model.state_dict()).encode())
-    for attr in ("noise_seed", "num_train_timesteps", "in_chans"):
+    for attr in ("noise_seed", "noise_scheme", "num_train_timesteps", "in_chans"):
         h.update(f"{attr}={getattr(model, attr, None)}".encode())
     h.update(type(model).__name__.encode())
     return h.hexdigest()[:16]
@@ -199,10 +199,26 @@ def _last_intermediate(model: nn.Module, x: torch.Tensor, pool: str) -> torch.Te
     return torch.nn.functional.adaptive_avg_pool2d(maps.float(), size)
 
 
+def _takes_index(model: nn.Module) -> bool:
+    """Whether ``model.extract`` accepts ``index=`` (the dataset positions its seeded noise is drawn for)."""
+    import inspect
+
+    extract = getattr(model, "extract", None)
+    return extract is not None and "index" in inspect.signature(extract).parameters
+
+
 def _forward_batch(
-    model: nn.Module, x: torch.Tensor, missing: Sequence[Readout], timesteps: list[int], blocks: list[str]
+    model: nn.Module,
+    x: torch.Tensor,
+    missing: Sequence[Readout],
+    timesteps: list[int],
+    blocks: list[str],
+    index: torch.Tensor | None = None,
 ) -> dict[Readout, torch.Tensor]:
-    maps = model.extract(x, timesteps, blocks, pool=None) if blocks else {}
+    """Every missing readout of one batch. ``index``: the images' dataset positions, for backbones whose
+    ``extract`` draws per-image seeded noise from them (the same ε for an image whatever the batching)."""
+    kwargs = {"index": index} if index is not None else {}
+    maps = model.extract(x, timesteps, blocks, pool=None, **kwargs) if blocks else {}
     out = {}
     for r in missing:
         if r.block is None:
@@ -270,6 +286,7 @@ def extract_features(
     timesteps = sorted({r.timestep for r in missing if r.block not in (None, LAST_INTERMEDIATE)})
     blocks = sorted({r.block for r in missing if r.block not in (None, LAST_INTERMEDIATE)})
     mean_std = None
+    takes_index = _takes_index(model)
     if device.type == rt.device_type:
 
         def autocast():
@@ -295,7 +312,8 @@ def extract_features(
         x = (batch.float().div_(255.0) - mean_std[0]) / mean_std[1]
         try:
             with autocast():
-                feats = _forward_batch(model, x, missing, timesteps, blocks)
+                index = torch.arange(start, end, device=device) if takes_index else None
+                feats = _forward_batch(model, x, missing, timesteps, blocks, index)
         except RuntimeError as e:
             if device.type != "cuda" or batch_size == 1 or not _is_out_of_memory(e):
                 raise

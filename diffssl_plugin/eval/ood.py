@@ -10,6 +10,11 @@ The in-distribution images are the evaluation dataset's test split; the outlier 
 MDSM's paper lists outlier detection as an application without a protocol or numbers (``papers.md`` §4.6); these
 three sets are this project's choice. The ``ood`` protocol emits one record per outlier set for models with an
 ``energy`` method and nothing for other backbones.
+
+Beside the energy's AUROC each record carries ``brightness_auroc``: the AUROC of the mean pixel value as the
+outlier score (:func:`brightness_scores`), a model-free baseline that says how much of the energy's number
+brightness alone explains (uniform noise is far brighter than mostly-black Fashion-MNIST; a vertical flip keeps
+every image's brightness, so the baseline is 0.5 there). A value far below 0.5 means the outliers are darker.
 """
 
 from __future__ import annotations
@@ -49,6 +54,13 @@ def energy_scores(
         x = x.float().div(255.0) if not x.is_floating_point() else x.float()
         out.append(model.energy(normalise(model, x)).float().cpu())
     return rt.gather_shards(torch.cat(out), len(images01))
+
+
+def brightness_scores(images01: torch.Tensor) -> torch.Tensor:
+    """The mean pixel value of each image in [0, 1] (uint8 images are divided by 255), float32 (N,): the
+    brightness-only outlier score the energy is compared with."""
+    x = images01.float().div(255.0) if not images01.is_floating_point() else images01.float()
+    return x.flatten(1).mean(1)
 
 
 def auroc(in_scores: torch.Tensor, out_scores: torch.Tensor) -> float:
@@ -94,14 +106,17 @@ def ood_aurocs(
     names: tuple[str, ...] = OUTLIER_SETS,
     runtime: Runtime | None = None,
 ) -> dict[str, dict]:
-    """``{set name: {"auroc", "n_in", "n_out", "energy_in", "energy_out"}}`` with the energy as outlier score
-    (``energy_*`` are the mean energies, for reading the direction of a failure)."""
+    """``{set name: {"auroc", "brightness_auroc", "n_in", "n_out", "energy_in", "energy_out"}}`` with the energy
+    as outlier score (``energy_*`` are the mean energies, for reading the direction of a failure;
+    ``brightness_auroc`` the mean-pixel-value baseline of the module docstring)."""
     e_in = energy_scores(model, inliers.images, batch_size, device, runtime)
+    b_in = brightness_scores(inliers.images)
     results = {}
     for name, images in outlier_sets(inliers, seed, data_root, names).items():
         e_out = energy_scores(model, images, batch_size, device, runtime)
         results[name] = {
             "auroc": auroc(e_in, e_out),
+            "brightness_auroc": auroc(b_in, brightness_scores(images)),
             "n_in": len(e_in),
             "n_out": len(e_out),
             "energy_in": float(e_in.mean()),
@@ -133,6 +148,7 @@ def ood_protocol(ctx: EvalContext) -> list[dict]:
                 "n_in": r["n_in"],
                 "n_out": r["n_out"],
             },
+            brightness_auroc=r["brightness_auroc"],
             energy_in=r["energy_in"],
             energy_out=r["energy_out"],
         )

@@ -140,7 +140,7 @@ class DifFeed(nn.Module):
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """The pass-2 map (B, C, H, W) of the readout block for images ``x`` in [-1, 1]."""
-        noise = self.backbone.draw_noise(x)
+        noise = self.backbone.draw_noise(x, self.timestep)
         return self.second_pass(x, noise, self.first_pass(x, noise))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

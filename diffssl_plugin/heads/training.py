@@ -11,7 +11,10 @@ best head is restored); the test split is scored once by the caller. Presets (:d
   U-Net passes.
 * ``"paper"``: diffssl's attention / DifFormer recipe: SGD without momentum or weight decay, lr 5e-2, step
   decay ×0.1 every 7 epochs, 28 epochs, batch 128, validation every 7 epochs. ``"paper_diffeed"``: lr 1e-2,
-  batch 16 (diffssl's global batch). ``"paper_linear"``: lr 1e-2.
+  batch 16 (diffssl's global batch), and the feedback BatchNorm in eval mode (frozen running statistics; its
+  affine weights still train) from epoch 7 on, as diffssl's feedback training does (``freeze_bn_epoch``; we
+  read "epoch 7" 0-based: the first 7 epochs update the statistics, the rest, after the first ×0.1 decay, use
+  them). ``"paper_linear"``: lr 1e-2.
 
 **Inputs.** A head trains on a :class:`Rows` source: row indices → the model's input for those rows.
 Attention and DifFormer heads train on cached frozen feature maps (:func:`tensor_rows`, :func:`dict_rows`),
@@ -26,6 +29,7 @@ devices, and under DDP several processes take the steps one process takes.
 
 from __future__ import annotations
 
+import itertools
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
@@ -60,12 +64,15 @@ class HeadTraining:
     eval_every: int = 1  # validation every this many epochs (and after the last)
     amp: bool = False  # bf16 autocast
     seed: int = 0
+    freeze_bn_epoch: int | None = None  # BatchNorm layers run in eval mode from this (0-based) epoch on
 
     def __post_init__(self):
         check_name("optimizer", self.optimizer, ("adamw", "sgd"))
         check_name("schedule", self.schedule, ("cosine", "step", "constant"))
         if self.epochs < 1 or self.batch_size < 1 or self.lr <= 0:
             raise InputError(f"head training needs epochs ≥ 1, batch_size ≥ 1 and lr > 0, got {self}")
+        if self.freeze_bn_epoch is not None and self.freeze_bn_epoch < 0:
+            raise InputError(f"freeze_bn_epoch must be ≥ 0 or None, got {self.freeze_bn_epoch}")
 
 
 TRAINING_PRESETS: dict[str, HeadTraining] = {
@@ -106,6 +113,7 @@ TRAINING_PRESETS: dict[str, HeadTraining] = {
         step_epochs=7,
         gamma=0.1,
         eval_every=7,
+        freeze_bn_epoch=7,
     ),
 }
 
@@ -224,6 +232,23 @@ def _state(model: nn.Module, names: set[str]) -> dict[str, torch.Tensor]:
     return state
 
 
+def _eval_before_forward(module: nn.Module, args) -> None:
+    module.eval()
+
+
+def freeze_batchnorm(model: nn.Module) -> int:
+    """Run every BatchNorm layer of ``model`` in eval mode (running statistics used, not updated) from now on,
+    whatever later ``train()`` calls do (Lightning switches modes around validation): a forward pre-hook puts
+    the layer in eval mode before each forward. The affine weights keep training. Returns how many layers."""
+    layers = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    for m in layers:
+        if not getattr(m, "_diffssl_frozen", False):
+            m.register_forward_pre_hook(_eval_before_forward)
+            m._diffssl_frozen = True
+            m.eval()
+    return len(layers)
+
+
 def train_head(
     model: nn.Module,
     train: Rows,
@@ -248,11 +273,20 @@ def train_head(
     steps_per_epoch = n // batch  # drop the last partial batch (BatchNorm in DifFeed's feedback needs > 1)
     opt, sched = make_optimizer([p for _, p in named], cfg, steps_per_epoch)
     validate = (lambda m, dev: accuracy(m, val, cfg.batch_size * 2, dev, cfg.amp)) if val is not None else None
+    # every rank takes one step per global batch, so the step count tells the epoch
+    freeze_at = None if cfg.freeze_bn_epoch is None else cfg.freeze_bn_epoch * steps_per_epoch
+    steps = itertools.count()
+
+    def loss(m: nn.Module, batch) -> torch.Tensor:
+        if next(steps) == freeze_at:
+            freeze_batchnorm(m)
+        return F.cross_entropy(m(batch[0]).float(), batch[1])
+
     result = fit(
         model,
         shuffled_batches(n, batch, torch.Generator().manual_seed(cfg.seed)),
         lambda idx: (train.get(idx), train.labels[idx]),
-        lambda m, batch: F.cross_entropy(m(batch[0]).float(), batch[1]),
+        loss,
         opt,
         sched,
         epochs=cfg.epochs,

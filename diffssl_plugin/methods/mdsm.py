@@ -36,7 +36,8 @@ from .base import SSLMethod
 
 def mdsm_transform(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     """MDSM's data pipeline: images in [0, 1], no augmentation (the official loaders use ``ToTensor`` only; CIFAR
-    is loaded with ``flip=False``). The Fashion-MNIST 2-pixel zero padding happens inside the network."""
+    is loaded with ``flip=False``). The Fashion-MNIST 28 → 32 zero padding follows in
+    :meth:`MDSM.training_loss`, before noise is added (the official loader's order)."""
     return images.float()
 
 
@@ -84,11 +85,12 @@ class MDSM(SSLMethod):
         return sigma_grid(batch_size, *self.sigma_range)
 
     def training_loss(self, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        x = self.transform(images, generator)
+        # pad 28 → 32 before noising, as the official loader does: the loss covers the padded image
+        x = self.energy_net.pad_input(self.transform(images, generator))
         return mdsm_loss(self.energy_net.energy, x, self.sigmas(x.shape[0]).to(x.device), generator, self.sigma0)
 
     def energy(self, x: torch.Tensor) -> torch.Tensor:
-        """``E(x)`` of images in [0, 1] (noisy ones allowed), shape (B,)."""
+        """``E(x)`` of images in [0, 1] (noisy ones allowed; ``img_size`` or padded ``net_size``), shape (B,)."""
         return self.energy_net.energy(x)
 
     @property
