@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
@@ -73,3 +74,29 @@ def test_construction_script_writes_its_figures(tmp_path):
     result = json.loads(out.read_text())
     assert result["extract_images"] == 256 and len(result["extract_readouts"]) == 9
     assert math.isfinite(result["extract_images_per_s"]) and result["extract_images_per_s"] > 0
+
+
+def test_drl_level_of_detail_script_writes_its_pictures(tmp_path):
+    """Two samplers × two seeds of a few steps on mnist5k: the summary, the per-run record and both pictures; and
+    the stroke width of a drawn bar is its width."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("drl_lod", BENCHMARKS / "drl_level_of_detail.py")
+    lod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(lod)
+    bars = torch.zeros(2, 1, 28, 28, dtype=torch.uint8)
+    bars[0, 0, 10:12, 4:24], bars[1, 0, 10:14, 4:24] = 255, 255  # 2 and 4 pixels wide, 20 long
+    torch.testing.assert_close(lod.stroke_width(bars), torch.tensor([80 / 44, 160 / 48]))
+
+    args = ["--steps", "2", "--seeds", "0", "1", "--batch-size", "8", "--max-images", "300", "--grid", "2"]
+    args += ["--sample-steps", "3", "--out", str(tmp_path)]
+    record = lod.main(args)
+    assert record["dataset"] == "mnist5k" and record["args"]["l1"] > 0
+    for sampler in ("uniform_t", "uniform_sigma"):
+        assert [r["seed"] for r in record["runs"][sampler]] == [0, 1]
+        for name, stats in record["summary"][sampler].items():
+            values = [r[name] for r in record["runs"][sampler]]
+            assert stats["mean"] == pytest.approx(sum(values) / 2) and stats["std"] >= 0, name
+        assert (tmp_path / f"samples_{sampler}.png").stat().st_size > 0
+    assert (tmp_path / "codes.png").stat().st_size > 0
+    assert json.loads((tmp_path / "drl_level_of_detail.json").read_text())["args"]["steps"] == 2

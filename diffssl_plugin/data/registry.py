@@ -82,6 +82,7 @@ class DatasetSpec:
     n_classes: int | None = None  # the class count when ``class_names`` is left empty
     extra_splits: tuple[str, ...] = ()  # splits beyond SPLITS, loaded by the loader under their own name
     file_backed: bool = False  # decoded into the memmap cache: any image_size, val split fixed at seed 0
+    hflip: bool = True  # a horizontal mirror keeps an image's meaning (False for digits); learners' flip default
 
     @property
     def num_classes(self) -> int:

@@ -159,3 +159,41 @@ def ve_dsm_loss(
     residual = sigma.view(-1, *([1] * (x0.dim() - 1))) * score.float() + noise.float()
     losses = residual.pow(2).flatten(1).mean(1)
     return losses if per_sample else losses.mean()
+
+
+@torch.no_grad()
+def ve_reverse_sde_sample(
+    score_fn: ScoreFn,
+    shape: tuple[int, ...],
+    steps: int = 500,
+    schedule: VESchedule = VESchedule(),
+    generator: torch.Generator | None = None,
+    device: torch.device | str = "cpu",
+    shared_noise: bool = False,
+) -> torch.Tensor:
+    """Samples from the VE reverse SDE (score_sde's reverse-diffusion predictor, no corrector).
+
+    Start at ``x ~ N(0, σ_max² I)``, walk the geometric σ grid ``σ_0 = σ_max > … >
+    σ_{N-1} = σ_min`` with ``x ← x + (σ_i² − σ_{i+1}²) s(x, σ_i) + sqrt(σ_i² − σ_{i+1}²) ξ``, then take the
+    noise-free Tweedie step ``x ← x + σ_min² s(x, σ_min)`` (score_sde's ``noise_removal``). ``score_fn`` is called
+    as ``score_fn(x, σ, t)`` with (B,) σ and t; pass a closure to condition it (e.g. on a DRL code). Fresh noise
+    ``ξ`` comes from ``generator`` (drawn on the CPU), so a run repeats exactly from its seed. With
+    ``shared_noise`` every image of the batch gets the same start and the same ``ξ`` (a grid over a condition
+    then differs by the condition only).
+    """
+    if steps < 2:
+        raise InputError(f"the reverse SDE needs at least 2 steps, got {steps}")
+    t_grid = torch.linspace(1.0, 0.0, steps)
+    sigmas = schedule.sigma(t_grid)
+    noise_shape = (1, *shape[1:]) if shared_noise else tuple(shape)
+
+    def draw() -> torch.Tensor:
+        return torch.randn(noise_shape, generator=generator).expand(shape).to(device)
+
+    x = draw() * schedule.sigma_max
+    ones = torch.ones(shape[0], device=device)
+    for i in range(steps - 1):
+        step_var = float(sigmas[i] ** 2 - sigmas[i + 1] ** 2)
+        x = x + step_var * score_fn(x, ones * sigmas[i], ones * t_grid[i]).float()
+        x = x + math.sqrt(step_var) * draw()
+    return x + float(sigmas[-1] ** 2) * score_fn(x, ones * sigmas[-1], ones * t_grid[-1]).float()

@@ -5,7 +5,7 @@ An encoder E_φ sees the clean image; a score network s_θ sees the noisy image,
 Both are trained jointly, end to end, by denoising score matching on the VE SDE (λ(t) = σ²(t)):
 
     repeat
-        x0 ~ data, randomly flipped;  x0 ∈ [-1, 1]
+        x0 ~ data, randomly flipped (not digits: see ``hflip``);  x0 ∈ [-1, 1]
         t ~ sampler ("uniform_t": σ log-uniform on [0.01, 50]; "uniform_sigma": σ uniform);  σ = σ(t)
         ε ~ N(0, I);  x_t = x0 + σ ε
         z = E_φ(x0)   or   z = E_φ(x0, t)                      (time-dependent code)
@@ -56,9 +56,10 @@ from ..errors import InputError
 from .base import SSLMethod, hflip, to_unit_range
 
 
-def drl_transform(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """score_sde's training augmentation: random horizontal flip, then [0, 1] → [-1, 1]."""
-    return to_unit_range(hflip(images, generator))
+def drl_transform(images: torch.Tensor, generator: torch.Generator, flip: bool = True) -> torch.Tensor:
+    """score_sde's training augmentation: random horizontal flip (skipped with ``flip=False``: a mirrored digit
+    is not a digit), then [0, 1] → [-1, 1]."""
+    return to_unit_range(hflip(images, generator) if flip else images)
 
 
 def build_score_net(unet_config: dict | str, in_chans: int | None = None) -> UNet2DModel:
@@ -82,6 +83,9 @@ class DRL(SSLMethod):
         conditional: False zeroes z (same architecture, no information about x0): the unconditional baseline.
         l1_weight: L1 penalty on z; readout_t: times the exported backbone reads a time-dependent code at.
         ema_decay: EMA of the encoder (the representation is read from the EMA encoder).
+        hflip: random horizontal flips while training. ``None`` (default) flips unless the data are known not
+            to be mirror-symmetric: ``pretrain`` passes its dataset's ``DatasetSpec.hflip`` (False for digits);
+            a learner built by hand with ``None`` flips, as score_sde does.
     """
 
     transform = staticmethod(drl_transform)
@@ -111,6 +115,7 @@ class DRL(SSLMethod):
         ema_decay: float = 0.999,
         seed: int = 0,
         in_chans: int | None = None,
+        hflip: bool | None = None,
     ):
         super().__init__(batch_size_per_device, num_classes, knn_k, knn_t, lr=lr, warmup_steps=warmup_steps, seed=seed)
         self.save_hyperparameters()
@@ -120,6 +125,7 @@ class DRL(SSLMethod):
         self._check_sizes()
         self.code_proj = nn.Linear(code_dim, self.score_net.time_embedding.linear_2.out_features)
         self.conditional, self.beta, self.l1_weight = conditional, float(beta), float(l1_weight)
+        self.hflip = True if hflip is None else bool(hflip)
         self.readout_t = check_readout_t(readout_t) if time_dependent else (0.0,)
         self.ema = EMA(self.encoder, decay=ema_decay)
         self._backbone_cache: dict[str, DRLBackbone] = {}  # a dict, so Lightning does not save it twice
@@ -156,7 +162,7 @@ class DRL(SSLMethod):
         return self.score_net(x_t, sigma, class_labels=self.code_proj(z)).sample
 
     def training_loss(self, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        x0 = self.transform(images, generator)
+        x0 = self.transform(images, generator, self.hflip)
         penalty = {}
 
         def score_fn(x_t, sigma, t):

@@ -8,6 +8,7 @@ passes ``devices``/``strategy``/``num_nodes`` to Lightning so DDP across GPUs an
 
 from __future__ import annotations
 
+import inspect
 import os
 import re
 import time
@@ -19,7 +20,7 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import Callback, ModelCheckpoint, TQDMProgressBar
 
-from ..data import load_split
+from ..data import DATASETS, load_split
 from ..loading import export
 from ..runtime import Runtime, current
 from .base import SSLMethod, StartAt, StepBatches
@@ -253,6 +254,8 @@ def pretrain(
     per_device, rem = divmod(batch_size, trainer.world_size)
     if rem:
         raise ValueError(f"batch size {batch_size} is not divisible by {trainer.world_size} processes")
+    if "hflip" in inspect.signature(get_method(method)["model"]).parameters:  # no mirrored digits
+        method_kwargs.setdefault("hflip", DATASETS[dataset].hflip)
     model = build_model(method, data.num_classes, per_device, data.channels, seed=seed, **method_kwargs)
     flops_per_image = model.flops_per_image(data.take(torch.arange(min(8, len(data)))).floats())
     max_steps = budget.max_steps(flops_per_image * batch_size)
