@@ -59,9 +59,9 @@ class PlainLoop:
     """The same DDAE step as the Lightning run (batch, optimiser and schedule, clipping, EMA, bf16 autocast,
     CPU attention backend), written as a bare PyTorch loop that can be run a few steps at a time."""
 
-    def __init__(self, images: torch.Tensor, batch: int):
+    def __init__(self, images: torch.Tensor, batch: int, method_kwargs: dict | None = None):
         self.images, self.batch, self.step = images, batch, 0
-        self.model = DDAE(batch_size_per_device=batch)
+        self.model = DDAE(batch_size_per_device=batch, **(method_kwargs or {}))
         optim = self.model.configure_optimizers()
         self.opt, self.sched = optim["optimizer"], optim["lr_scheduler"]["scheduler"]
         self.flops_per_image = self.model.flops_per_image(images[:8].float() / 255)
@@ -107,7 +107,7 @@ class StepTimer(pl.Callback):
 
 
 def interleaved_step_seconds(
-    images: torch.Tensor, batch: int, steps: int, rounds: int, skip: int
+    images: torch.Tensor, batch: int, steps: int, rounds: int, skip: int, method_kwargs: dict | None = None
 ) -> tuple[list[float], list[float], list[float], float]:
     """Per-step seconds of the bare loop and of ``diffssl pretrain``, measured in ``rounds`` alternating
     turns (Lightning resumes its own checkpoint each turn), so a drift of the machine's speed weighs on
@@ -118,7 +118,7 @@ def interleaved_step_seconds(
     moments of a machine whose speed drifts (a shared host).
 
     Returns (plain seconds, Lightning seconds, bf16 GEMM GFLOP/s of each timed turn, FLOPs per image)."""
-    plain_loop, timer = PlainLoop(images, batch), StepTimer(skip)
+    plain_loop, timer = PlainLoop(images, batch, method_kwargs), StepTimer(skip)
     per_round = max(1, steps // rounds)
     plain: list[float] = []
     gemm: list[float] = []
@@ -136,6 +136,7 @@ def interleaved_step_seconds(
                 resume=True,
                 checkpoint_every=10**6,
                 max_images=len(images),
+                method_kwargs=method_kwargs,
             )
 
         done = 2 * skip
@@ -179,6 +180,9 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--out", default="runs/throughput.json")
     p.add_argument("--no-baselines", action="store_true", help="skip the SimCLR and MAE measurements")
+    p.add_argument(
+        "--method-args", type=json.loads, default={}, help="JSON dict of DDAE arguments (default: the CPU preset)"
+    )
     args = p.parse_args(argv)
     torch.manual_seed(0)
     images = load_split("fashion_mnist", "trainval").images[:20000]
@@ -187,7 +191,7 @@ def main(argv: list[str] | None = None) -> dict:
     result["gemm_bf16_gflops_at_start"] = gemm_gflops(torch.bfloat16)
 
     plain, lightning, gemm, flops_per_image = interleaved_step_seconds(
-        images, args.batch_size, args.steps, args.rounds, args.warmup
+        images, args.batch_size, args.steps, args.rounds, args.warmup, args.method_args
     )
     per_round = max(1, args.steps // args.rounds)
     result["gemm_bf16_gflops"] = statistics.median(gemm)  # measured between the timed turns
@@ -226,7 +230,7 @@ def main(argv: list[str] | None = None) -> dict:
         result["lightning_images_per_s_best"] * flops_per_image / 1e9 / result["gemm_bf16_gflops"]
     )
 
-    backbone = DDAE().backbone
+    backbone = DDAE(**args.method_args).backbone
     with torch.no_grad():
         fwd = FlopCounterMode(display=False)
         with fwd:
@@ -234,7 +238,7 @@ def main(argv: list[str] | None = None) -> dict:
     result["extract_flops_per_image_to_up1"] = fwd.get_total_flops() / 8
     result["extract_images_per_s_mid"] = extraction_images_per_second(backbone, images, [10], ["mid"])
     result["extract_images_per_s_all_blocks"] = extraction_images_per_second(
-        backbone, images, [10], ["down2", "mid", "up0", "up1", "up2"]
+        backbone, images, [10], backbone.block_names
     )
     if not args.no_baselines:
         sys.path.insert(0, str(Path(__file__).resolve().parent))

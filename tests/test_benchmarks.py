@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import TINY_UNET
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
@@ -30,6 +31,8 @@ def test_throughput_script_writes_its_figures(tmp_path):
             "--batch-size",
             "16",
             "--no-baselines",
+            "--method-args",
+            json.dumps({"unet_config": {**TINY_UNET, "sample_size": 28}}),
             "--out",
             str(out),
         ],

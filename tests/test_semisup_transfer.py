@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from diffssl_plugin.backbones.raw import RawPixels
-from diffssl_plugin.backbones.timm_contract import default_data_cfg
+from diffssl_plugin.backbones.timm_contract import data_cfg
 from diffssl_plugin.data import ImageSet, load_split
 from diffssl_plugin.errors import InputError, UnknownNameError
 from diffssl_plugin.eval import PROTOCOLS, EvalConfig, evaluate
@@ -42,7 +42,7 @@ class RandomFeatures(nn.Module):
         super().__init__()
         self.num_features, self.num_classes = dim, 0
         self.pretrained_cfg = {
-            **default_data_cfg(in_chans, img_size),
+            **data_cfg(in_chans, img_size),
             "mean": (0.0,) * in_chans,
             "std": (1.0,) * in_chans,
         }
