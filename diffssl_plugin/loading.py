@@ -143,7 +143,7 @@ def export(model, folder: str | os.PathLike, result=None) -> Path:
     folder = Path(folder)
     staging = folder.with_name(folder.name + ".partial")
     shutil.rmtree(staging, ignore_errors=True)
-    backbone = model.backbone
+    backbone = getattr(model, "feature_backbone", model.backbone)  # the representation (EMA where kept)
     backbone.pretrained_cfg = {**backbone.pretrained_cfg, "architecture": model.timm_architecture}
     save_for_hf(backbone, str(staging / "backbone"), model_args=backbone.model_args(), safe_serialization=True)
     unet = getattr(model, "generative_unet", None)
