@@ -72,7 +72,11 @@ class StepBatches(Dataset):
 
 
 class StartAt(Sampler[int]):
-    """Indices ``start, start+1, …, end-1``: the steps still to run after a resume."""
+    """Indices ``start, start+1, …, end-1``: the steps still to run after a resume.
+
+    Its length is ``end``, the whole stream's, not the number of indices left: Lightning restores its count of
+    the epoch's batches from the checkpoint (``start``) and ends the epoch at ``len``, so the epoch ends
+    exactly when the stream does (with ``end − start`` it would end early and start the stream over)."""
 
     def __init__(self, start: int, end: int):
         self.start, self.end = start, end
@@ -81,7 +85,7 @@ class StartAt(Sampler[int]):
         return iter(range(self.start, self.end))
 
     def __len__(self) -> int:
-        return max(0, self.end - self.start)
+        return max(0, self.end)
 
 
 def hflip(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
