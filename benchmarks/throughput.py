@@ -226,7 +226,7 @@ def main(argv: list[str] | None = None) -> dict:
         result["lightning_images_per_s_best"] * flops_per_image / 1e9 / result["gemm_bf16_gflops"]
     )
 
-    backbone = DDAE().backbone
+    backbone = DDAE().feature_backbone
     with torch.no_grad():
         fwd = FlopCounterMode(display=False)
         with fwd:
