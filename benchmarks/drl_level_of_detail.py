@@ -83,7 +83,7 @@ def train_drl(
 @torch.no_grad()
 def codes(model, images_uint8: torch.Tensor, batch: int = 1000) -> torch.Tensor:
     """The EMA encoder's static codes of uint8 images."""
-    backbone = model.backbone.eval()
+    backbone = model.feature_backbone.eval()  # the EMA encoder: the representation
     return torch.cat(
         [backbone(images_uint8[i : i + batch].float() / 127.5 - 1.0) for i in range(0, len(images_uint8), batch)]
     ).float()

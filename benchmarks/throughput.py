@@ -230,7 +230,7 @@ def main(argv: list[str] | None = None) -> dict:
         result["lightning_images_per_s_best"] * flops_per_image / 1e9 / result["gemm_bf16_gflops"]
     )
 
-    backbone = DDAE(**args.method_args).backbone
+    backbone = DDAE(**args.method_args).feature_backbone
     with torch.no_grad():
         fwd = FlopCounterMode(display=False)
         with fwd:

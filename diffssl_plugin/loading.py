@@ -152,7 +152,7 @@ def export(model, folder: str | os.PathLike, result=None) -> Path:
     folder = Path(folder)
     staging = folder.with_name(folder.name + ".partial")
     shutil.rmtree(staging, ignore_errors=True)
-    backbone = model.backbone
+    backbone = getattr(model, "feature_backbone", model.backbone)  # the representation (EMA where kept)
     # the registered name of the shape trained (``ddae_unet_cifar10`` for CIFAR-10-shaped data); timm's own
     # baselines (no ``architecture``) are named by the learner
     architecture = getattr(backbone, "architecture", None) or model.timm_architecture

@@ -406,9 +406,9 @@ def test_export_and_local_dir_round_trip(tmp_path, x28):
         assert not (folder / "diffusers").exists()  # a VE conditional score net is not a DDPM pipeline
         loaded = timm.create_model(f"local-dir:{folder / 'backbone'}", pretrained=True).eval()
         assert loaded.pretrained_cfg["architecture"] == m.timm_architecture
-        assert loaded.model_args() == m.backbone.model_args() and loaded.num_features == 8
+        assert loaded.model_args() == m.feature_backbone.model_args() and loaded.num_features == 8
         with torch.no_grad():
-            torch.testing.assert_close(loaded(x28), m.backbone.eval()(x28))
+            torch.testing.assert_close(loaded(x28), m.feature_backbone.eval()(x28))
         clf = classifier_from_encoder(folder / "backbone", num_classes=10).eval()  # from the exported folder
         with torch.no_grad():
             assert clf(x28).shape == (4, 10)
@@ -420,7 +420,7 @@ def test_classifier_from_encoder(x28):
     clf = classifier_from_encoder(m, num_classes=3)
     assert clf.num_classes == 3 and clf.num_features == 8
     with torch.no_grad():  # the encoder is copied from the (EMA) backbone
-        torch.testing.assert_close(clf.forward_features(x28), m.backbone.eval().forward_features(x28))
+        torch.testing.assert_close(clf.forward_features(x28), m.feature_backbone.eval().forward_features(x28))
     assert clf.encoder is not m.ema.module
     loss = F.cross_entropy(clf.train()(x28), torch.tensor([0, 1, 2, 0]))
     loss.backward()

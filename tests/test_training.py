@@ -13,6 +13,7 @@ import timm
 import torch
 
 import diffssl_plugin  # noqa: F401
+from diffssl_plugin.data import load_split
 from diffssl_plugin.methods.base import StartAt, StepBatches
 from diffssl_plugin.methods.training import Budget, pretrain
 
@@ -156,6 +157,25 @@ def test_resume_after_interruption_is_exact(tmp_path):
     assert a.keys() == b.keys()
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=f"{k} differs after resume")
+
+
+def test_gradient_accumulation_counts_images_per_optimisation_step(tmp_path):
+    seen = []
+
+    class Batches(pl.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            seen.append((trainer.global_step, batch[1].clone()))
+
+    result = pretrain(
+        "ddae", budget=Budget(steps=2), out_dir=tmp_path, accumulate_grad_batches=3, callbacks=[Batches()], **TINY
+    )
+    assert result.steps == 2 and result.global_batch_size == 48 and result.images_seen == 96
+    assert result.train_flops == pytest.approx(result.flops_per_image * 96)
+    assert [s for s, _ in seen] == [0, 0, 0, 1, 1, 1]  # three micro-batches per optimisation step
+    labels = load_split("fashion_mnist", "trainval").balanced_subset(total=200, seed=0).labels
+    stream = StepBatches(torch.zeros(len(labels), 1, 1, 1, dtype=torch.uint8), labels, global_batch_size=16)
+    for m, (_, got) in enumerate(seen):  # micro-batch m of the run is item m of the step-indexed stream
+        assert torch.equal(got, stream[m][1]), m
 
 
 def test_unknown_method_lists_valid_ones(tmp_path):

@@ -266,7 +266,7 @@ def classifier_from_encoder(
         import timm
 
         source = timm.create_model(f"local-dir:{source}", pretrained=True)
-    backbone = getattr(source, "backbone", source)
+    backbone = getattr(source, "feature_backbone", getattr(source, "backbone", source))  # a learner: its EMA
     if not isinstance(backbone, DRLBackbone):
         raise InputError(
             f"classifier_from_encoder needs a DRL learner, DRL backbone or exported DRL folder, "

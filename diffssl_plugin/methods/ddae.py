@@ -22,25 +22,31 @@ horizon of 63 vs 57 steps at s = 500), so there was nothing to measure a faster 
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from diffusers import UNet2DModel
 
 from ..backbones.ddae import UNET_PRESETS, DDAEBackbone
+from ..data.flip import hflip
 from ..diffusion import EMA, ddpm_scheduler, epsilon_loss
 from ..errors import check_name
-from .base import SSLMethod, hflip, to_unit_range
+from .base import SSLMethod, to_unit_range
 
 
-def ddae_transform(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """DDAE's training augmentation: random horizontal flip, then [0, 1] → [-1, 1]."""
-    return to_unit_range(hflip(images, generator))
+def ddae_transform(images: torch.Tensor, generator: torch.Generator, flip: bool = True) -> torch.Tensor:
+    """DDAE's training augmentation: random horizontal flip (skipped with ``flip=False``: a mirrored digit is not
+    a digit), then [0, 1] → [-1, 1]."""
+    return to_unit_range(hflip(images, generator) if flip else images)
 
 
 class DDAE(SSLMethod):
     """Unconditional DDPM pretraining whose EMA U-Net is read as a DDAE feature backbone."""
 
     transform = staticmethod(ddae_transform)
+    eval_transform = staticmethod(to_unit_range)
     gradient_clip_val = 1.0
+    cosine_decay = False  # DDPM: constant rate after the warm-up
     timm_architecture = "ddae_unet_fmnist"  # its model_args carry the full U-Net config
 
     def __init__(
@@ -57,9 +63,23 @@ class DDAE(SSLMethod):
         readout: dict | None = None,
         seed: int = 0,
         in_chans: int | None = None,
+        online_classifier: bool = True,
+        hflip: bool | None = None,
     ):
-        super().__init__(batch_size_per_device, num_classes, knn_k, knn_t, lr=lr, warmup_steps=warmup_steps, seed=seed)
+        super().__init__(
+            batch_size_per_device,
+            num_classes,
+            knn_k,
+            knn_t,
+            lr=lr,
+            warmup_steps=warmup_steps,
+            seed=seed,
+            online_classifier=online_classifier,
+        )
         self.save_hyperparameters()
+        self.hflip = True if hflip is None else bool(hflip)  # None: flip unless pretrain's dataset says not to
+        if not self.hflip:
+            self.transform = functools.partial(ddae_transform, flip=False)
         if isinstance(unet_config, str):
             unet_config = UNET_PRESETS[check_name("U-Net preset", unet_config, UNET_PRESETS)]
         config = dict(unet_config)
@@ -70,21 +90,31 @@ class DDAE(SSLMethod):
         self.ema = EMA(self.unet, decay=ema_decay, warmup=ema_warmup)
         self.readout = {**{"timestep": 10, "block": "mid", "pool": "avg2x2"}, **(readout or {})}
         self._backbone_cache: dict[str, DDAEBackbone] = {}  # a dict, so Lightning does not save it twice
+        self.init_online_classifier()
 
-    def training_loss(self, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        x0 = self.transform(images, generator)
+    def view_loss(self, x0: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """DDPM's ε-prediction loss on flipped images ``x0`` in [-1, 1]."""
         return epsilon_loss(lambda x_t, t: self.unet(x_t, t).sample, x0, self.scheduler, generator)
 
     def after_optimizer_step(self) -> None:
         self.ema.update(self.unet)
 
+    def _wrap(self, key: str, unet: UNet2DModel) -> DDAEBackbone:
+        cached = self._backbone_cache.get(key)
+        if cached is None or cached.unet is not unet:
+            cached = self._backbone_cache[key] = DDAEBackbone(unet=unet, **self.readout)
+        return cached
+
     @property
     def backbone(self) -> DDAEBackbone:
-        """The EMA U-Net as a DDAE backbone (shares the EMA weights; not a registered sub-module)."""
-        cached = self._backbone_cache.get("backbone")
-        if cached is None or cached.unet is not self.ema.module:
-            cached = self._backbone_cache["backbone"] = DDAEBackbone(unet=self.ema.module, **self.readout)
-        return cached
+        """The trainable U-Net as a DDAE backbone, for fine-tuning (shares the U-Net's weights; not a
+        registered sub-module)."""
+        return self._wrap("backbone", self.unet)
+
+    @property
+    def feature_backbone(self) -> DDAEBackbone:
+        """The EMA U-Net as a DDAE backbone: the representation (export, frozen probes, ``forward``)."""
+        return self._wrap("ema", self.ema.module)
 
     @property
     def generative_unet(self) -> UNet2DModel:

@@ -35,6 +35,7 @@ Choices the paper leaves open (its appendix, with the architecture, was not avai
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 import torch
@@ -49,11 +50,12 @@ from ..backbones.drl import (
     drl_backbone,
     preset_config,
 )
+from ..data.flip import hflip
 from ..diffusion import EMA
 from ..diffusion.losses import gaussian_kl, reparameterise
 from ..diffusion.ve import noise_sampler, ve_dsm_loss
 from ..errors import InputError
-from .base import SSLMethod, hflip, to_unit_range
+from .base import SSLMethod, to_unit_range
 
 
 def drl_transform(images: torch.Tensor, generator: torch.Generator, flip: bool = True) -> torch.Tensor:
@@ -89,7 +91,9 @@ class DRL(SSLMethod):
     """
 
     transform = staticmethod(drl_transform)
+    eval_transform = staticmethod(to_unit_range)
     gradient_clip_val = 1.0
+    cosine_decay = False  # score_sde: constant rate after the warm-up
     variational = False
 
     def __init__(
@@ -116,8 +120,18 @@ class DRL(SSLMethod):
         seed: int = 0,
         in_chans: int | None = None,
         hflip: bool | None = None,
+        online_classifier: bool = True,
     ):
-        super().__init__(batch_size_per_device, num_classes, knn_k, knn_t, lr=lr, warmup_steps=warmup_steps, seed=seed)
+        super().__init__(
+            batch_size_per_device,
+            num_classes,
+            knn_k,
+            knn_t,
+            lr=lr,
+            warmup_steps=warmup_steps,
+            seed=seed,
+            online_classifier=online_classifier,
+        )
         self.save_hyperparameters()
         self.noise = noise_sampler(sampler, sigma_min, sigma_max, sigma_range)
         self.encoder, _ = build_encoder(encoder_config, code_dim, time_dependent, self.variational, in_chans)
@@ -126,9 +140,12 @@ class DRL(SSLMethod):
         self.code_proj = nn.Linear(code_dim, self.score_net.time_embedding.linear_2.out_features)
         self.conditional, self.beta, self.l1_weight = conditional, float(beta), float(l1_weight)
         self.hflip = True if hflip is None else bool(hflip)
+        if not self.hflip:
+            self.transform = functools.partial(drl_transform, flip=False)
         self.readout_t = check_readout_t(readout_t) if time_dependent else (0.0,)
         self.ema = EMA(self.encoder, decay=ema_decay)
         self._backbone_cache: dict[str, DRLBackbone] = {}  # a dict, so Lightning does not save it twice
+        self.init_online_classifier()
 
     def _check_sizes(self) -> None:
         enc, unet = self.encoder, self.score_net.config
@@ -161,8 +178,8 @@ class DRL(SSLMethod):
         """s_θ(x_t, σ, z) = unet(x_t, σ, class_labels = Linear(z)) / σ (the U-Net divides by σ itself)."""
         return self.score_net(x_t, sigma, class_labels=self.code_proj(z)).sample
 
-    def training_loss(self, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        x0 = self.transform(images, generator, self.hflip)
+    def view_loss(self, x0: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """The joint DSM loss (plus the code's regulariser) on flipped images ``x0`` in [-1, 1]."""
         penalty = {}
 
         def score_fn(x_t, sigma, t):
@@ -187,14 +204,23 @@ class DRL(SSLMethod):
             return "vdrl_time_encoder_fmnist" if self.variational else "drl_time_encoder_fmnist"
         return "drl_encoder_fmnist"
 
+    def _wrap(self, key: str, encoder: nn.Module) -> DRLBackbone:
+        cached = self._backbone_cache.get(key)
+        if cached is None or cached.encoder is not encoder:
+            readout = self.readout_t if self.encoder.time_dependent else None
+            cached = self._backbone_cache[key] = drl_backbone(encoder=encoder, readout_t=readout)
+        return cached
+
     @property
     def backbone(self) -> DRLBackbone:
-        """The EMA encoder as a backbone (shares the EMA weights; not a registered sub-module)."""
-        cached = self._backbone_cache.get("backbone")
-        if cached is None or cached.encoder is not self.ema.module:
-            readout = self.readout_t if self.encoder.time_dependent else None
-            cached = self._backbone_cache["backbone"] = drl_backbone(encoder=self.ema.module, readout_t=readout)
-        return cached
+        """The trainable encoder as a backbone, for fine-tuning (shares its weights; not a registered
+        sub-module)."""
+        return self._wrap("backbone", self.encoder)
+
+    @property
+    def feature_backbone(self) -> DRLBackbone:
+        """The EMA encoder as a backbone: the representation (export, frozen probes, ``forward``)."""
+        return self._wrap("ema", self.ema.module)
 
 
 class VDRL(DRL):

@@ -39,7 +39,6 @@ from ..backbones.baselines import MAEViT, norm_stats
 from ..backbones.checks import check_images
 from .augment import normalize, random_resized_crop
 from .base import SSLMethod
-from .optim import warmup_cosine
 
 
 def mae_transform(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
@@ -47,6 +46,11 @@ def mae_transform(images: torch.Tensor, generator: torch.Generator) -> torch.Ten
     flip, then the backbone's mean/std."""
     x = random_resized_crop(images, generator, scale=(0.2, 1.0), mode="bicubic")
     return normalize(x, *norm_stats(images.shape[1]))
+
+
+def mae_eval_transform(images: torch.Tensor) -> torch.Tensor:
+    """Evaluation input of the ViT: images in [0, 1] normalised with the backbone's mean/std."""
+    return normalize(images, *norm_stats(images.shape[1]))
 
 
 def random_token_mask(
@@ -65,6 +69,7 @@ class MAE(SSLMethod):
     """Masked autoencoder with a ViT-Tiny/4 encoder (``mae_vit_tiny_p4``) and a small ViT decoder."""
 
     transform = staticmethod(mae_transform)
+    eval_transform = staticmethod(mae_eval_transform)
     timm_architecture = "mae_vit_tiny_p4"
 
     def __init__(
@@ -85,6 +90,7 @@ class MAE(SSLMethod):
         backbone_args: dict | None = None,
         seed: int = 0,
         in_chans: int = 1,
+        online_classifier: bool = True,
     ):
         super().__init__(
             batch_size_per_device,
@@ -95,6 +101,7 @@ class MAE(SSLMethod):
             weight_decay=weight_decay,
             warmup_steps=warmup_steps,
             seed=seed,
+            online_classifier=online_classifier,
         )
         self.save_hyperparameters()
         self.mask_ratio, self.betas = mask_ratio, tuple(betas)
@@ -116,6 +123,7 @@ class MAE(SSLMethod):
             num_prefix_tokens=vit.num_prefix_tokens,
         )
         self.decoder_pred = nn.Linear(decoder_dim, self.patch_size**2 * in_chans)
+        self.init_online_classifier()
 
     @property
     def backbone(self) -> MAEViT:
@@ -126,9 +134,9 @@ class MAE(SSLMethod):
         check_images(
             images, vit.in_chans, vit.patch_embed.img_size[0], name="MAE (set img_size to the data's image size)"
         )
-        return self._loss(self.transform(images, generator), generator)
+        return self.view_loss(self.transform(images, generator), generator)
 
-    def _loss(self, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    def view_loss(self, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         """The MAE objective on an augmented, normalised batch ``x``."""
         idx_keep, idx_mask = random_token_mask(len(x), self.num_patches, self.mask_ratio, generator, x.device)
         encoded = self.encoder.encode(x, idx_keep=idx_keep)  # visible tokens only
@@ -147,11 +155,9 @@ class MAE(SSLMethod):
             [self.encoder, self.decoder_embed, self.decoder, self.decoder_pred]
         )
         opt = torch.optim.AdamW(
-            [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}],
+            [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}, *self.optimizer_groups()[1:]],
             lr=self.lr,
             weight_decay=self.weight_decay,
             betas=self.betas,
         )
-        total = self.trainer.max_steps if self._trainer is not None else -1
-        sched = warmup_cosine(opt, self.warmup_steps, total if total > 0 else None)
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+        return {"optimizer": opt, "lr_scheduler": self.lr_schedule(opt)}

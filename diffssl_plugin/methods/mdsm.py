@@ -63,8 +63,11 @@ class MDSM(SSLMethod):
         seed: int = 0,
         in_chans: int | None = None,
         img_size: int | None = None,
+        online_classifier: bool = True,
     ):
-        super().__init__(batch_size_per_device, num_classes, knn_k, knn_t, lr=lr, seed=seed)
+        super().__init__(
+            batch_size_per_device, num_classes, knn_k, knn_t, lr=lr, seed=seed, online_classifier=online_classifier
+        )
         self.save_hyperparameters()
         config = dict(EBM_PRESETS[check_name("EBM preset", net, EBM_PRESETS)])
         overrides = {"width": width, "in_chans": in_chans, "img_size": img_size}
@@ -79,14 +82,16 @@ class MDSM(SSLMethod):
             sigma_grid = SIGMA_GRIDS[check_name("σ grid", sigma_grid, SIGMA_GRIDS)]
         self.sigma_range = tuple(sigma_grid)
         self.sigma0, self.betas, self.min_lr = sigma0, tuple(betas), min_lr
+        self.init_online_classifier()
 
     def sigmas(self, batch_size: int) -> torch.Tensor:
         """The fixed per-sample σ grid for a batch of ``batch_size`` images."""
         return sigma_grid(batch_size, *self.sigma_range)
 
-    def training_loss(self, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    def view_loss(self, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """The multi-scale DSM loss of images ``x`` in [0, 1]."""
         # pad 28 → 32 before noising, as the official loader does: the loss covers the padded image
-        x = self.energy_net.pad_input(self.transform(images, generator))
+        x = self.energy_net.pad_input(x)
         return mdsm_loss(self.energy_net.energy, x, self.sigmas(x.shape[0]).to(x.device), generator, self.sigma0)
 
     def energy(self, x: torch.Tensor) -> torch.Tensor:
@@ -104,9 +109,9 @@ class MDSM(SSLMethod):
         return "mdsm_ebm_cifar10" if self.energy_net.blocks_per_stage == 3 else "mdsm_ebm_fmnist"
 
     def configure_optimizers(self):
-        opt = torch.optim.Adam(self.energy_net.parameters(), lr=self.lr, betas=self.betas)
-        total = self.trainer.max_steps if self._trainer is not None else -1
-        if total is None or total <= 0:
-            return opt  # wall-clock budget: the horizon is unknown, keep the rate constant
-        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=total, eta_min=self.min_lr)
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+        """Adam with cosine decay from ``lr`` to ``min_lr`` over the known step budget (lightly's
+        convention: the end value is reached at the last step), constant when the horizon is unknown."""
+        opt = torch.optim.Adam(self.optimizer_groups(), lr=self.lr, betas=self.betas)
+        if self.total_steps() is None:
+            return opt  # the horizon is unknown: the rate stays constant (no warm-up in the paper)
+        return {"optimizer": opt, "lr_scheduler": self.lr_schedule(opt, end_value=self.min_lr / self.lr)}

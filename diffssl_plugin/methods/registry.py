@@ -1,7 +1,10 @@
 """The method registry, in lightly's style: ``METHODS[name] = {"model": LightningModule class, "transform": …}``.
 
 ``transform`` is the learner's batch augmentation, ``transform(images_in_0_1, generator)``. It works on whole
-batches (no per-image Python loop), unlike lightly's per-sample PIL transforms.
+batches (no per-image Python loop), unlike lightly's per-sample PIL transforms; it is what our step-indexed,
+exactly resumable path uses. ``image_transform`` is the same augmentation per image (a PIL image or tensor in,
+the view or list of views out), usable as a ``LightlyDataset`` transform, and ``val_transform`` the
+deterministic per-image input of the backbone (for validation/kNN loaders in lightly's format).
 
 Other packages add learners without editing this file, through the entry-point group
 ``diffssl_plugin.methods`` (each entry point names a dict ``{"model": ..., "transform": ...}``).
@@ -14,19 +17,30 @@ from importlib.metadata import entry_points
 from ..errors import check_name
 from .ddae import DDAE
 from .drl import DRL, VDRL
+from .lightly_api import PerImageTransform
 from .mae import MAE
 from .mdsm import MDSM
 from .simclr import SimCLR
 
 ENTRY_POINT_GROUP = "diffssl_plugin.methods"
 
+
+def _entry(model: type) -> dict:
+    return {
+        "model": model,
+        "transform": model.transform,
+        "image_transform": PerImageTransform(model.transform),
+        "val_transform": PerImageTransform(model.eval_transform, random=False),
+    }
+
+
 METHODS: dict[str, dict] = {
-    "ddae": {"model": DDAE, "transform": DDAE.transform},
-    "drl": {"model": DRL, "transform": DRL.transform},
-    "vdrl": {"model": VDRL, "transform": VDRL.transform},
-    "simclr": {"model": SimCLR, "transform": SimCLR.transform},
-    "mae": {"model": MAE, "transform": MAE.transform},
-    "mdsm": {"model": MDSM, "transform": MDSM.transform},
+    "ddae": _entry(DDAE),
+    "drl": _entry(DRL),
+    "vdrl": _entry(VDRL),
+    "simclr": _entry(SimCLR),
+    "mae": _entry(MAE),
+    "mdsm": _entry(MDSM),
 }
 
 

@@ -35,9 +35,9 @@ from lightly.loss import NTXentLoss
 from lightly.models.modules import SimCLRProjectionHead
 
 from ..backbones.baselines import CifarResNet, norm_stats
+from ..errors import InputError
 from .augment import color_jitter, normalize, random_grayscale, random_resized_crop
 from .base import SSLMethod
-from .optim import warmup_cosine
 
 
 def simclr_view(
@@ -61,10 +61,16 @@ def simclr_transform(images: torch.Tensor, generator: torch.Generator) -> torch.
     return torch.stack([simclr_view(images, generator), simclr_view(images, generator)])
 
 
+def simclr_eval_transform(images: torch.Tensor) -> torch.Tensor:
+    """Evaluation input of the ResNet: images in [0, 1] normalised with the backbone's mean/std."""
+    return normalize(images, *norm_stats(images.shape[1]))
+
+
 class SimCLR(SSLMethod):
     """SimCLR: a CIFAR-stem ResNet-18 (``simclr_resnet18_cifar``), lightly's projection head and NT-Xent."""
 
     transform = staticmethod(simclr_transform)
+    eval_transform = staticmethod(simclr_eval_transform)
     timm_architecture = "simclr_resnet18_cifar"
 
     def __init__(
@@ -82,6 +88,7 @@ class SimCLR(SSLMethod):
         backbone_args: dict | None = None,
         seed: int = 0,
         in_chans: int = 1,
+        online_classifier: bool = True,
     ):
         super().__init__(
             batch_size_per_device,
@@ -92,6 +99,7 @@ class SimCLR(SSLMethod):
             weight_decay=weight_decay,
             warmup_steps=warmup_steps,
             seed=seed,
+            online_classifier=online_classifier,
         )
         self.save_hyperparameters()
         self.momentum = momentum
@@ -102,21 +110,30 @@ class SimCLR(SSLMethod):
         self.projection_head = SimCLRProjectionHead(width, width, projection_dim)
         # negatives from every process under DDP (lightly's benchmarks); a no-op in a single process
         self.criterion = NTXentLoss(temperature=temperature, gather_distributed=torch.distributed.is_available())
+        self.init_online_classifier()
 
     @property
     def backbone(self) -> CifarResNet:
         return self.resnet
 
-    def training_loss(self, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        views = self.transform(images, generator)  # (2, B, C, H, W)
+    def collate_views(self, views: torch.Tensor | list[torch.Tensor]) -> torch.Tensor:
+        """lightly's two views (a list of two (B, C, H, W) tensors) stacked as ``transform`` gives them."""
+        views = views if isinstance(views, torch.Tensor) else torch.stack(list(views))
+        if views.dim() != 5 or views.shape[0] != 2:
+            raise InputError(f"SimCLR takes two views per image, got a batch of shape {tuple(views.shape)}")
+        return views
+
+    def view_loss(self, views: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """NT-Xent of the projections of two views (2, B, C, H, W)."""
         h = self.resnet(views.flatten(0, 1))  # representations of both views
         z0, z1 = self.projection_head(h).chunk(2)  # projections
         return self.criterion(z0, z1)  # NT-Xent
 
     def configure_optimizers(self):
-        world = self.trainer.world_size if self._trainer is not None else 1
-        lr = self.lr if self.lr is not None else 0.06 * self.batch_size_per_device * world / 128
-        opt = torch.optim.SGD(self.parameters(), lr=lr, momentum=self.momentum, weight_decay=self.weight_decay)
-        total = self.trainer.max_steps if self._trainer is not None else -1
-        sched = warmup_cosine(opt, self.warmup_steps, total if total > 0 else None)
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+        trainer = self.trainer if self._trainer is not None else None
+        images_per_step = self.batch_size_per_device * (
+            trainer.world_size * trainer.accumulate_grad_batches if trainer else 1
+        )
+        lr = self.lr if self.lr is not None else 0.06 * images_per_step / 128
+        opt = torch.optim.SGD(self.optimizer_groups(), lr=lr, momentum=self.momentum, weight_decay=self.weight_decay)
+        return {"optimizer": opt, "lr_scheduler": self.lr_schedule(opt)}

@@ -12,13 +12,15 @@ import inspect
 import os
 import re
 import time
+import warnings
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import ClassVar
 
 import pytorch_lightning as pl
 import torch
-from pytorch_lightning.callbacks import Callback, ModelCheckpoint, TQDMProgressBar
+from pytorch_lightning.callbacks import Callback, ModelCheckpoint, Timer, TQDMProgressBar
+from pytorch_lightning.plugins import TorchCheckpointIO
 
 from ..data import DATASETS, load_split
 from ..loading import export
@@ -90,6 +92,8 @@ class PretrainResult:
     global_batch_size: int
     final_loss: float | None
     method_kwargs: dict = field(default_factory=dict)
+    #: batches summed per optimisation step (``global_batch_size`` = images per optimisation step)
+    accumulate_grad_batches: int = 1
 
     def as_record(self) -> dict:
         return asdict(self)
@@ -114,19 +118,19 @@ def budget_spent(result: PretrainResult | dict) -> dict:
     return {k: fields.get(k) for k in BUDGET_FIELDS}
 
 
-class AtomicCheckpoint(ModelCheckpoint):
-    """``ModelCheckpoint`` that writes to a temporary name and renames, so no half-written file is resumed."""
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Lightning's ``CheckpointIO`` plugin (public API) that writes each checkpoint to ``<path>.partial`` and
+    renames it into place, so a process killed mid-write never leaves a half-written file to be resumed."""
 
-    def _save_checkpoint(self, trainer: pl.Trainer, filepath: str) -> None:
-        partial = filepath + ".partial"
-        super()._save_checkpoint(trainer, partial)
-        if trainer.is_global_zero:
-            os.replace(partial, filepath)
-        self._last_checkpoint_saved = filepath
+    def save_checkpoint(self, checkpoint: dict, path, storage_options=None) -> None:
+        partial = f"{path}.partial"
+        super().save_checkpoint(checkpoint, partial, storage_options=storage_options)
+        os.replace(partial, path)
 
 
 class WallClock(Callback):
-    """Training wall time, carried across resumes in the checkpoint."""
+    """Training wall time, carried across resumes in the checkpoint (like Lightning's ``Timer``, which
+    ``pretrain`` adds for a time budget: both are callbacks with state, saved in and restored from it)."""
 
     def __init__(self):
         self.elapsed, self._start = 0.0, None
@@ -158,8 +162,9 @@ class BudgetProgressBar(TQDMProgressBar):
 
     @property
     def total_train_batches(self) -> int | float:
-        max_steps = self.trainer.fit_loop.epoch_loop.max_steps
-        return max(0, max_steps - self.trainer.global_step) if max_steps > 0 else float("inf")
+        max_steps = self.trainer.max_steps
+        left = max(0, max_steps - self.trainer.global_step) * self.trainer.accumulate_grad_batches
+        return left if max_steps > 0 else float("inf")
 
     def on_train_epoch_start(self, trainer: pl.Trainer, *args) -> None:
         super().on_train_epoch_start(trainer, *args)
@@ -167,7 +172,10 @@ class BudgetProgressBar(TQDMProgressBar):
 
 
 class StepDataModule(pl.LightningDataModule):
-    """Feeds :class:`StepBatches` from the current global step, so a resumed run continues the same stream."""
+    """Feeds :class:`StepBatches` from the current global step, so a resumed run continues the same stream.
+
+    Item ``m`` of the stream is micro-batch ``m``; with gradient accumulation ``a``, optimisation step ``s``
+    takes micro-batches ``s·a … s·a + a − 1`` (``batch × a`` images per step)."""
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, global_batch_size: int, seed: int, max_steps: int):
         super().__init__()
@@ -176,14 +184,23 @@ class StepDataModule(pl.LightningDataModule):
 
     def train_dataloader(self):
         trainer = self.trainer
+        acc = trainer.accumulate_grad_batches
         data = StepBatches(
-            self.images, self.labels, self.batch, self.seed, trainer.global_rank, trainer.world_size, self.max_steps
+            self.images,
+            self.labels,
+            self.batch,
+            self.seed,
+            trainer.global_rank,
+            trainer.world_size,
+            self.max_steps * acc,
         )
-        sampler = StartAt(trainer.global_step, self.max_steps)
+        sampler = StartAt(trainer.global_step * acc, self.max_steps * acc)
         return torch.utils.data.DataLoader(data, batch_size=None, sampler=sampler, num_workers=0)
 
 
 def build_model(method: str, num_classes: int, batch_size_per_device: int, in_chans: int, **method_kwargs) -> SSLMethod:
+    """The registered learner ``method``; ``pretrain`` builds it without lightly's online classifier (the
+    budget counts the learner's FLOPs only) unless ``method_kwargs`` asks for one."""
     entry = get_method(method)
     return entry["model"](
         batch_size_per_device=batch_size_per_device, num_classes=num_classes, in_chans=in_chans, **method_kwargs
@@ -207,6 +224,7 @@ def pretrain(
     max_images: int | None = None,
     callbacks: list[Callback] | None = None,
     logger: pl.loggers.Logger | bool | None = None,
+    accumulate_grad_batches: int = 1,
 ) -> PretrainResult:
     """Pretrain ``method`` on the ``trainval`` split of ``dataset`` (labels unused) within ``budget``.
 
@@ -215,8 +233,12 @@ def pretrain(
     precision (a paper config's own choice). ``batch_size`` is the global batch; each of the
     ``devices × num_nodes`` processes takes its share. Every rank calls this and gets the result; rank 0 writes
     the export, and every rank returns once it is complete. ``callbacks`` and ``logger`` are passed to
-    Lightning (default logger: CSV files under ``out_dir/logs``).
+    Lightning (default logger: CSV files under ``out_dir/logs``). ``accumulate_grad_batches`` sums the
+    gradients of that many batches per optimisation step: a step then sees ``batch_size × accumulate_grad_batches``
+    images, and the budget (steps, FLOPs, images seen) counts optimisation steps of that size.
     """
+    if accumulate_grad_batches < 1:
+        raise ValueError(f"accumulate_grad_batches must be at least 1, got {accumulate_grad_batches}")
     rt = runtime or current()
     if precision is not None:
         rt = replace(rt, precision=precision)
@@ -227,13 +249,30 @@ def pretrain(
     if max_images:
         data = data.balanced_subset(total=max_images, seed=seed)
     pl.seed_everything(seed, workers=True, verbose=False)
+    world = rt.requested_world_size
+    per_device, rem = divmod(batch_size, world)
+    if rem:
+        raise ValueError(f"batch size {batch_size} is not divisible by {world} processes")
+    if "hflip" in inspect.signature(get_method(method)["model"]).parameters:  # no mirrored digits
+        method_kwargs.setdefault("hflip", DATASETS[dataset].hflip)
+    model = build_model(
+        method, data.num_classes, per_device, data.channels, seed=seed, **{"online_classifier": False, **method_kwargs}
+    )
+    flops_per_image = model.flops_per_image(data.take(torch.arange(min(8, len(data)))).floats())
+    step_images = batch_size * accumulate_grad_batches
+    max_steps = budget.max_steps(flops_per_image * step_images)
+    timer = []
+    if budget.minutes is not None:
+        timer = [Timer(duration={"seconds": budget.minutes * 60}, interval="step")]
     trainer = pl.Trainer(
         **rt.trainer_kwargs(),
-        max_steps=-1,
+        max_steps=max_steps,
         max_epochs=-1,
+        accumulate_grad_batches=accumulate_grad_batches,
+        plugins=[AtomicCheckpointIO()],
         logger=pl.loggers.CSVLogger(str(out), name="logs") if logger is None else logger,
         callbacks=[
-            AtomicCheckpoint(
+            ModelCheckpoint(
                 dirpath=str(out / "checkpoints"),
                 save_last=True,
                 save_top_k=0,
@@ -241,6 +280,7 @@ def pretrain(
                 enable_version_counter=False,
             ),
             WallClock(),
+            *timer,
             *([BudgetProgressBar(budget)] if progress else []),
             *(callbacks or []),
         ],
@@ -251,31 +291,17 @@ def pretrain(
         log_every_n_steps=10,
         default_root_dir=str(out),
     )
-    per_device, rem = divmod(batch_size, trainer.world_size)
-    if rem:
-        raise ValueError(f"batch size {batch_size} is not divisible by {trainer.world_size} processes")
-    if "hflip" in inspect.signature(get_method(method)["model"]).parameters:  # no mirrored digits
-        method_kwargs.setdefault("hflip", DATASETS[dataset].hflip)
-    model = build_model(method, data.num_classes, per_device, data.channels, seed=seed, **method_kwargs)
-    flops_per_image = model.flops_per_image(data.take(torch.arange(min(8, len(data)))).floats())
-    max_steps = budget.max_steps(flops_per_image * batch_size)
-    trainer.fit_loop.epoch_loop.max_steps = max_steps
-    trainer.gradient_clip_val = getattr(model, "gradient_clip_val", None)
-    if budget.minutes is not None:
-        from pytorch_lightning.callbacks import Timer
-
-        timer = Timer(duration={"seconds": budget.minutes * 60}, interval="step")
-        trainer.callbacks.append(timer)
+    if trainer.world_size != world:
+        raise RuntimeError(f"Lightning runs {trainer.world_size} processes, the runtime asked for {world}")
     datamodule = StepDataModule(data.images, data.labels, batch_size, seed, max_steps)
     last = out / "checkpoints" / "last.ckpt"
-    trainer.fit(
-        model, datamodule=datamodule, ckpt_path=str(last) if resume and last.is_file() else None, weights_only=True
-    )
-    if trainer.global_step > 0:  # every rank takes part (a barrier); only rank 0 writes, then renames
-        partial = str(last) + ".partial"
-        trainer.save_checkpoint(partial, weights_only=False)
-        if trainer.is_global_zero:
-            os.replace(partial, last)
+    with warnings.catch_warnings():  # pretraining has no validation loader; the learner's val step is for lightly's
+        warnings.filterwarnings("ignore", message=".*`validation_step` but have no `val_dataloader`")
+        trainer.fit(
+            model, datamodule=datamodule, ckpt_path=str(last) if resume and last.is_file() else None, weights_only=True
+        )
+    if trainer.global_step > 0:  # every rank takes part (a barrier); rank 0 writes atomically (AtomicCheckpointIO)
+        trainer.save_checkpoint(str(last), weights_only=False)
     steps = trainer.global_step
     wall = next(c for c in trainer.callbacks if isinstance(c, WallClock)).seconds()
     loss = trainer.callback_metrics.get("train_loss")
@@ -286,13 +312,14 @@ def pretrain(
         checkpoint=str(last),
         budget=str(budget),
         steps=steps,
-        images_seen=steps * batch_size,
+        images_seen=steps * step_images,
         wall_seconds=round(wall, 2),
         flops_per_image=flops_per_image,
-        train_flops=flops_per_image * batch_size * steps,
-        global_batch_size=batch_size,
+        train_flops=flops_per_image * step_images * steps,
+        global_batch_size=step_images,
         final_loss=float(loss) if loss is not None else None,
         method_kwargs=method_kwargs,
+        accumulate_grad_batches=accumulate_grad_batches,
     )
     if trainer.is_global_zero:
         export(model, out / "export", result)
