@@ -20,6 +20,10 @@ from .runtime import add_runtime_arguments
 
 _HELP = argparse.ArgumentDefaultsHelpFormatter
 
+#: ``diffssl eval --checkpoint-kind``: an export, or a key of ``checkpoints.CHECKPOINT_KINDS`` (listed here so that
+#: parsing does not import diffusers; a test keeps the two in step)
+CHECKPOINT_KIND_CHOICES = ("export", "diffusers_ddpm", "adm", "mdsm", "ddae_ddpm")
+
 
 class _Parser(argparse.ArgumentParser):
     """argparse with a one-line usage error (exit code 2) that points at ``--help`` instead of the usage block."""
@@ -78,6 +82,12 @@ def build_parser() -> argparse.ArgumentParser:
     src = p.add_mutually_exclusive_group()
     src.add_argument("--checkpoint", help="an export folder (from pretrain/export) or its backbone/ folder")
     src.add_argument("--model", help="a timm model name (after `import diffssl_plugin`), e.g. raw_pixels")
+    p.add_argument(
+        "--checkpoint-kind",
+        default="export",
+        choices=CHECKPOINT_KIND_CHOICES,
+        help="what --checkpoint is: export, or an official checkpoint kind (diffssl_plugin.checkpoints)",
+    )
     p.add_argument("--weights", default=None, help="weights file for --model (safetensors or weights-only)")
     p.add_argument("--method", default=None, help="name for the records (default: from the checkpoint)")
     p.add_argument("--dataset", default="fashion_mnist", help="dataset name (see diffssl_plugin.data.DATASETS)")
@@ -160,6 +170,8 @@ def check_args(args: argparse.Namespace) -> None:
     if command == "eval":
         if not (args.checkpoint or args.model):
             raise UsageError("name what to evaluate: --checkpoint EXPORT_FOLDER or --model TIMM_NAME")
+        if args.checkpoint_kind != "export" and not args.checkpoint:
+            raise UsageError("--checkpoint-kind goes with --checkpoint")
         if args.weights and not args.model:
             raise UsageError("--weights goes with --model (an export folder carries its own weights)")
         A.check_names("protocol", args.protocol, A.protocol_names())
@@ -208,9 +220,15 @@ def cmd_eval(args) -> int:
     from .methods.training import budget_spent
     from .runtime import current
 
-    backbone = load_backbone(args.checkpoint, args.model, args.weights)
+    if args.checkpoint and args.checkpoint_kind != "export":
+        from .loading import load_checkpoint_backbone
+
+        backbone = load_checkpoint_backbone(args.checkpoint, args.checkpoint_kind)
+    else:
+        backbone = load_backbone(args.checkpoint, args.model, args.weights)
     A.check_readouts(backbone, args.blocks, args.timesteps, args.pools)
-    name = backbone.pretrained_cfg.get("architecture") or args.model or "backbone"
+    kind = args.checkpoint_kind if args.checkpoint and args.checkpoint_kind != "export" else None
+    name = backbone.pretrained_cfg.get("architecture") or args.model or kind or "backbone"
     config = EvalConfig(
         dataset=args.dataset,
         data_root=args.data_root,

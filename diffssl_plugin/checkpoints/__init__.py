@@ -12,6 +12,9 @@ kind              path                                                returns
                   :func:`save_adm_as_diffusers`                        = ``up1.1`` at t=150, 2×2 average pool)
 ``mdsm``          MDSM's ``netE_*.pt`` (DataParallel ``module.``       ``EnergyResNet`` (size read from the weights)
                   keys) or any file with the same weights
+``ddae_ddpm``     DDAE's own ``train.py`` checkpoint (``{'MODEL',      ``DDAEBackbone`` over a ``DDAEUNet2DModel``
+                  'EMA', 'opt'}``) of a DDPM-architecture U-Net;       (EMA weights; default ``out_6`` = ``up1.2``
+                  DDPM++/EDM networks are out of scope                 at DDAE t=11 = our 10)
 ================  ==================================================  ===========================================
 
 Files are read only as safetensors or with ``torch.load(weights_only=True)``: a pickle that needs code to load
@@ -39,6 +42,17 @@ from .adm import (
     load_adm_unet,
     save_adm_as_diffusers,
 )
+from .ddae_official import (
+    DDAEConfig,
+    DDAEUNet2DModel,
+    convert_ddae_state_dict,
+    ddae_to_unet,
+    ddae_unet_config,
+    infer_ddae_config,
+    load_ddae_ddpm,
+    load_ddae_unet,
+    read_ddae_state_dict,
+)
 from .diffssl_blocks import diffssl_block_name, diffssl_block_number
 from .diffusers_ddpm import (
     DDAE_CIFAR10_BLOCK,
@@ -54,6 +68,7 @@ CHECKPOINT_KINDS: dict[str, Callable[..., nn.Module]] = {
     "diffusers_ddpm": load_diffusers_ddpm,
     "adm": load_adm,
     "mdsm": load_mdsm,
+    "ddae_ddpm": load_ddae_ddpm,
 }
 
 
@@ -62,7 +77,8 @@ def load_backbone_checkpoint(kind: str, path: str | os.PathLike, **kwargs) -> nn
 
     ``kwargs`` go to the kind's loader: :func:`load_diffusers_ddpm` (``block``, ``timestep``, ``pool``, …),
     :func:`load_adm` (``block`` as a diffssl number or our name, ``timestep``, ``preset``, …) or
-    :func:`load_mdsm` (``img_size``, ``global_pool``, …). An unknown ``kind`` raises
+    :func:`load_mdsm` (``img_size``, ``global_pool``, …) or :func:`load_ddae_ddpm` (``block``, ``timestep``,
+    ``weights``, ``image_size``, …). An unknown ``kind`` raises
     :class:`~diffssl_plugin.errors.UnknownNameError` listing the kinds.
     """
     return CHECKPOINT_KINDS[check_name("checkpoint kind", kind, CHECKPOINT_KINDS)](path, **kwargs)
@@ -74,21 +90,30 @@ __all__ = [
     "DDAE_CIFAR10_BLOCK",
     "DDAE_CIFAR10_T",
     "ADMConfig",
+    "DDAEConfig",
+    "DDAEUNet2DModel",
     "adm_config",
     "adm_to_unet",
     "adm_unet_config",
     "convert_adm_state_dict",
+    "convert_ddae_state_dict",
     "convert_mdsm_state_dict",
     "ddae_block_name",
     "ddae_out_name",
     "ddae_timestep",
+    "ddae_to_unet",
+    "ddae_unet_config",
     "diffssl_block_name",
     "diffssl_block_number",
+    "infer_ddae_config",
     "infer_mdsm_args",
     "load_adm",
     "load_adm_unet",
     "load_backbone_checkpoint",
+    "load_ddae_ddpm",
+    "load_ddae_unet",
     "load_diffusers_ddpm",
     "load_mdsm",
+    "read_ddae_state_dict",
     "save_adm_as_diffusers",
 ]
