@@ -115,3 +115,19 @@ def test_the_one_flip_mirrors_the_images_whose_coin_came_up(splits):
     assert 0 < int(coins.sum()) < 16
     assert torch.equal(out[coins], x[coins].flip(-1)) and torch.equal(out[~coins], x[~coins])
     assert torch.equal(hflip(x, torch.Generator().manual_seed(3)), out)
+
+
+def test_kept_start_is_scored_on_the_frozen_test_features(splits):
+    """When validation keeps epoch 0 (the probe, the backbone unchanged), the test score from the frozen test
+    features equals running the backbone on the test images."""
+    from diffssl_plugin.eval import extract_features
+
+    torch.manual_seed(0)
+    model = timm.create_model("simclr_resnet18_cifar", layers=(1, 1, 1, 1), channels=(8, 16, 32, 64))
+    train, val, test = splits
+    recipe = FinetuneRecipe(epochs=0, probe_cs=(0.1,))
+    frozen = [extract_features(model, d, progress=False)[Readout()] for d in (train, val, test)]
+    plain = finetune(model, train, val, test, recipe=recipe, frozen=tuple(frozen[:2]))
+    shared = finetune(model, train, val, test, recipe=recipe, frozen=tuple(frozen[:2]), frozen_test=frozen[2])
+    assert plain.best_epoch == shared.best_epoch == 0
+    assert shared.test_acc == pytest.approx(plain.test_acc, abs=0.01)  # bf16 forward vs the cached rows

@@ -219,3 +219,60 @@ def test_backbones_without_diffusion_blocks_sweep_their_own_grid(tmp_path):
     records = evaluate(drl, "drl", "drl_time", config, cache_dir=tmp_path / "c", out_dir=tmp_path, progress=False)
     assert len([r for r in records if r["protocol"]["name"] == "sweep_linear"]) == 7
     assert (tmp_path / "sweep_drl_time.png").stat().st_size > 1000
+
+
+def test_sweep_rows_are_shared_and_choices_match_extracting_every_set_alone(tiny_fmnist_backbone):
+    """The linear protocol reuses the sweep's rows inside the final subsets (only the other images run through
+    the backbone), and its choices and scores equal the plain recipe: every subset extracted alone, one probe
+    per readout, the best validation readout probed again on the whole subsets."""
+    from dataclasses import replace
+
+    from diffssl_plugin.eval import EvalContext
+    from diffssl_plugin.eval.harness import linear_and_knn, load_eval_splits
+
+    model = tiny_fmnist_backbone
+    config = replace(SMALL, sweep_train_images=100, sweep_val_images=50)
+    ctx = EvalContext(model, "ddae", "tiny", config, progress=False)
+    calls, handle = _count_forwards(model)
+    records = linear_and_knn(ctx)
+    handle.remove()
+    train, val, test = load_eval_splits(config)
+    s_train, s_val = train.balanced_subset(total=100, seed=0), val.balanced_subset(total=50, seed=0)
+    readouts = config.readouts(model)
+    timesteps = len(config.timesteps)
+    batches = sum(-(-len(d) // config.batch_size) for d in (s_train, s_val))
+    rest = sum(-(-n // config.batch_size) for n in (len(train) - 100, len(val) - 50, len(test)))
+    assert len(calls) == timesteps * batches + rest  # one forward per (batch, timestep); sweep images not again
+
+    def alone(data, rs):
+        return extract_features(model, data, rs, batch_size=config.batch_size, progress=False)
+
+    f_s_train, f_s_val = alone(s_train, readouts), alone(s_val, readouts)
+    sweep = {
+        r: linear_probe(f_s_train[r], s_train.labels, f_s_val[r], s_val.labels, cs=config.sweep_cs).val_acc
+        for r in readouts
+    }
+    best = max(readouts, key=lambda r: (sweep[r], -readouts.index(r)))
+    assert ctx.best_readout == best
+    got = {Readout(**r["readout"]): r["value"] for r in records if r["protocol"]["name"] == "sweep_linear"}
+    assert got == pytest.approx(sweep, abs=1e-6)
+    f = {name: alone(d, [best])[best] for name, d in (("train", train), ("val", val), ("test", test))}
+    for name, d in (("train", train), ("val", val), ("test", test)):
+        torch.testing.assert_close(ctx.features(d, [best])[best], f[name], atol=1e-5, rtol=1e-4)
+    lin = linear_probe(f["train"], train.labels, f["val"], val.labels, f["test"], test.labels, cs=config.final_cs)
+    final = next(r for r in records if r["protocol"]["name"] == "linear")
+    assert (final["value"], final["protocol"]["C"]) == (pytest.approx(lin.test_acc, abs=1e-6), lin.params["C"])
+
+
+def test_analytic_logistic_gradient_is_autograd_s():
+    from diffssl_plugin.eval.probes import logistic_loss_closure
+
+    x, y = torch.randn(120, 7), torch.randint(0, 4, (120,))
+    w, b = torch.randn(7, 4), torch.randn(4)
+    loss = logistic_loss_closure(x, y, w, b, 0.05)()
+    w2, b2 = w.clone().requires_grad_(True), b.clone().requires_grad_(True)
+    ref = nn.functional.cross_entropy(x @ w2 + b2, y) + 0.05 * w2.pow(2).sum()
+    ref.backward()
+    assert float(loss) == pytest.approx(float(ref.detach()), rel=1e-6)
+    torch.testing.assert_close(w.grad, w2.grad)
+    torch.testing.assert_close(b.grad, b2.grad)

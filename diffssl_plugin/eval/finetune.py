@@ -157,11 +157,14 @@ def finetune(
     progress: bool = False,
     frozen: tuple[torch.Tensor, torch.Tensor] | None = None,
     runtime: Runtime | None = None,
+    frozen_test: torch.Tensor | None = None,
 ) -> FinetuneResult:
     """Start a deep copy of ``backbone`` plus a linear head from the linear probe on ``train``, fine-tune it
     on ``train`` (or ``recipe.train_images`` of it), choose the epoch on ``val``, score it on ``test``.
     ``backbone`` itself is left untouched. ``frozen``: the backbone's features of ``train`` and ``val`` at
-    ``readout``, if already computed (else they are extracted here). Trains with
+    ``readout``, if already computed (else they are extracted here); ``frozen_test``: the same of ``test``, so
+    that when validation keeps the start (epoch 0: the probe, the backbone unchanged) the test split is scored
+    on them instead of running the backbone again. Trains with
     :func:`~diffssl_plugin.supervised.fit` on ``runtime`` (default: the command's), or alone on ``device`` if
     that names another kind of device; validation and test run on every rank."""
     rt = resolve_runtime(device, runtime)
@@ -224,9 +227,21 @@ def finetune(
         progress=progress,
         runtime=rt,
     )
-    test_acc = accuracy(model, image_set_rows(model, test), amp=recipe.amp)
+    if result.best_epoch == 0 and frozen_test is not None:  # the start: the probe on the frozen features
+        test_acc = head_accuracy(model, frozen_test, test.labels)
+    else:
+        test_acc = accuracy(model, image_set_rows(model, test), amp=recipe.amp)
     curve = [probe_acc] + [h["val"] for h in result.history]
     return FinetuneResult(result.best_score, test_acc, result.best_epoch, curve, len(train), model)
+
+
+@torch.no_grad()
+def head_accuracy(model: Classifier, features: torch.Tensor, labels: torch.Tensor) -> float:
+    """Top-1 accuracy of ``model``'s normalisation and head on backbone features already computed."""
+    model.eval()
+    dev = model.head.weight.device
+    preds = model.head(model.norm(features.to(dev).float())).argmax(1).cpu()
+    return float((preds == labels).float().mean())
 
 
 @register_protocol("finetune")
@@ -236,9 +251,19 @@ def finetune_protocol(ctx: EvalContext) -> list[dict]:
     recipe = replace(recipe, probe_cs=tuple(recipe.probe_cs or ctx.config.final_cs))
     train, val, test = ctx.splits()
     readout = ctx.readout()
-    frozen = tuple(ctx.features(d, [readout])[readout] for d in (train, val))  # cached by the linear protocol
+    # held by the linear protocol
+    f_train, f_val, f_test = (ctx.features(d, [readout])[readout] for d in (train, val, test))
     res = finetune(
-        ctx.model, train, val, test, readout, recipe, device=ctx.device, progress=ctx.progress, frozen=frozen
+        ctx.model,
+        train,
+        val,
+        test,
+        readout,
+        recipe,
+        device=ctx.device,
+        progress=ctx.progress,
+        frozen=(f_train, f_val),
+        frozen_test=f_test,
     )
     protocol = {
         "name": "finetune",

@@ -25,6 +25,7 @@ from ..runtime import Runtime, current
 from .features import OUTPUT, Readout, extract_features, model_fingerprint
 from .probes import DEFAULT_CS, knn_probe, linear_probe
 from .records import make_record
+from .sweep_plot import plot_sweep
 
 
 @dataclass
@@ -102,6 +103,8 @@ class EvalContext:
     best_readout: Readout | None = None
     _splits: tuple | None = field(default=None, repr=False)
     _hash: str | None = field(default=None, repr=False)
+    #: features already extracted, by (dataset, split, readout): (source indices, rows); see :meth:`features`
+    _memory: dict = field(default_factory=dict, repr=False)
 
     def __post_init__(self):
         self.device = str(self.device or self.runtime.device)
@@ -130,7 +133,60 @@ class EvalContext:
         return self._splits
 
     def features(self, data, readouts: Sequence[Readout]) -> dict[Readout, torch.Tensor]:
-        """Cached frozen features of ``data`` at ``readouts`` (see :func:`extract_features`)."""
+        """Frozen features of ``data`` at ``readouts`` (see :func:`extract_features`), shared across protocols:
+        rows this evaluation already holds for the same images (same dataset, split and source index, e.g. the
+        sweep's subsets inside the final train/val subsets) are reused from memory, and only the other images
+        are extracted (through the disk cache). Backbones whose noise depends on an image's position in the set
+        (``extract(..., index=)``) share whole sets only."""
+        readouts = list(dict.fromkeys(readouts))
+        held = {r: self._held_rows(data, r) for r in readouts}
+        missing = torch.zeros(len(data), dtype=torch.bool)
+        for r in readouts:
+            missing |= ~held[r][0] if held[r] is not None else True
+        out: dict[Readout, torch.Tensor] = {}
+        if bool(missing.any()):
+            need = [r for r in readouts if held[r] is None or not bool(held[r][0].all())]
+            part = data if bool(missing.all()) else data.take(missing.nonzero().flatten())
+            fresh = self._extract(part, need)
+            for r in need:
+                if part is data:
+                    out[r] = fresh[r]
+                    continue
+                rows = torch.empty((len(data), *fresh[r].shape[1:]), dtype=fresh[r].dtype)
+                rows[missing] = fresh[r]
+                found, known = held[r]
+                rows[found & ~missing] = known[~missing[found]]
+                out[r] = rows
+        for r in readouts:
+            if r not in out:
+                out[r] = held[r][1]
+            if data.indices is not None:
+                key = (data.name, data.split, r)
+                held_before = None if _noise_by_position(self.model) else self._memory.get(key)
+                self._memory[key] = _merge(held_before, data.indices, out[r])
+        return out
+
+    def _held_rows(self, data, readout: Readout) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(mask of ``data``'s images held in memory at ``readout``, their rows in order) or None."""
+        entry = self._memory.get((data.name, data.split, readout))
+        if entry is None or data.indices is None:
+            return None
+        indices, rows = entry
+        if _noise_by_position(self.model):  # an image's features depend on its position in the set: same set only
+            same = len(indices) == len(data.indices) and torch.equal(indices, data.indices)
+            return (torch.ones(len(data), dtype=torch.bool), rows) if same else None
+        order = indices.argsort()
+        pos = torch.searchsorted(indices[order], data.indices).clamp_max(len(indices) - 1)
+        found = indices[order][pos] == data.indices
+        if not bool(found.any()):
+            return None
+        return found, rows[order[pos[found]]]
+
+    def keep_features(self, readouts: Sequence[Readout]) -> None:
+        """Drop the features held in memory at every readout but ``readouts`` (e.g. after the sweep)."""
+        self._memory = {k: v for k, v in self._memory.items() if k[2] in set(readouts)}
+
+    def _extract(self, data, readouts: Sequence[Readout]) -> dict[Readout, torch.Tensor]:
         return extract_features(
             self.model,
             data,
@@ -203,12 +259,10 @@ def linear_and_knn(ctx: EvalContext) -> list[dict]:
     train, val, test = ctx.splits()
     readouts = config.readouts(ctx.model)
     records = []
-    swept: dict[int, dict[Readout, torch.Tensor]] = {}  # features the sweep computed, by id of their image set
     if len(readouts) > 1:
         s_train = train.balanced_subset(total=config.sweep_train_images, seed=config.seed)
         s_val = val.balanced_subset(total=config.sweep_val_images, seed=config.seed)
         s_f_train, s_f_val = (ctx.features(d, readouts) for d in (s_train, s_val))
-        swept = {id(s_train): s_f_train, id(s_val): s_f_val}
         sweep: dict[Readout, float] = {}
         for r in readouts:
             res = ctx.once(
@@ -226,6 +280,8 @@ def linear_and_knn(ctx: EvalContext) -> list[dict]:
                 ctx.record(split="val", protocol={"name": "sweep_linear", **res.params}, value=res.val_acc, readout=r)
             )
         ctx.best_readout = max(readouts, key=lambda r: (sweep[r], -readouts.index(r)))
+        del s_f_train, s_f_val
+        ctx.keep_features([ctx.best_readout])  # the final subsets reuse the sweep's rows of the chosen readout
         if ctx.writes_files:
             plot_sweep(
                 sweep,
@@ -235,8 +291,8 @@ def linear_and_knn(ctx: EvalContext) -> list[dict]:
     else:
         ctx.best_readout = readouts[0]
     best = ctx.best_readout
-    # a sweep over the whole subsets already holds their features at the chosen readout (even without a cache)
-    f_train, f_val, f_test = (swept[id(d)] if id(d) in swept else ctx.features(d, [best]) for d in (train, val, test))
+    # the sweep's images are parts of the final train/val subsets: only the others are extracted here
+    f_train, f_val, f_test = (ctx.features(d, [best]) for d in (train, val, test))
     lin = ctx.once(
         linear_probe,
         f_train[best],
@@ -272,6 +328,24 @@ def linear_and_knn(ctx: EvalContext) -> list[dict]:
             )
         )
     return records
+
+
+def _noise_by_position(model: nn.Module) -> bool:
+    """Whether ``model.extract`` takes ``index=`` (noise drawn per position in the extracted set): then rows of
+    one image set are not the rows its images would get inside another set, and only whole sets are shared."""
+    import inspect
+
+    extract = getattr(model, "extract", None)
+    return extract is not None and "index" in inspect.signature(extract).parameters
+
+
+def _merge(entry, indices: torch.Tensor, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A held (indices, rows) entry with ``rows`` of the images ``indices`` added (new images only)."""
+    if entry is None:
+        return indices, rows
+    old_indices, old_rows = entry
+    new = ~torch.isin(indices, old_indices)
+    return torch.cat([old_indices, indices[new]]), torch.cat([old_rows, rows[new]])
 
 
 def evaluate(
@@ -315,44 +389,3 @@ def evaluate(
     for name in protocols:
         records += PROTOCOLS[name](ctx)
     return records
-
-
-def plot_sweep(accuracies: dict[Readout, float], path: Path, title: str = "") -> Path:
-    """Heatmap of validation accuracy: rows are blocks, columns timesteps, one panel per pooling."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import numpy as np
-
-    from ..io import atomic_path
-
-    output = accuracies.get(OUTPUT)
-    if output is not None:  # the pooled output has no block or timestep: named in the title, not a cell
-        title = f"{title}\n(pooled output: {100 * output:.1f})"
-        accuracies = {r: a for r, a in accuracies.items() if r != OUTPUT}
-    pools = sorted({r.pool for r in accuracies})
-    blocks = list(dict.fromkeys(r.block for r in accuracies))
-    timesteps = sorted({r.timestep for r in accuracies})
-    fig, axes = plt.subplots(
-        1, len(pools), figsize=(1.2 + 1.3 * len(timesteps) * len(pools), 0.5 * len(blocks) + 1.5), squeeze=False
-    )
-    for ax, pool in zip(axes[0], pools):
-        grid = np.full((len(blocks), len(timesteps)), np.nan)
-        for r, acc in accuracies.items():
-            if r.pool == pool:
-                grid[blocks.index(r.block), timesteps.index(r.timestep)] = 100 * acc
-        im = ax.imshow(grid, cmap="viridis", aspect="auto")
-        for (i, j), v in np.ndenumerate(grid):
-            ax.text(j, i, f"{v:.1f}", ha="center", va="center", color="w", fontsize=8)
-        ax.set_xticks(range(len(timesteps)), [str(t) for t in timesteps])
-        ax.set_yticks(range(len(blocks)), blocks)
-        ax.set_xlabel("timestep (0-indexed)")
-        ax.set_title(f"pool={pool}")
-        fig.colorbar(im, ax=ax, fraction=0.046)
-    fig.suptitle(title)
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
-    plt.close(fig)
-    return path

@@ -42,8 +42,6 @@ def fit_logistic_regression(
     """
     w = torch.zeros(x.shape[1], num_classes, device=x.device) if init is None else init[0].clone()
     b = torch.zeros(num_classes, device=x.device) if init is None else init[1].clone()
-    w.requires_grad_(True)
-    b.requires_grad_(True)
     lam = 1.0 / (2.0 * c * x.shape[0])  # the objective divided by C·N: same minimiser
     opt = torch.optim.LBFGS(
         [w, b],
@@ -54,16 +52,28 @@ def fit_logistic_regression(
         history_size=20,
         line_search_fn="strong_wolfe",
     )
+    closure = logistic_loss_closure(x, y, w, b, lam)
+    opt.step(closure)
+    return w.detach(), b.detach()
 
-    def closure():
-        opt.zero_grad()
-        loss = torch.nn.functional.cross_entropy(x @ w + b, y) + lam * w.pow(2).sum()
-        loss.backward()
+
+def logistic_loss_closure(x: torch.Tensor, y: torch.Tensor, w: torch.Tensor, b: torch.Tensor, lam: float):
+    """An L-BFGS closure for ``cross_entropy(x @ w + b, y) + lam·‖w‖²`` that writes the exact gradient into
+    ``w.grad``/``b.grad`` by hand (``Xᵀ(softmax − onehot)/N + 2λW``): the same objective and gradient as
+    autograd, at about half the cost per evaluation (no graph; this closure runs a few hundred times per fit)."""
+    n = x.shape[0]
+    onehot = torch.nn.functional.one_hot(y.long(), w.shape[1]).to(x.dtype)
+
+    def closure() -> torch.Tensor:
+        logits = torch.addmm(b, x, w)
+        lse = logits.logsumexp(1, keepdim=True)
+        loss = (lse - (logits * onehot).sum(1, keepdim=True)).mean() + lam * w.pow(2).sum()
+        residual = (logits - lse).exp_().sub_(onehot).div_(n)  # softmax − onehot, over N
+        w.grad = torch.addmm(w, x.t(), residual, beta=2.0 * lam)
+        b.grad = residual.sum(0)
         return loss
 
-    with torch.enable_grad():
-        opt.step(closure)
-    return w.detach(), b.detach()
+    return closure
 
 
 def _accuracy(x: torch.Tensor, y: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> float:

@@ -255,7 +255,8 @@ def semisup_protocol(ctx: EvalContext) -> list[dict]:
                     recipe = FinetuneRecipe.from_dict({**s.finetune, "seed": seed})
                     recipe = replace(recipe, probe_cs=tuple(recipe.probe_cs or cs))
                     val_pos = _capped(val, s.ft_val_images, seed)
-                    ft_test = test.take(_capped(test, s.ft_test_images, seed))
+                    test_pos = _capped(test, s.ft_test_images, seed)
+                    ft_test = test.take(test_pos)
                     res = finetune(
                         ctx.model,
                         data,
@@ -266,6 +267,7 @@ def semisup_protocol(ctx: EvalContext) -> list[dict]:
                         device=ctx.device,
                         progress=ctx.progress,
                         frozen=(feats(data), f_val[val_pos]),
+                        frozen_test=f_test[test_pos],
                     )
                     params = {
                         **asdict(recipe),
