@@ -199,6 +199,14 @@ def _last_intermediate(model: nn.Module, x: torch.Tensor, pool: str) -> torch.Te
     return torch.nn.functional.adaptive_avg_pool2d(maps.float(), size)
 
 
+def _noise_index(data, start: int, end: int, device: torch.device) -> torch.Tensor:
+    """The dataset positions of rows ``start:end`` that seeded extraction noise is drawn for: the images' indices
+    in their source array when the set has them (so an image gets the same noise in every subset that holds
+    it), else their positions in ``data``."""
+    index = data.indices[start:end] if getattr(data, "indices", None) is not None else torch.arange(start, end)
+    return index.to(device)
+
+
 def _takes_index(model: nn.Module) -> bool:
     """Whether ``model.extract`` accepts ``index=`` (the dataset positions its seeded noise is drawn for)."""
     import inspect
@@ -312,7 +320,7 @@ def extract_features(
         x = (batch.float().div_(255.0) - mean_std[0]) / mean_std[1]
         try:
             with autocast():
-                index = torch.arange(start, end, device=device) if takes_index else None
+                index = _noise_index(data, start, end, device) if takes_index else None
                 feats = _forward_batch(model, x, missing, timesteps, blocks, index)
         except RuntimeError as e:
             if device.type != "cuda" or batch_size == 1 or not _is_out_of_memory(e):

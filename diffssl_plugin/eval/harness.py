@@ -136,8 +136,8 @@ class EvalContext:
         """Frozen features of ``data`` at ``readouts`` (see :func:`extract_features`), shared across protocols:
         rows this evaluation already holds for the same images (same dataset, split and source index, e.g. the
         sweep's subsets inside the final train/val subsets) are reused from memory, and only the other images
-        are extracted (through the disk cache). Backbones whose noise depends on an image's position in the set
-        (``extract(..., index=)``) share whole sets only."""
+        are extracted (through the disk cache). Seeded extraction noise is drawn per source index, so an image's
+        rows are the same in every subset that holds it."""
         readouts = list(dict.fromkeys(readouts))
         held = {r: self._held_rows(data, r) for r in readouts}
         missing = torch.zeros(len(data), dtype=torch.bool)
@@ -162,8 +162,7 @@ class EvalContext:
                 out[r] = held[r][1]
             if data.indices is not None:
                 key = (data.name, data.split, r)
-                held_before = None if _noise_by_position(self.model) else self._memory.get(key)
-                self._memory[key] = _merge(held_before, data.indices, out[r])
+                self._memory[key] = _merge(self._memory.get(key), data.indices, out[r])
         return out
 
     def _held_rows(self, data, readout: Readout) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -172,9 +171,6 @@ class EvalContext:
         if entry is None or data.indices is None:
             return None
         indices, rows = entry
-        if _noise_by_position(self.model):  # an image's features depend on its position in the set: same set only
-            same = len(indices) == len(data.indices) and torch.equal(indices, data.indices)
-            return (torch.ones(len(data), dtype=torch.bool), rows) if same else None
         order = indices.argsort()
         pos = torch.searchsorted(indices[order], data.indices).clamp_max(len(indices) - 1)
         found = indices[order][pos] == data.indices
@@ -328,15 +324,6 @@ def linear_and_knn(ctx: EvalContext) -> list[dict]:
             )
         )
     return records
-
-
-def _noise_by_position(model: nn.Module) -> bool:
-    """Whether ``model.extract`` takes ``index=`` (noise drawn per position in the extracted set): then rows of
-    one image set are not the rows its images would get inside another set, and only whole sets are shared."""
-    import inspect
-
-    extract = getattr(model, "extract", None)
-    return extract is not None and "index" in inspect.signature(extract).parameters
 
 
 def _merge(entry, indices: torch.Tensor, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
