@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 import diffssl_plugin
 from diffssl_plugin.methods.training import Budget, pretrain
 
-STEPS, EVERY = 4, 2
+STEPS, EVERY = 7, 2  # the kill lands on a step in 3..6, after the first checkpoint
 RUN = {"batch_size": 4, "max_images": 20, "checkpoint_every": EVERY, "progress": False, "logger": False}
 BUDGET = Budget(steps=STEPS, minutes=30.0)  # a time budget too: Lightning's Timer is saved and restored
 HOOKS = (
