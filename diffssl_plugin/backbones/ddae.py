@@ -167,7 +167,7 @@ class DDAEBackbone(TimmBackboneMixin, nn.Module):
         return self._mirrors[check_name("decoder block", decoder_block, self._mirrors)]
 
     #: the extraction-noise scheme (a feature-cache key: features drawn under another scheme are not reused)
-    noise_scheme = "indexed-v2"  # v2: the index is the image's position in its source array
+    noise_scheme = "indexed-v3"  # v2: index = position in the source array; v3: 23-bit uniforms, never ±inf
 
     def draw_noise(
         self, x: torch.Tensor, timestep: int | None = None, index: torch.Tensor | None = None

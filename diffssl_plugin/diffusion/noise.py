@@ -7,8 +7,8 @@ across processes or the out-of-memory back-off, and no two images or timesteps s
 
 The draw is a counter-based generator written in integer tensor ops (no ``torch.Generator``, no host sync, the
 same bits on every device): a 32-bit key hashed from (seed, t, index) with Wellons' ``lowbias32`` integer hash,
-mixed with each element's position, 24 bits turned into a uniform in (0, 1) and mapped through the normal
-inverse CDF (``torch.special.ndtri``). |ε| is therefore bounded by about 5.3 (a 2⁻²⁵ tail): our choice.
+mixed with each element's position, 23 bits turned into a uniform in (0, 1) and mapped through the normal
+inverse CDF (``torch.special.ndtri``). |ε| is therefore bounded by about 5.3 (a 2⁻²⁴ tail): our choice.
 """
 
 from __future__ import annotations
@@ -48,5 +48,6 @@ def indexed_noise(
         numel *= int(s)
     elem = _mix32(torch.arange(numel, device=index.device, dtype=torch.int64) * 0x9E3779B9 & _MASK)
     bits = _mix32(key[:, None] ^ elem[None, :])
-    u = ((bits >> 8).to(torch.float32) + 0.5) * (1.0 / 2**24)
+    # 23 bits: (k + ½)/2²³ is exact in float32 and strictly inside (0, 1) (with 24 bits the top value rounds to 1)
+    u = ((bits >> 9).to(torch.float32) + 0.5) * (1.0 / 2**23)
     return torch.special.ndtri(u).view(len(index), *shape).to(dtype)

@@ -21,6 +21,12 @@ class ProbeResult:
 
 
 def _standardise(train: torch.Tensor, *others: torch.Tensor) -> list[torch.Tensor]:
+    for t in (train, *others):  # a NaN row would otherwise surface as an L-BFGS overflow far from its cause
+        bad = int((~torch.isfinite(t)).flatten(1).any(1).sum())
+        if bad:
+            raise FloatingPointError(
+                f"{bad} of {len(t)} feature rows hold NaN or inf; the backbone's features are broken"
+            )
     mean, std = train.mean(0, keepdim=True), train.std(0, keepdim=True).clamp_min(1e-6)
     return [(t.float() - mean) / std for t in (train, *others)]
 
