@@ -193,14 +193,16 @@ def _fit_and_record(
     readout: Readout,
     protocol: dict,
     train_images: int,
-    cache_bytes: int,
+    cached: list,
     started: float,
 ) -> list[dict]:
-    """Train ``head`` on cached ``rows`` (train, val, test), picking its epoch on val; its test record."""
+    """Train ``head`` on ``rows`` (train, val, test) of the ``cached`` features, picking its epoch on val; its
+    test record."""
     cfg = _training(ctx, settings)
     result = train_head(head, rows[0], rows[1], cfg, ctx.device, ctx.progress, desc=name)
     test_acc = accuracy(head, rows[2], cfg.batch_size * 2, ctx.device, cfg.amp)
     wall = time.perf_counter() - started
+    cache_bytes = sum(nbytes(c) for c in cached)
     return [_record(ctx, name, result, test_acc, readout, protocol, train_images, cache_bytes, wall)]
 
 
@@ -239,8 +241,7 @@ def attention_protocol(ctx: EvalContext) -> list[dict]:
     head = AttentionHead(shape, train.num_classes, **sizes)
     rows = [tensor_rows(m, d.labels) for m, d in zip(maps, (train, val, test))]
     protocol = {"head": "attention", "sizes": sizes, "tokens": head.pre.num_tokens, **source}
-    cache_bytes = sum(nbytes(m) for m in maps)
-    return _fit_and_record(ctx, settings, "attention", head, rows, readout, protocol, len(train), cache_bytes, started)
+    return _fit_and_record(ctx, settings, "attention", head, rows, readout, protocol, len(train), maps, started)
 
 
 # ---------------------------------------------------------------------------------------------- DifFormer
@@ -275,8 +276,7 @@ def difformer_protocol(ctx: EvalContext) -> list[dict]:
         "tokens_per_timestep": head.num_tokens,
         "input": "un-pooled maps",
     }
-    cache_bytes = sum(nbytes(f) for f in feats)
-    return _fit_and_record(ctx, settings, "difformer", head, rows, OUTPUT, protocol, len(train), cache_bytes, started)
+    return _fit_and_record(ctx, settings, "difformer", head, rows, OUTPUT, protocol, len(train), feats, started)
 
 
 # ---------------------------------------------------------------------------------------------- DifFeed
