@@ -313,24 +313,14 @@ class DDAEBackbone(TimmBackboneMixin, nn.Module):
         x = pool_features(x, self.pool)
         return x if pre_logits else self.head(self.head_drop(x))
 
-    def forward_intermediates(
-        self,
-        x: torch.Tensor,
-        indices: int | list[int] | None = None,
-        norm: bool = False,
-        stop_early: bool = False,
-        output_fmt: str = "NCHW",
-        intermediates_only: bool = False,
-    ):
-        """timm's intermediate-feature API over :attr:`feature_info`, in one forward at ``self.timestep``."""
-        take, _ = self._take_indices(indices, output_fmt)
+    def _intermediates(
+        self, x: torch.Tensor, take: list[int], last: int | None, final: bool
+    ) -> tuple[torch.Tensor | None, list[torch.Tensor]]:
+        """timm's intermediate maps (see the mixin's ``forward_intermediates``), in one forward at ``self.timestep``."""
         names = [self.feature_info[i]["block"] for i in take]
-        wanted = names if intermediates_only else [*names, self.block]
-        feats = self.extract(x, [self.timestep], wanted, pool=None)
+        feats = self.extract(x, [self.timestep], [*names, self.block] if final else names, pool=None)
         intermediates = [feats[(self.timestep, n)] for n in names]
-        if intermediates_only:
-            return intermediates
-        return feats[(self.timestep, self.block)], intermediates
+        return (feats[(self.timestep, self.block)] if final else None), intermediates
 
     # ------------------------------------------------------------------ construction helpers
     def model_args(self) -> dict:

@@ -173,24 +173,14 @@ class DRLBackbone(TimmBackboneMixin, nn.Module):
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         return x if pre_logits else self.head(self.head_drop(x))
 
-    def forward_intermediates(
-        self,
-        x: torch.Tensor,
-        indices: int | list[int] | None = None,
-        norm: bool = False,
-        stop_early: bool = False,
-        output_fmt: str = "NCHW",
-        intermediates_only: bool = False,
-    ):
-        """timm's intermediate-feature API: the encoder's block outputs at the first readout time."""
-        take, _ = self._take_indices(indices, output_fmt)
+    def _intermediates(
+        self, x: torch.Tensor, take: list[int], last: int | None, final: bool
+    ) -> tuple[torch.Tensor | None, list[torch.Tensor]]:
+        """timm's intermediate maps: the encoder's block outputs at the first readout time."""
         self._check(x)
         t = self.readout_t[0] if self.time_dependent else None
         maps = self.encoder.stages(x, t)
-        intermediates = [maps[i] for i in take]
-        if intermediates_only:
-            return intermediates
-        return self.codes(x, self.readout_t), intermediates
+        return (self.codes(x, self.readout_t) if final else None), [maps[i] for i in take]
 
     # ------------------------------------------------------------------ construction helpers
     def model_args(self) -> dict:

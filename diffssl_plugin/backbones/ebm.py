@@ -223,21 +223,13 @@ class EnergyResNet(TimmBackboneMixin, nn.Module):
             x = pool_features(x, self.global_pool)
         return x if pre_logits else self.head(self.head_drop(x))
 
-    def forward_intermediates(
-        self,
-        x: torch.Tensor,
-        indices: int | list[int] | None = None,
-        norm: bool = False,
-        stop_early: bool = False,
-        output_fmt: str = "NCHW",
-        intermediates_only: bool = False,
-    ):
-        """timm's intermediate-feature API over :attr:`feature_info` (stem, then the three stages)."""
-        take, max_index = self._take_indices(indices, output_fmt)
+    def _intermediates(
+        self, x: torch.Tensor, take: list[int], last: int | None, final: bool
+    ) -> tuple[torch.Tensor | None, list[torch.Tensor]]:
+        """timm's intermediate maps over :attr:`feature_info` (stem, then the three stages)."""
         self._check(x)
-        maps = self._trunk(x, last=max_index if intermediates_only or stop_early else 3)
-        intermediates = [maps[i] for i in take]
-        return intermediates if intermediates_only else (maps[-1], intermediates)
+        maps = self._trunk(x, last=3 if last is None else last)
+        return maps[-1], [maps[i] for i in take]
 
     # ------------------------------------------------------------------ construction helpers
     def model_args(self) -> dict:

@@ -1,13 +1,13 @@
 """The part of timm's backbone contract that every diffssl backbone implements the same way, and the one way
 they are registered with timm.
 
-Each backbone defines ``forward_features``, ``forward_head``, ``reset_classifier``, ``feature_info`` and its
-own ``forward_intermediates`` (and ``group_matcher`` where its layers have a depth order); this mixin adds
-``get_classifier``, ``forward``, ``prune_intermediate_layers``, the index/format check ``forward_intermediates``
-starts with, ``set_grad_checkpointing`` (a flag the backbone's block loop reads), ``no_weight_decay``, the
-backbone's own ``pretrained_cfg`` (:meth:`~TimmBackboneMixin.data_cfg`), the registered name of the shape it was
-built for (:attr:`~TimmBackboneMixin.architecture`) and the input checks
-(:meth:`~TimmBackboneMixin.check_inputs`: metadata in every forward, values once per dataset, see
+Each backbone defines ``forward_features``, ``forward_head``, ``reset_classifier``, ``feature_info`` and the
+:meth:`~TimmBackboneMixin._intermediates` hook (and ``group_matcher`` where its layers have a depth order); this
+mixin adds ``get_classifier``, ``forward``, ``prune_intermediate_layers``, ``forward_intermediates`` (timm's
+signature and index/format check, then the hook), ``set_grad_checkpointing`` (a flag the backbone's block
+loop reads), ``no_weight_decay``, the backbone's own ``pretrained_cfg`` (:meth:`~TimmBackboneMixin.data_cfg`),
+the registered name of the shape it was built for (:attr:`~TimmBackboneMixin.architecture`) and the input
+checks (:meth:`~TimmBackboneMixin.check_inputs`: metadata in every forward, values once per dataset, see
 :mod:`.checks`). Put it before ``nn.Module`` in the bases.
 
 **Registration**, the same in every model file: a ``default_cfgs`` table of :func:`data_cfg` entries, then
@@ -88,6 +88,30 @@ class TimmBackboneMixin:
         if output_fmt != "NCHW":
             raise InputError(f"output_fmt {output_fmt!r} is not supported; {type(self).__name__} gives NCHW maps")
         return feature_take_indices(len(self.feature_info), indices)
+
+    def forward_intermediates(
+        self,
+        x: torch.Tensor,
+        indices: int | list[int] | None = None,
+        norm: bool = False,
+        stop_early: bool = False,
+        output_fmt: str = "NCHW",
+        intermediates_only: bool = False,
+    ):
+        """timm's intermediate-feature API over :attr:`feature_info`: check ``indices`` and ``output_fmt``, then
+        read the maps through the backbone's :meth:`_intermediates` (``norm`` is timm's; no backbone norms them)."""
+        take, max_index = self._take_indices(indices, output_fmt)
+        last = max_index if intermediates_only or stop_early else None
+        final, intermediates = self._intermediates(x, take, last, final=not intermediates_only)
+        return intermediates if intermediates_only else (final, intermediates)
+
+    def _intermediates(
+        self, x: torch.Tensor, take: list[int], last: int | None, final: bool
+    ) -> tuple[torch.Tensor | None, list[torch.Tensor]]:
+        """The per-backbone part of :meth:`forward_intermediates`: the output (when ``final``; else None may
+        stand in) and the maps of the ``take`` entries of :attr:`feature_info`; ``last`` is the highest index
+        needed when the forward may stop early, else None."""
+        raise NotImplementedError(f"{type(self).__name__} does not define _intermediates")
 
     def prune_intermediate_layers(
         self, indices: int | list[int] = 1, prune_norm: bool = False, prune_head: bool = True

@@ -93,8 +93,28 @@ class DatasetSpec:
         return SPLITS + self.extra_splits
 
 
+class ImageArrays:
+    """What every in-memory split shares (:class:`ImageSet`, :class:`~.scenes.SegmentationSet`): uint8
+    ``images`` (N, C, H, W) and the ``class_names`` of its labels."""
+
+    images: torch.Tensor
+    class_names: tuple[str, ...]
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    @property
+    def channels(self) -> int:
+        return int(self.images.shape[1])
+
+    def floats(self) -> torch.Tensor:
+        """Images as float32 in [0, 1]."""
+        return self.images.float().div_(255.0)
+
+
 @dataclass(frozen=True)
-class ImageSet:
+class ImageSet(ImageArrays):
     """One split of a dataset: ``images`` uint8 (N, C, H, W), ``labels`` int64 (N,).
 
     ``images`` is an ordinary tensor, in memory or (file-backed sets) a view over a memory-mapped cache file;
@@ -113,20 +133,8 @@ class ImageSet:
         return int(self.labels.shape[0])
 
     @property
-    def num_classes(self) -> int:
-        return len(self.class_names)
-
-    @property
-    def channels(self) -> int:
-        return int(self.images.shape[1])
-
-    @property
     def image_size(self) -> int:
         return int(self.images.shape[-1])
-
-    def floats(self) -> torch.Tensor:
-        """Images as float32 in [0, 1]."""
-        return self.images.float().div_(255.0)
 
     def take(self, idx: torch.Tensor, split: str | None = None) -> ImageSet:
         """A sub-set by positions (into this set)."""

@@ -38,7 +38,7 @@ import numpy as np
 import torch
 
 from ..errors import DatasetNotFoundError, InputError, check_name
-from .registry import SPLITS, load_split
+from .registry import SPLITS, ImageArrays, load_split
 from .sources import default_download_root
 
 IGNORE_INDEX = 255
@@ -49,7 +49,7 @@ _SPLIT_SEED = {"train": 0, "val": 1, "test": 2, "trainval": 3}  # different layo
 
 
 @dataclass(frozen=True)
-class SegmentationSet:
+class SegmentationSet(ImageArrays):
     """One split of a segmentation dataset in memory: ``images`` uint8 (N, C, H, W), ``masks`` uint8 (N, H, W)
     of class indices (``ignore_index`` marks pixels that are not scored)."""
 
@@ -77,20 +77,8 @@ class SegmentationSet:
         return int(self.images.shape[0])
 
     @property
-    def num_classes(self) -> int:
-        return len(self.class_names)
-
-    @property
-    def channels(self) -> int:
-        return int(self.images.shape[1])
-
-    @property
     def image_size(self) -> tuple[int, int]:
         return int(self.images.shape[-2]), int(self.images.shape[-1])
-
-    def floats(self) -> torch.Tensor:
-        """Images as float32 in [0, 1]."""
-        return self.images.float().div_(255.0)
 
     def take(self, idx) -> SegmentationSet:
         """A sub-set by positions."""
@@ -252,6 +240,21 @@ def _read_pairs(
     return torch.from_numpy(images).permute(0, 3, 1, 2).contiguous(), torch.from_numpy(masks)
 
 
+def _pairs_set(
+    name: str,
+    split: str,
+    pairs: list[tuple[Path, Path]],
+    size: int | None,
+    label_map: Callable[[np.ndarray], np.ndarray],
+    class_names: tuple[str, ...],
+    meta: dict,
+) -> SegmentationSet:
+    """The set of image/mask ``pairs`` read at ``size``² (default 224); ``meta`` gains the image files."""
+    images, masks = _read_pairs(pairs, 224 if size is None else int(size), label_map)
+    files = [str(p[0]) for p in pairs]
+    return SegmentationSet(name, split, images, masks, class_names, IGNORE_INDEX, {**meta, "files": files})
+
+
 def load_voc(
     split: str,
     root: str | os.PathLike | None = None,
@@ -276,16 +279,8 @@ def load_voc(
         ) from e
     idx = _pick(len(ds.images), split, num_images, seed)
     pairs = [(Path(ds.images[i]), Path(ds.masks[i])) for i in idx]
-    images, masks = _read_pairs(pairs, 224 if size is None else int(size), lambda m: m.astype(np.uint8))
-    return SegmentationSet(
-        "voc",
-        split,
-        images,
-        masks,
-        VOC_CLASSES,
-        IGNORE_INDEX,
-        {"root": str(base), "year": year, "official_split": official, "files": [str(p[0]) for p in pairs]},
-    )
+    meta = {"root": str(base), "year": year, "official_split": official}
+    return _pairs_set("voc", split, pairs, size, lambda m: m.astype(np.uint8), VOC_CLASSES, meta)
 
 
 def _ade_folder(root: str | os.PathLike | None) -> Path:
@@ -339,16 +334,8 @@ def load_ade20k(
         m = m.astype(np.int64)
         return np.where(m == 0, IGNORE_INDEX, m - 1).astype(np.uint8)
 
-    images_t, masks = _read_pairs(pairs, 224 if size is None else int(size), reduce_zero_label)
-    return SegmentationSet(
-        "ade20k",
-        split,
-        images_t,
-        masks,
-        ade20k_class_names(folder),
-        IGNORE_INDEX,
-        {"root": str(folder), "official_split": official, "files": [str(p[0]) for p in pairs]},
-    )
+    meta = {"root": str(folder), "official_split": official}
+    return _pairs_set("ade20k", split, pairs, size, reduce_zero_label, ade20k_class_names(folder), meta)
 
 
 # ---------------------------------------------------------------------------------------------- registry

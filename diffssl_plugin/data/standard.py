@@ -19,6 +19,7 @@ folds together as most self-supervised papers use them), ``test`` the official t
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -57,28 +58,29 @@ def _cifar(name: str, part: str, root: str | os.PathLike | None, download: bool)
     return Part(images, np.asarray(ds.targets, dtype=np.int64), tuple(ds.classes))
 
 
-def load_cifar10(
-    part: str,
-    *,
-    root: str | os.PathLike | None = None,
-    download: bool = True,
-    image_size: int = 32,
-    val_fraction: float = 0.1,
-) -> Part:
-    """CIFAR-10 ``"trainval"`` (50,000) or ``"test"`` (10,000), 32×32 RGB."""
-    return _cifar("cifar10", part, root, download)
+def _cifar_loader(name: str, doc: str) -> Callable[..., Part]:
+    """The registry's ``loader(part, root=, download=, image_size=, val_fraction=)`` for the CIFAR set ``name``
+    (always 32×32, so ``image_size`` and ``val_fraction`` are unused), named ``load_{name}`` so it pickles."""
+
+    def load(
+        part: str,
+        *,
+        root: str | os.PathLike | None = None,
+        download: bool = True,
+        image_size: int = 32,
+        val_fraction: float = 0.1,
+    ) -> Part:
+        return _cifar(name, part, root, download)
+
+    load.__name__ = load.__qualname__ = f"load_{name}"
+    load.__doc__ = doc
+    return load
 
 
-def load_cifar100(
-    part: str,
-    *,
-    root: str | os.PathLike | None = None,
-    download: bool = True,
-    image_size: int = 32,
-    val_fraction: float = 0.1,
-) -> Part:
-    """CIFAR-100 with its 100 fine labels, ``"trainval"`` (50,000) or ``"test"`` (10,000), 32×32 RGB."""
-    return _cifar("cifar100", part, root, download)
+load_cifar10 = _cifar_loader("cifar10", """CIFAR-10 ``"trainval"`` (50,000) or ``"test"`` (10,000), 32×32 RGB.""")
+load_cifar100 = _cifar_loader(
+    "cifar100", """CIFAR-100 with its 100 fine labels, ``"trainval"`` (50,000) or ``"test"`` (10,000), 32×32 RGB."""
+)
 
 
 def load_stl10(

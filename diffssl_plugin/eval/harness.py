@@ -248,6 +248,13 @@ def register_protocol(name: str) -> Callable[[Protocol], Protocol]:
     return add
 
 
+def _probe(ctx: EvalContext, probe: Callable, feats: Sequence[dict], sets: Sequence, readout: Readout, **kwargs):
+    """``probe`` (:func:`linear_probe`, :func:`knn_probe`) on the ``readout`` rows of ``feats`` with the labels of
+    the matching ``sets`` (train, val[, test]), on ``ctx.device``, computed once (rank 0) and broadcast."""
+    args = [x for f, d in zip(feats, sets) for x in (f[readout], d.labels)]
+    return ctx.once(probe, *args, device=ctx.device, **kwargs)
+
+
 @register_protocol("linear")
 def linear_and_knn(ctx: EvalContext) -> list[dict]:
     """Block × timestep (× pool) sweep by validation linear accuracy, then linear probe and kNN on test."""
@@ -261,15 +268,8 @@ def linear_and_knn(ctx: EvalContext) -> list[dict]:
         s_f_train, s_f_val = (ctx.features(d, readouts) for d in (s_train, s_val))
         sweep: dict[Readout, float] = {}
         for r in readouts:
-            res = ctx.once(
-                linear_probe,
-                s_f_train[r],
-                s_train.labels,
-                s_f_val[r],
-                s_val.labels,
-                cs=config.sweep_cs,
-                seed=config.seed,
-                device=ctx.device,
+            res = _probe(
+                ctx, linear_probe, (s_f_train, s_f_val), (s_train, s_val), r, cs=config.sweep_cs, seed=config.seed
             )
             sweep[r] = res.val_acc
             records.append(
@@ -288,35 +288,14 @@ def linear_and_knn(ctx: EvalContext) -> list[dict]:
         ctx.best_readout = readouts[0]
     best = ctx.best_readout
     # the sweep's images are parts of the final train/val subsets: only the others are extracted here
-    f_train, f_val, f_test = (ctx.features(d, [best]) for d in (train, val, test))
-    lin = ctx.once(
-        linear_probe,
-        f_train[best],
-        train.labels,
-        f_val[best],
-        val.labels,
-        f_test[best],
-        test.labels,
-        cs=config.final_cs,
-        seed=config.seed,
-        device=ctx.device,
-    )
+    feats = [ctx.features(d, [best]) for d in (train, val, test)]
+    lin = _probe(ctx, linear_probe, feats, (train, val, test), best, cs=config.final_cs, seed=config.seed)
     records.append(
         ctx.record(split="test", protocol={"name": "linear", **lin.params}, value=lin.test_acc, val_acc=lin.val_acc)
     )
     for k in config.knn_ks:
-        res = ctx.once(
-            knn_probe,
-            f_train[best],
-            train.labels,
-            f_val[best],
-            val.labels,
-            f_test[best],
-            test.labels,
-            k=k,
-            t=config.knn_t,
-            num_classes=train.num_classes,
-            device=ctx.device,
+        res = _probe(
+            ctx, knn_probe, feats, (train, val, test), best, k=k, t=config.knn_t, num_classes=train.num_classes
         )
         records.append(
             ctx.record(

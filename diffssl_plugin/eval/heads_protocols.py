@@ -184,6 +184,28 @@ def _record(
     )
 
 
+def _fit_and_record(
+    ctx: EvalContext,
+    settings: dict,
+    name: str,
+    head: torch.nn.Module,
+    rows: list,
+    readout: Readout,
+    protocol: dict,
+    train_images: int,
+    cached: list,
+    started: float,
+) -> list[dict]:
+    """Train ``head`` on ``rows`` (train, val, test) of the ``cached`` features, picking its epoch on val; its
+    test record."""
+    cfg = _training(ctx, settings)
+    result = train_head(head, rows[0], rows[1], cfg, ctx.device, ctx.progress, desc=name)
+    test_acc = accuracy(head, rows[2], cfg.batch_size * 2, ctx.device, cfg.amp)
+    wall = time.perf_counter() - started
+    cache_bytes = sum(nbytes(c) for c in cached)
+    return [_record(ctx, name, result, test_acc, readout, protocol, train_images, cache_bytes, wall)]
+
+
 # ---------------------------------------------------------------------------------------------- attention
 def intermediate_maps(ctx: EvalContext, data, pool_size: int) -> torch.Tensor:
     """The last ``forward_intermediates`` map of a timm backbone, pooled to at most s × s, cached (extracted
@@ -217,24 +239,9 @@ def attention_protocol(ctx: EvalContext) -> list[dict]:
         shape = tuple(maps[0].shape[1:])
         readout, source = OUTPUT, {"input": "forward_intermediates[-1]"}
     head = AttentionHead(shape, train.num_classes, **sizes)
-    cfg = _training(ctx, settings)
     rows = [tensor_rows(m, d.labels) for m, d in zip(maps, (train, val, test))]
-    result = train_head(head, rows[0], rows[1], cfg, ctx.device, ctx.progress, desc="attention")
-    test_acc = accuracy(head, rows[2], cfg.batch_size * 2, ctx.device, cfg.amp)
     protocol = {"head": "attention", "sizes": sizes, "tokens": head.pre.num_tokens, **source}
-    return [
-        _record(
-            ctx,
-            "attention",
-            result,
-            test_acc,
-            readout,
-            protocol,
-            len(train),
-            sum(nbytes(m) for m in maps),
-            time.perf_counter() - started,
-        )
-    ]
+    return _fit_and_record(ctx, settings, "attention", head, rows, readout, protocol, len(train), maps, started)
 
 
 # ---------------------------------------------------------------------------------------------- DifFormer
@@ -260,10 +267,7 @@ def difformer_protocol(ctx: EvalContext) -> list[dict]:
         got = ctx.features(d, list(readouts.values()))
         feats.append({k: _as_map(got[r], shapes[k[1]], s) for k, r in readouts.items()})
     head = DifFormer(shapes, timesteps, train.num_classes, **sizes)
-    cfg = _training(ctx, settings)
     rows = [dict_rows(f, d.labels) for f, d in zip(feats, (train, val, test))]
-    result = train_head(head, rows[0], rows[1], cfg, ctx.device, ctx.progress, desc="difformer")
-    test_acc = accuracy(head, rows[2], cfg.batch_size * 2, ctx.device, cfg.amp)
     protocol = {
         "head": "difformer",
         "sizes": sizes,
@@ -272,19 +276,7 @@ def difformer_protocol(ctx: EvalContext) -> list[dict]:
         "tokens_per_timestep": head.num_tokens,
         "input": "un-pooled maps",
     }
-    return [
-        _record(
-            ctx,
-            "difformer",
-            result,
-            test_acc,
-            OUTPUT,
-            protocol,
-            len(train),
-            sum(nbytes(f) for f in feats),
-            time.perf_counter() - started,
-        )
-    ]
+    return _fit_and_record(ctx, settings, "difformer", head, rows, OUTPUT, protocol, len(train), feats, started)
 
 
 # ---------------------------------------------------------------------------------------------- DifFeed

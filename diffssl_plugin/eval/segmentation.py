@@ -241,6 +241,45 @@ def _protocol_fields(spec: DenseSpec, settings: dict, stores) -> dict:
     }
 
 
+def _plot(ctx: EvalContext, prefix: str, test: SegmentationSet, preds: torch.Tensor, head: str, miou: float):
+    """Draw the first test scenes with their predictions (when the run writes files); the picture's path."""
+    picture = _picture_path(ctx, prefix)
+    if picture is not None and len(preds):
+        n, title = len(preds), f"{ctx.method} ({ctx.backbone_name}): {head}, test mIoU {100 * miou:.1f}%"
+        plot_segmentation(test.images[:n], test.masks[:n], preds, test.class_names, picture, title)
+    return picture
+
+
+def _test_record(
+    ctx: EvalContext,
+    settings: dict,
+    spec: DenseSpec,
+    sets: tuple[SegmentationSet, SegmentationSet, SegmentationSet],
+    meter: IoUMeter,
+    picture: Path | None,
+    protocol: dict,
+    cost: dict,
+    started: float,
+    **extra,
+) -> dict:
+    """The test mIoU record of a segmentation protocol; ``cost`` adds to the feature cache size and time
+    (``feature_cache_mb``, ``feature_seconds``), ``extra`` to the record's fields."""
+    train, val, test = sets
+    return ctx.record(
+        split="test",
+        protocol=protocol,
+        value=meter.miou(),
+        metric="miou",
+        dataset=settings["dataset"],
+        readout=_readout(spec),
+        **extra,
+        per_class_iou=dict(zip(test.class_names, meter.class_iou())),
+        scenes={"train": len(train), "val": len(val), "test": len(test)},
+        picture=str(picture) if picture else None,
+        cost={**cost, "wall_seconds": round(time.perf_counter() - started, 2)},
+    )
+
+
 @register_protocol("segmentation")
 def segmentation_protocol(ctx: EvalContext) -> list[dict]:
     """BatchNorm + 1×1 conv on frozen dense features (the linear segmentation protocol), mIoU on test."""
@@ -258,17 +297,7 @@ def segmentation_protocol(ctx: EvalContext) -> list[dict]:
         )
         meter, preds = evaluate_head(head, stores[2], test, ctx.device, keep=settings["pictures"])
         cache_mb = sum(s.nbytes for s in stores) / 2**20
-    miou = meter.miou()
-    picture = _picture_path(ctx, "segmentation")
-    if picture is not None and len(preds):
-        plot_segmentation(
-            test.images[: len(preds)],
-            test.masks[: len(preds)],
-            preds,
-            test.class_names,
-            picture,
-            f"{ctx.method} ({ctx.backbone_name}): BN + 1×1 conv, test mIoU {100 * miou:.1f}%",
-        )
+    picture = _plot(ctx, "segmentation", test, preds, "BN + 1×1 conv", meter.miou())
     protocol = {
         "name": "segmentation",
         "head": "batchnorm2d+conv1x1",
@@ -281,25 +310,10 @@ def segmentation_protocol(ctx: EvalContext) -> list[dict]:
         "best_epoch": best_epoch,
         "val_curve": curve,
     }
-    return [
-        ctx.record(
-            split="test",
-            protocol=protocol,
-            value=miou,
-            metric="miou",
-            dataset=settings["dataset"],
-            readout=_readout(spec),
-            val_miou=max(curve) if curve else None,
-            per_class_iou=dict(zip(test.class_names, meter.class_iou())),
-            scenes={"train": len(train), "val": len(val), "test": len(test)},
-            picture=str(picture) if picture else None,
-            cost={
-                "feature_cache_mb": round(cache_mb, 2),
-                "feature_seconds": round(feature_s, 2),
-                "wall_seconds": round(time.perf_counter() - started, 2),
-            },
-        )
-    ]
+    cost = {"feature_cache_mb": round(cache_mb, 2), "feature_seconds": round(feature_s, 2)}
+    sets = (train, val, test)
+    val_miou = max(curve) if curve else None
+    return [_test_record(ctx, settings, spec, sets, meter, picture, protocol, cost, started, val_miou=val_miou)]
 
 
 @register_protocol("segmentation_mlp")
@@ -321,18 +335,7 @@ def segmentation_mlp_protocol(ctx: EvalContext) -> list[dict]:
             kept.append(preds[: max(0, settings["pictures"] - start)])
             start += len(preds)
         cache_mb = sum(s.nbytes for s in stores) / 2**20
-    miou = meter.miou()
-    preds = torch.cat(kept)
-    picture = _picture_path(ctx, "segmentation_mlp")
-    if picture is not None and len(preds):
-        plot_segmentation(
-            test.images[: len(preds)],
-            test.masks[: len(preds)],
-            preds,
-            test.class_names,
-            picture,
-            f"{ctx.method} ({ctx.backbone_name}): pixel-MLP ensemble, test mIoU {100 * miou:.1f}%",
-        )
+    picture = _plot(ctx, "segmentation_mlp", test, torch.cat(kept), "pixel-MLP ensemble", meter.miou())
     protocol = {
         "name": "segmentation_mlp",
         "head": "pixel_mlp_ensemble",
@@ -343,25 +346,12 @@ def segmentation_mlp_protocol(ctx: EvalContext) -> list[dict]:
         **_protocol_fields(spec, settings, stores),
         "train_pixels": len(y),
     }
-    return [
-        ctx.record(
-            split="test",
-            protocol=protocol,
-            value=miou,
-            metric="miou",
-            dataset=settings["dataset"],
-            readout=_readout(spec),
-            per_class_iou=dict(zip(test.class_names, meter.class_iou())),
-            scenes={"train": len(train), "val": len(val), "test": len(test)},
-            picture=str(picture) if picture else None,
-            cost={
-                "feature_cache_mb": round(cache_mb, 2),
-                "feature_seconds": round(feature_s, 2),
-                "mlp_train_pixels_mb": round(len(y) * stores[0].dim * 2 / 2**20, 2),
-                "wall_seconds": round(time.perf_counter() - started, 2),
-            },
-        )
-    ]
+    cost = {
+        "feature_cache_mb": round(cache_mb, 2),
+        "feature_seconds": round(feature_s, 2),
+        "mlp_train_pixels_mb": round(len(y) * stores[0].dim * 2 / 2**20, 2),
+    }
+    return [_test_record(ctx, settings, spec, (train, val, test), meter, picture, protocol, cost, started)]
 
 
 __all__ = [
