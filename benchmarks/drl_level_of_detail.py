@@ -22,17 +22,16 @@ Pictures (first seed): the 2-D codes of the test digits coloured by class, one p
 rows, spanning the 2nd–98th percentile of the test codes) by the VE reverse SDE conditioned on z, every cell from
 the same noise (``samples_<sampler>.png``).
 
-Choices the paper leaves open: the L1 weight (``--l1 1``: in the learner's pixel-summed units, 1 nat of DSM loss
-per unit of |z|₁; in the 250-step run it shrank the codes to |z| ≈ 0.002, so the score net barely used them:
-try a lighter one with a longer run); the score net (``fmnist_tiny``, attention-free, chosen so that 3 seeds ×
-2 samplers fit ~30 CPU minutes); batch 64, AdamW lr 1e-3. Step count: ``--steps`` (default 250, four passes over
-the 4,000 digits) is set by the CPU budget, not by convergence: on the shared 2-core host a step takes ~0.9 s
-single-threaded under load, so 6 runs × 250 steps plus evaluation and sampling fill the ~30 minutes.
-The loss has *not* flattened by then (uniform t: 0.16 at step 125, 0.12 at step 250), as the record's loss
-curve (means over 25-step windows) shows; read the numbers as an early-training snapshot. ``--threads 1`` avoids
-the thread-sync stalls of a 2-thread run on an oversubscribed host (that run managed 125 steps in 6 minutes).
+Choices the paper leaves open: the L1 weight (``--l1 0.01``, in the learner's pixel-summed units; at ``--l1 1``
+the 250-step run shrank the codes to |z| ≈ 0.002, so the score net barely used them; at 0.01 they are of order 1);
+the score net (``fmnist_tiny``, attention-free, chosen so that 3 seeds × 2 samplers fit ~20–30 CPU minutes); batch
+64, AdamW lr 1e-3. Step count: ``--steps`` (default 400, 6.4 passes over the 4,000 digits) is set by the CPU
+budget, not by convergence (~0.4 s a step single-threaded on the 2-core host, ~0.9 s under load): the loss has not
+flattened by then (uniform t: 0.16 at step 125, 0.11 at step 400), as the record's loss curve (means over 25-step
+windows) shows; read the numbers as an early-training snapshot. ``--threads 1`` avoids the thread-sync stalls of
+a 2-thread run on an oversubscribed host.
 
-    python benchmarks/drl_level_of_detail.py --threads 1 [--steps 250] [--seeds 0 1 2] [--out runs/drl_lod]
+    python benchmarks/drl_level_of_detail.py --threads 1 [--steps 400] [--l1 0.01] [--seeds 0 1 2] [--out runs/drl_lod]
 """
 
 from __future__ import annotations
@@ -180,11 +179,11 @@ def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--dataset", default="mnist5k")
     p.add_argument("--unet", default="fmnist_tiny", help="score-net preset (backbones.drl.SCORE_NET_PRESETS)")
-    p.add_argument("--steps", type=int, default=250, help="training steps per (sampler, seed)")
+    p.add_argument("--steps", type=int, default=400, help="training steps per (sampler, seed)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--l1", type=float, default=1.0, help="L1 penalty on z (pixel-summed units)")
+    p.add_argument("--l1", type=float, default=0.01, help="L1 penalty on z (pixel-summed units; 1 collapses the code)")
     p.add_argument("--grid", type=int, default=8, help="the sample grid is grid × grid codes")
     p.add_argument("--sample-steps", type=int, default=200, help="reverse-SDE steps for the sample grid")
     p.add_argument("--log-every", type=int, default=25)
