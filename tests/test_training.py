@@ -224,3 +224,19 @@ def test_ddp_on_two_cpu_processes(tmp_path):
     assert result["steps"] == 3 and result["global_batch_size"] == 16
     assert "ddp" in proc.stderr.lower() or "distributed" in proc.stderr.lower()
     assert (tmp_path / "export" / "backbone" / "model.safetensors").is_file()
+
+
+def test_ddae_does_not_flip_digits():
+    """DDAE's flip follows the dataset (``DatasetSpec.hflip``; False for digits), as DRL's does."""
+    from diffssl_plugin.data import DATASETS
+    from diffssl_plugin.methods.ddae import DDAE
+
+    x = torch.rand(8, 1, 28, 28)
+    unet = {**TINY_UNET, "sample_size": 28}
+    assert not DATASETS["mnist5k"].hflip and DATASETS["fashion_mnist"].hflip
+    kept = DDAE(unet_config=unet, hflip=False).transform(x, torch.Generator().manual_seed(0))
+    assert torch.equal(kept, x * 2 - 1)
+    flipped = DDAE(unet_config=unet).transform(x, torch.Generator().manual_seed(0))
+    same = [torch.equal(f, u) for f, u in zip(flipped, x * 2 - 1)]
+    mirrored = [torch.equal(f, u.flip(-1)) for f, u in zip(flipped, x * 2 - 1)]
+    assert all(s or m for s, m in zip(same, mirrored)) and any(mirrored)  # each image kept or mirrored, some mirrored
