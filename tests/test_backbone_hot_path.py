@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import timm
 import torch
+from conftest import TINY_UNET
 from torch.profiler import ProfilerActivity, profile
 
 from diffssl_plugin.backbones import DDAEBackbone
@@ -33,17 +34,6 @@ RECOMPUTED = {
 }
 #: ops that copy a tensor's value to the host (a device sync on a GPU)
 HOST_READS = ("aten::_local_scalar_dense", "aten::item", "aten::is_nonzero", "aten::nonzero")
-
-TINY_UNET = {
-    "sample_size": 8,
-    "in_channels": 1,
-    "out_channels": 1,
-    "block_out_channels": (8, 16),
-    "layers_per_block": 1,
-    "down_block_types": ("DownBlock2D", "DownBlock2D"),
-    "up_block_types": ("UpBlock2D", "UpBlock2D"),
-    "norm_num_groups": 8,
-}
 
 
 def test_every_registered_model_is_covered():

@@ -8,6 +8,7 @@ from __future__ import annotations
 import pytest
 import pytorch_lightning as pl
 import torch
+from conftest import TINY_UNET
 from lightly.data import LightlyDataset
 from lightly.utils.benchmarking import FinetuneClassifier, KNNClassifier, LinearClassifier
 from torch.utils.data import DataLoader, Dataset
@@ -15,18 +16,7 @@ from torch.utils.data import DataLoader, Dataset
 from diffssl_plugin.data import load_split
 from diffssl_plugin.methods import get_method
 
-UNET28 = {
-    "sample_size": 28,
-    "in_channels": 1,
-    "out_channels": 1,
-    "block_out_channels": (8, 16),
-    "layers_per_block": 1,
-    "down_block_types": ("DownBlock2D", "DownBlock2D"),
-    "up_block_types": ("UpBlock2D", "UpBlock2D"),
-    "norm_num_groups": 8,
-    "add_attention": False,
-    "dropout": 0.1,
-}
+UNET28 = {**TINY_UNET, "sample_size": 28, "add_attention": False, "dropout": 0.1}
 TINY = {
     "simclr": {"backbone_args": {"layers": (1, 1, 1, 1), "channels": (8, 16, 32, 64)}},
     "mae": {"backbone_args": {"embed_dim": 32, "depth": 2, "num_heads": 2}, "decoder_dim": 32, "decoder_depth": 1},

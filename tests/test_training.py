@@ -11,23 +11,14 @@ import pytest
 import pytorch_lightning as pl
 import timm
 import torch
+from conftest import TINY_UNET as CONFTEST_UNET
 
 import diffssl_plugin  # noqa: F401
 from diffssl_plugin.data import load_split
 from diffssl_plugin.methods.base import StartAt, StepBatches
 from diffssl_plugin.methods.training import Budget, pretrain
 
-TINY_UNET = {
-    "sample_size": 28,
-    "in_channels": 1,
-    "out_channels": 1,
-    "block_out_channels": (8, 16),
-    "layers_per_block": 1,
-    "down_block_types": ("DownBlock2D", "DownBlock2D"),
-    "up_block_types": ("UpBlock2D", "UpBlock2D"),
-    "norm_num_groups": 8,
-    "add_attention": False,
-}
+TINY_UNET = {**CONFTEST_UNET, "sample_size": 28, "add_attention": False}
 TINY = {
     "method_kwargs": {"unet_config": TINY_UNET, "warmup_steps": 2},
     "batch_size": 16,

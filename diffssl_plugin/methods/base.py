@@ -15,6 +15,7 @@ and resumed from its last checkpoint takes exactly the same steps as an uninterr
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 from collections.abc import Callable
 
@@ -25,6 +26,7 @@ from torch import nn
 from torch.utils.data import Dataset, Sampler
 
 from ..backbones.sdpa import cpu_math_attention
+from ..data.flip import hflip
 from ..errors import InputError
 from ..optim import warmup_cosine
 from .lightly_api import FeatureBank, eval_mode, first_view, unpack_batch
@@ -93,6 +95,12 @@ def to_unit_range(images: torch.Tensor) -> torch.Tensor:
     return images * 2.0 - 1.0
 
 
+def flip_to_unit_range(images: torch.Tensor, generator: torch.Generator, flip: bool = True) -> torch.Tensor:
+    """The diffusion learners' training augmentation (DDPM's and score_sde's): a random horizontal flip (skipped
+    with ``flip=False``: a mirrored digit is not a digit), then [0, 1] → [-1, 1]."""
+    return to_unit_range(hflip(images, generator) if flip else images)
+
+
 class SSLMethod(pl.LightningModule):
     """Base of every learner (see the module docstring). Subclasses define ``view_loss``, ``backbone`` and
     call :meth:`init_online_classifier` at the end of their ``__init__``.
@@ -140,6 +148,14 @@ class SSLMethod(pl.LightningModule):
         if self._online:
             dim = int(self.feature_backbone.num_features)
             self.online_classifier = OnlineLinearClassifier(dim, self.num_classes, topk=(1,))
+
+    def set_hflip(self, hflip: bool | None) -> None:
+        """Random horizontal flips in ``transform`` (a :func:`flip_to_unit_range`-style one) or not: ``None``
+        flips unless the data are known not to be mirror-symmetric (``pretrain`` passes its dataset's
+        ``DatasetSpec.hflip``, False for digits)."""
+        self.hflip = True if hflip is None else bool(hflip)
+        if not self.hflip:
+            self.transform = functools.partial(type(self).transform, flip=False)
 
     # -- the algorithm -------------------------------------------------------------------------------
     def view_loss(self, views: torch.Tensor, generator: torch.Generator) -> torch.Tensor:

@@ -22,28 +22,19 @@ horizon of 63 vs 57 steps at s = 500), so there was nothing to measure a faster 
 
 from __future__ import annotations
 
-import functools
-
 import torch
 from diffusers import UNet2DModel
 
 from ..backbones.ddae import UNET_PRESETS, DDAEBackbone
-from ..data.flip import hflip
 from ..diffusion import EMA, ddpm_scheduler, epsilon_loss
 from ..errors import check_name
-from .base import SSLMethod, to_unit_range
-
-
-def ddae_transform(images: torch.Tensor, generator: torch.Generator, flip: bool = True) -> torch.Tensor:
-    """DDAE's training augmentation: random horizontal flip (skipped with ``flip=False``: a mirrored digit is not
-    a digit), then [0, 1] → [-1, 1]."""
-    return to_unit_range(hflip(images, generator) if flip else images)
+from .base import SSLMethod, flip_to_unit_range, to_unit_range
 
 
 class DDAE(SSLMethod):
     """Unconditional DDPM pretraining whose EMA U-Net is read as a DDAE feature backbone."""
 
-    transform = staticmethod(ddae_transform)
+    transform = staticmethod(flip_to_unit_range)  # DDPM's: random flip (not for digits), [-1, 1]
     eval_transform = staticmethod(to_unit_range)
     gradient_clip_val = 1.0
     cosine_decay = False  # DDPM: constant rate after the warm-up
@@ -77,9 +68,7 @@ class DDAE(SSLMethod):
             online_classifier=online_classifier,
         )
         self.save_hyperparameters()
-        self.hflip = True if hflip is None else bool(hflip)  # None: flip unless pretrain's dataset says not to
-        if not self.hflip:
-            self.transform = functools.partial(ddae_transform, flip=False)
+        self.set_hflip(hflip)
         if isinstance(unet_config, str):
             unet_config = UNET_PRESETS[check_name("U-Net preset", unet_config, UNET_PRESETS)]
         config = dict(unet_config)

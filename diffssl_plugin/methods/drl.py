@@ -35,7 +35,6 @@ Choices the paper leaves open (its appendix, with the architecture, was not avai
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Sequence
 
 import torch
@@ -50,18 +49,14 @@ from ..backbones.drl import (
     drl_backbone,
     preset_config,
 )
-from ..data.flip import hflip
 from ..diffusion import EMA
 from ..diffusion.losses import gaussian_kl, reparameterise
 from ..diffusion.ve import noise_sampler, ve_dsm_loss
 from ..errors import InputError
-from .base import SSLMethod, to_unit_range
+from .base import SSLMethod, flip_to_unit_range, to_unit_range
 
-
-def drl_transform(images: torch.Tensor, generator: torch.Generator, flip: bool = True) -> torch.Tensor:
-    """score_sde's training augmentation: random horizontal flip (skipped with ``flip=False``: a mirrored digit
-    is not a digit), then [0, 1] → [-1, 1]."""
-    return to_unit_range(hflip(images, generator) if flip else images)
+#: score_sde's training augmentation: random horizontal flip (not for digits), then [0, 1] → [-1, 1]
+drl_transform = flip_to_unit_range
 
 
 def build_score_net(unet_config: dict | str, in_chans: int | None = None) -> UNet2DModel:
@@ -139,9 +134,7 @@ class DRL(SSLMethod):
         self._check_sizes()
         self.code_proj = nn.Linear(code_dim, self.score_net.time_embedding.linear_2.out_features)
         self.conditional, self.beta, self.l1_weight = conditional, float(beta), float(l1_weight)
-        self.hflip = True if hflip is None else bool(hflip)
-        if not self.hflip:
-            self.transform = functools.partial(drl_transform, flip=False)
+        self.set_hflip(hflip)
         self.readout_t = check_readout_t(readout_t) if time_dependent else (0.0,)
         self.ema = EMA(self.encoder, decay=ema_decay)
         self._backbone_cache: dict[str, DRLBackbone] = {}  # a dict, so Lightning does not save it twice
