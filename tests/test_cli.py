@@ -9,6 +9,7 @@ import sys
 
 import pytest
 import torch
+from conftest import TINY_UNET
 
 from diffssl_plugin.cli import main
 
@@ -140,17 +141,7 @@ def test_export_round_trip_from_a_training_checkpoint(tmp_path, capsys):
 
     from diffssl_plugin.methods.training import Budget, pretrain
 
-    tiny = {
-        "sample_size": 28,
-        "in_channels": 1,
-        "out_channels": 1,
-        "block_out_channels": (8, 16),
-        "layers_per_block": 1,
-        "down_block_types": ("DownBlock2D",) * 2,
-        "up_block_types": ("UpBlock2D",) * 2,
-        "norm_num_groups": 8,
-        "add_attention": False,
-    }
+    tiny = {**TINY_UNET, "sample_size": 28, "add_attention": False}
     pretrain(
         "ddae",
         budget=Budget(steps=2),

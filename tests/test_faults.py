@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import TINY_UNET
 
 from diffssl_plugin.cli import main
 from diffssl_plugin.errors import CheckpointError, FileFormatError, UnknownNameError
@@ -76,17 +77,7 @@ def export_dir(tmp_path_factory) -> Path:
     from diffssl_plugin.loading import export
     from diffssl_plugin.methods.ddae import DDAE
 
-    config = {
-        "sample_size": 28,
-        "in_channels": 1,
-        "out_channels": 1,
-        "block_out_channels": (8, 16),
-        "layers_per_block": 1,
-        "down_block_types": ("DownBlock2D",) * 2,
-        "up_block_types": ("UpBlock2D",) * 2,
-        "norm_num_groups": 8,
-        "add_attention": False,
-    }
+    config = {**TINY_UNET, "sample_size": 28, "add_attention": False}
     return export(DDAE(unet_config=config, in_chans=1).eval(), tmp_path_factory.mktemp("faults") / "export")
 
 
