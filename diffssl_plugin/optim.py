@@ -2,8 +2,10 @@
 
 Every optimiser here (the learners, the fine-tuning protocol, the heads, the segmentation heads) takes its
 schedule from :func:`warmup_cosine`, which is lightly's ``CosineWarmupScheduler`` (the schedule of lightly's
-benchmark modules) when the number of steps is known. A budget in minutes has no known end: the rate then
-stays constant after the warm-up (torch's ``LinearLR`` warm-up).
+benchmark modules). Its horizon may be set after the optimiser is built (:meth:`CosineWarmup.set_horizon`):
+a wall-clock budget has no step count until the step time is measured (see
+:class:`~diffssl_plugin.methods.training.ScheduleHorizon`). Until a horizon is known the rate stays constant
+after the warm-up.
 """
 
 from __future__ import annotations
@@ -12,25 +14,39 @@ import torch
 from lightly.utils.scheduler import CosineWarmupScheduler
 
 
-class _CosineWarmup(CosineWarmupScheduler):
-    """lightly's scheduler, held at its end value after ``max_epochs`` (Lightning steps a scheduler once more
-    after the last optimisation step, which lightly would warn about)."""
+class CosineWarmup(CosineWarmupScheduler):
+    """lightly's scheduler with a horizon that may be unknown (``max_epochs=None``: warm-up, then constant) or
+    set later, held at its end value after the horizon (Lightning steps a scheduler once more after the last
+    optimisation step, which lightly would warn about). The horizon is a plain int in the state dict, so a
+    resumed run keeps it."""
+
+    def __init__(
+        self, optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int | None, end_value: float = 0.0
+    ):
+        self.total_steps = total_steps if total_steps is not None and total_steps > 0 else None
+        super().__init__(
+            optimizer,
+            warmup_epochs=max(1, int(warmup_steps)),
+            max_epochs=self.total_steps or 1,
+            start_value=1.0,
+            end_value=end_value,
+        )
+
+    def set_horizon(self, total_steps: int) -> None:
+        """Decay over ``total_steps`` optimisation steps from now on (the next ``step()`` uses it)."""
+        self.total_steps = max(int(total_steps), self.warmup_epochs + 1)
 
     def scale_lr(self, epoch: int) -> float:
-        return super().scale_lr(min(epoch, self.max_epochs))
+        if self.total_steps is None or self.total_steps <= self.warmup_epochs:
+            return min(1.0, (epoch + 1) / self.warmup_epochs)  # lightly's warm-up ramp, then constant
+        self.max_epochs = self.total_steps
+        return super().scale_lr(min(epoch, self.total_steps))
 
 
 def warmup_cosine(
     optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int | None, end_value: float = 0.0
-) -> torch.optim.lr_scheduler.LRScheduler:
+) -> CosineWarmup:
     """A per-step scheduler: factor ``(s+1)/warmup`` for ``s < warmup``, then cosine from 1 to ``end_value``
-    at step ``total_steps - 1`` (lightly's convention); constant 1 after the warm-up when ``total_steps`` is
-    ``None``/non-positive. Step it once per optimisation step."""
-    warmup = max(1, int(warmup_steps))
-    if total_steps is not None and total_steps > warmup:
-        return _CosineWarmup(
-            optimizer, warmup_epochs=warmup, max_epochs=int(total_steps), start_value=1.0, end_value=end_value
-        )
-    if warmup == 1:
-        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
-    return torch.optim.lr_scheduler.LinearLR(optimizer, start_factor=1.0 / warmup, total_iters=warmup - 1)
+    at step ``total_steps - 1`` (lightly's convention); constant 1 after the warm-up while ``total_steps`` is
+    ``None``/non-positive (until :meth:`CosineWarmup.set_horizon`). Step it once per optimisation step."""
+    return CosineWarmup(optimizer, warmup_steps, total_steps, end_value)

@@ -91,7 +91,7 @@ def test_heads_and_finetuning_train_through_the_helper(steps):
     rows = tensor_rows(maps, labels)
     res = train_head(head, rows, rows, HeadTraining(epochs=2, batch_size=40, eval_every=2))
     assert steps == [1] * 4 and res.images_seen == 160 and res.best_epoch == 2
-    assert steps.schedules == {"_CosineWarmup"}  # diffssl_plugin.optim.warmup_cosine, the one schedule
+    assert steps.schedules == {"CosineWarmup"}  # diffssl_plugin.optim.warmup_cosine, the one schedule
     assert [sorted(h) for h in res.history] == [["epoch", "loss"], ["epoch", "loss", "val_acc"]]
 
     steps.clear()
@@ -102,7 +102,7 @@ def test_heads_and_finetuning_train_through_the_helper(steps):
         recipe=FinetuneRecipe(epochs=2, batch_size=30, probe_cs=(0.1,), hflip=True),
     )
     assert steps == [1] * 6 and len(res.val_curve) == 3 and res.val_acc == max(res.val_curve)
-    assert steps.schedules == {"_CosineWarmup"}
+    assert steps.schedules == {"CosineWarmup"}
     assert next(res.model.parameters()).device == runtime.current().device and 0 <= res.test_acc <= 1
 
 
@@ -116,7 +116,7 @@ def test_segmentation_heads_train_through_the_helper(steps, tmp_path):
     settings = {"head_batch_size": 4, "head_epochs": 2, "head_lr": 0.03, "head_weight_decay": 1e-4}
     head, curve, best = train_linear_head((stores[0], train), (stores[1], val), settings)
     assert steps == [1] * 6 and len(curve) == 2 and best in (1, 2)  # batches of 4, 4, 4 and 1 scenes
-    assert steps.schedules == {"_CosineWarmup"}
+    assert steps.schedules == {"CosineWarmup"}
     assert not head.training
 
     steps.clear()

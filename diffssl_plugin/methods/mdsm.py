@@ -109,9 +109,7 @@ class MDSM(SSLMethod):
         return "mdsm_ebm_cifar10" if self.energy_net.blocks_per_stage == 3 else "mdsm_ebm_fmnist"
 
     def configure_optimizers(self):
-        """Adam with cosine decay from ``lr`` to ``min_lr`` over the known step budget (lightly's
-        convention: the end value is reached at the last step), constant when the horizon is unknown."""
+        """Adam with cosine decay from ``lr`` to ``min_lr`` over the step budget (lightly's convention: the end
+        value is reached at the last step; no warm-up, as the paper), constant while the horizon is unknown."""
         opt = torch.optim.Adam(self.optimizer_groups(), lr=self.lr, betas=self.betas)
-        if self.total_steps() is None:
-            return opt  # the horizon is unknown: the rate stays constant (no warm-up in the paper)
         return {"optimizer": opt, "lr_scheduler": self.lr_schedule(opt, end_value=self.min_lr / self.lr)}

@@ -94,6 +94,8 @@ class PretrainResult:
     method_kwargs: dict = field(default_factory=dict)
     #: batches summed per optimisation step (``global_batch_size`` = images per optimisation step)
     accumulate_grad_batches: int = 1
+    #: the optimisation steps the learning-rate schedule decays over (None: a constant rate, or not measured)
+    schedule_horizon: int | None = None
 
     def as_record(self) -> dict:
         return asdict(self)
@@ -150,6 +152,62 @@ class WallClock(Callback):
 
     def load_state_dict(self, state_dict):
         self.elapsed = float(state_dict["elapsed"])
+
+
+class ScheduleHorizon(Callback):
+    """Fixes the learner's cosine horizon (in optimisation steps) for a budget given in wall-clock time.
+
+    A step budget's horizon is known up front; a time budget's is not. This callback times steps
+    ``skip … skip + calibration_steps`` (the first ones pay one-off allocation costs) and sets the horizon to
+    the steps the remaining time allows at that rate (rank 0's, broadcast), capped by ``max_steps`` when a
+    step or FLOP budget also applies. It is saved in and restored from checkpoints, so
+    a resumed run keeps the horizon it measured (and a longer run can be resumed toward the same horizon:
+    ``pretrain(horizon=...)``). Learners without cosine decay (DDAE, DRL: constant rates) are left alone.
+
+    Our choice where the papers give none (they count epochs): the rate is measured once, early; the cosine
+    then ends within a few percent of the time budget on a machine whose speed does not drift."""
+
+    def __init__(self, seconds: float | None, max_steps: int = -1, calibration_steps: int = 10, skip: int = 2):
+        self.seconds, self.max_steps = seconds, max_steps
+        self.calibration_steps, self.skip = calibration_steps, skip
+        self.horizon: int | None = None
+        self._begin = 0  # the global step this process started training at (a resumed run's is > 0)
+        self._started: float | None = None  # when the timed steps began
+
+    def on_train_start(self, trainer, pl_module):
+        self._begin, self._started = trainer.global_step, None
+        if self.horizon is None and self.seconds is None and self.max_steps > 0:
+            self.horizon = self.max_steps
+        self._apply(trainer)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if self.horizon is not None or self.seconds is None:
+            return
+        step = trainer.global_step
+        if step == self._begin + self.skip and self._started is None:
+            self._started = time.perf_counter()
+        if step != self._begin + self.skip + self.calibration_steps or self._started is None:
+            return
+        per_step = (time.perf_counter() - self._started) / self.calibration_steps
+        wall = next(c for c in trainer.callbacks if isinstance(c, WallClock)).seconds()
+        horizon = step + int(max(0.0, self.seconds - wall) / per_step)
+        horizon = min(horizon, self.max_steps) if self.max_steps > 0 else horizon
+        # every process must decay alike (DDP): rank 0's measurement, at the same step on every rank
+        self.horizon = int(trainer.strategy.broadcast(horizon, src=0))
+        self._apply(trainer)
+
+    def _apply(self, trainer) -> None:
+        if self.horizon is None:
+            return
+        for config in trainer.lr_scheduler_configs:
+            if hasattr(config.scheduler, "set_horizon") and getattr(trainer.lightning_module, "cosine_decay", False):
+                config.scheduler.set_horizon(self.horizon)
+
+    def state_dict(self):
+        return {"horizon": self.horizon}
+
+    def load_state_dict(self, state_dict):
+        self.horizon = state_dict.get("horizon")
 
 
 class BudgetProgressBar(TQDMProgressBar):
@@ -225,6 +283,7 @@ def pretrain(
     callbacks: list[Callback] | None = None,
     logger: pl.loggers.Logger | bool | None = None,
     accumulate_grad_batches: int = 1,
+    horizon: Budget | None = None,
 ) -> PretrainResult:
     """Pretrain ``method`` on the ``trainval`` split of ``dataset`` (labels unused) within ``budget``.
 
@@ -236,6 +295,11 @@ def pretrain(
     Lightning (default logger: CSV files under ``out_dir/logs``). ``accumulate_grad_batches`` sums the
     gradients of that many batches per optimisation step: a step then sees ``batch_size × accumulate_grad_batches``
     images, and the budget (steps, FLOPs, images seen) counts optimisation steps of that size.
+
+    ``horizon`` (default: ``budget``) is the budget the learning-rate schedule decays over: a run stopped at
+    ``budget`` and resumed later with a larger ``budget`` and the same ``horizon`` follows one schedule (the
+    learning curves of ``diffssl bench --preset curve``). A horizon in minutes is turned into steps from the
+    measured step time (:class:`ScheduleHorizon`).
     """
     if accumulate_grad_batches < 1:
         raise ValueError(f"accumulate_grad_batches must be at least 1, got {accumulate_grad_batches}")
@@ -264,6 +328,11 @@ def pretrain(
     timer = []
     if budget.minutes is not None:
         timer = [Timer(duration={"seconds": budget.minutes * 60}, interval="step")]
+    horizon = horizon or budget
+    schedule = ScheduleHorizon(
+        horizon.minutes * 60 if horizon.minutes is not None else None,
+        horizon.max_steps(flops_per_image * step_images),
+    )
     trainer = pl.Trainer(
         **rt.trainer_kwargs(),
         max_steps=max_steps,
@@ -280,6 +349,7 @@ def pretrain(
                 enable_version_counter=False,
             ),
             WallClock(),
+            schedule,
             *timer,
             *([BudgetProgressBar(budget)] if progress else []),
             *(callbacks or []),
@@ -320,6 +390,7 @@ def pretrain(
         final_loss=float(loss) if loss is not None else None,
         method_kwargs=method_kwargs,
         accumulate_grad_batches=accumulate_grad_batches,
+        schedule_horizon=schedule.horizon if model.cosine_decay else None,
     )
     if trainer.is_global_zero:
         export(model, out / "export", result)
