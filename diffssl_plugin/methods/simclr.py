@@ -29,6 +29,8 @@ global batch norm does). Width: lightly's full ResNet-18 (5.5 training GFLOP per
 
 from __future__ import annotations
 
+import functools
+
 import timm
 import torch
 from lightly.loss import NTXentLoss
@@ -56,9 +58,12 @@ def simclr_view(
     return normalize(x, *norm_stats(images.shape[1]))
 
 
-def simclr_transform(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+def simclr_transform(
+    images: torch.Tensor, generator: torch.Generator, min_scale: float = 0.08, cj_strength: float = 0.5
+) -> torch.Tensor:
     """Two independent SimCLR views of a batch in [0, 1], stacked: (2, B, C, H, W)."""
-    return torch.stack([simclr_view(images, generator), simclr_view(images, generator)])
+    views = [simclr_view(images, generator, min_scale=min_scale, cj_strength=cj_strength) for _ in range(2)]
+    return torch.stack(views)
 
 
 def simclr_eval_transform(images: torch.Tensor) -> torch.Tensor:
@@ -89,6 +94,8 @@ class SimCLR(SSLMethod):
         seed: int = 0,
         in_chans: int = 1,
         online_classifier: bool = True,
+        min_scale: float = 0.08,
+        cj_strength: float = 0.5,
     ):
         super().__init__(
             batch_size_per_device,
@@ -103,6 +110,8 @@ class SimCLR(SSLMethod):
         )
         self.save_hyperparameters()
         self.momentum = momentum
+        if (min_scale, cj_strength) != (0.08, 0.5):  # augmentation strength other than lightly's CIFAR-10 setting
+            self.transform = functools.partial(simclr_transform, min_scale=min_scale, cj_strength=cj_strength)
         self.resnet: CifarResNet = timm.create_model(
             self.timm_architecture, in_chans=in_chans, num_classes=0, **(backbone_args or {})
         )
