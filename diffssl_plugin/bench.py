@@ -31,7 +31,7 @@ class BenchPreset:
 
     methods: tuple[str, ...] = ALL_LEARNERS
     protocols: tuple[str, ...] = ALL_PROTOCOLS
-    budget: Budget = Budget(minutes=1)  # noqa: RUF009 -- frozen, so one shared instance is safe
+    budget: Budget = Budget(minutes=2.5)  # noqa: RUF009 -- frozen, so one shared instance is safe
     batch_size: int = 128
     max_pretrain_images: int | None = None
     eval: EvalConfig = field(
