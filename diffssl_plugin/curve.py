@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from .errors import UsageError
 from .eval import EvalConfig, evaluate, read_records, write_records
 from .eval.records import record_problem
 from .io import atomic_path, file_sha256, write_json
@@ -79,6 +80,7 @@ def run_curve(
     ``records.jsonl`` (same learner, dataset, point and horizon) is skipped and its records reused; a point
     whose export is already there (``export/pretrain.json`` names its budget: stopped after training, before
     its records were written) is evaluated without training; any other point resumes from ``last.ckpt``.
+    A run already trained past a point whose records are missing cannot go back to it (:class:`UsageError`).
     Changing the points changes the horizon: use a new folder, or ``resume=False`` (start every learner over).
 
     Every rank calls this (pretraining is DDP, extraction sharded); rank 0 reads what is done and hands it to
@@ -125,6 +127,11 @@ def run_curve(
                 continue
             info = read_pretrain_info(run_dir / "export") if rt.is_global_zero and run_dir.is_dir() else None
             info = rt.broadcast(info)
+            if resume and _is_point(info, method, eval_cfg.dataset, *points[index + 1 :]):
+                raise UsageError(
+                    f"{run_dir} is trained to {info['budget']} already, past {point}, whose records are missing: "
+                    "start over (--no-resume) or use another output folder"
+                )
             trained = (resume or index > 0) and _is_point(info, method, eval_cfg.dataset, point)
             if not trained:  # train on to this point (the first point of a fresh run starts over)
                 info = pretrain(
@@ -176,9 +183,11 @@ def run_curve(
     return markdown, records
 
 
-def _is_point(info: dict | None, method: str, dataset: str, point: Budget) -> bool:
-    """Whether the export's ``pretrain.json`` (``info``) is ``method`` on ``dataset`` trained to ``point``."""
-    return bool(info) and (info.get("method"), info.get("dataset"), info.get("budget")) == (method, dataset, str(point))
+def _is_point(info: dict | None, method: str, dataset: str, *points: Budget) -> bool:
+    """Whether the export's ``pretrain.json`` (``info``) is ``method`` on ``dataset`` trained to one of ``points``."""
+    if not info or (info.get("method"), info.get("dataset")) != (method, dataset):
+        return False
+    return info.get("budget") in {str(p) for p in points}
 
 
 def _finished(path: Path, dataset: str, horizon: Budget) -> dict[tuple[str, str | None], list[dict]]:

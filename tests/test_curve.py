@@ -11,6 +11,7 @@ from conftest import TINY_UNET
 
 import diffssl_plugin.curve as curve
 from diffssl_plugin.bench import PRESETS, BenchPreset, run_bench
+from diffssl_plugin.errors import UsageError
 from diffssl_plugin.eval import EvalConfig
 from diffssl_plugin.methods.training import Budget, pretrain
 
@@ -123,6 +124,13 @@ def test_a_tiny_curve_is_one_resumed_run_per_learner_and_a_rerun_redoes_nothing(
     again, reused = run_bench("tiny_curve", out, progress=False)
     assert again == markdown and len(reused) == len(records)
     assert len(_lines(out / "records.jsonl")) == len(saved)
+
+    # a run trained past a point whose records are gone cannot go back to it
+    (out / "records.jsonl").write_text(
+        "".join(json.dumps(r) + "\n" for r in saved if (r["method"], r["curve"]["point"]) != ("ddae", "2steps"))
+    )
+    with pytest.raises(UsageError, match="past 2steps"):
+        run_bench("tiny_curve", out, progress=False)
 
     # stopped after training SimCLR to its last point but before its records were written: evaluated, not trained
     kept = [r for r in saved if (r["method"], r["curve"]["point"]) != ("simclr", "4steps")]
