@@ -49,6 +49,8 @@ class BenchPreset:
     sample_steps: int = 50
     #: per-learner arguments (``pretrain(method_kwargs=...)``)
     method_kwargs: dict = field(default_factory=dict)
+    #: learning-curve points: when set, each learner is one run stopped and evaluated at every point (curve.py)
+    curve_points: tuple[Budget, ...] | None = None
 
 
 #: the default bench's protocol settings: each protocol's CPU-scale version (the full-size defaults live in the
@@ -123,6 +125,14 @@ PRESETS: dict[str, BenchPreset] = {
         sample_steps=5,
     ),
 }
+# learning curves: the default's learners and settings, one run per learner evaluated (linear, kNN) at 1, 3
+# and 10 minutes of training; --budget sets the last point and scales the others
+PRESETS["curve"] = replace(
+    copy.deepcopy(PRESETS["default"]),
+    protocols=("linear",),
+    budget=Budget(minutes=10),
+    curve_points=(Budget(minutes=1), Budget(minutes=3), Budget(minutes=10)),
+)
 
 
 def run_bench(
@@ -140,7 +150,9 @@ def run_bench(
 
     Hardware comes from ``runtime`` (default :func:`diffssl_plugin.runtime.current`). Under several
     processes every rank runs this: pretraining is DDP, extraction is sharded, and rank 0 alone writes
-    records, leaderboard, pictures and samples, so the output is one set of records.
+    records, leaderboard, pictures and samples, so the output is one set of records. A preset with
+    ``curve_points`` (``curve``) hands over to :func:`diffssl_plugin.curve.run_curve` (``budget``: the last point)
+    and returns its table instead of a leaderboard.
     """
     import timm
 
@@ -154,6 +166,10 @@ def run_bench(
     cfg = replace(cfg, budget=budget or cfg.budget, methods=methods or cfg.methods)
     eval_cfg = replace(cfg.eval, dataset=dataset or cfg.eval.dataset, data_root=data_root)
     out = Path(out_dir)
+    if cfg.curve_points:  # learning curves: curve.py trains each learner once, evaluating it at every point
+        from .curve import run_curve
+
+        return run_curve(cfg, eval_cfg, out, budget, preset, data_root, progress, resume, rt)
     started = time.perf_counter()
     common = {
         "config": eval_cfg,

@@ -118,7 +118,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--preset",
         default="default",
         help="default (every learner and evaluation, under 20 min on 2 CPU cores), heads (DDAE with "
-        "GAP-linear, attention, DifFormer, DifFeed), or smoke (the same code path in about 3 min)",
+        "GAP-linear, attention, DifFormer, DifFeed), smoke (the same code path in about 3 min), or curve "
+        "(learning curves: each learner evaluated at 1, 3 and 10 min of one run; --budget sets the last point)",
     )
     p.add_argument("--dataset", default=None, help="dataset name (default: the preset's)")
     p.add_argument("--data-root", default=None, help="folder with the dataset files (else the installed copy)")
@@ -260,7 +261,7 @@ def cmd_eval(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    from .bench import run_bench
+    from .bench import PRESETS, run_bench
 
     markdown, _ = run_bench(
         args.preset,
@@ -273,7 +274,8 @@ def cmd_bench(args) -> int:
         resume=not args.no_resume,
     )
     print(markdown)
-    print(f"records, leaderboard, heatmaps and samples in {args.out}/")
+    made = "curve.md, curve.png" if PRESETS[args.preset].curve_points else "leaderboard, heatmaps and samples"
+    print(f"records, {made} in {args.out}/")
     return 0
 
 
