@@ -155,44 +155,46 @@ class WallClock(Callback):
 
 
 class ScheduleHorizon(Callback):
-    """Fixes the learner's cosine horizon (in optimisation steps) for a budget given in wall-clock time.
+    """Sets the learner's cosine horizon (in optimisation steps) for a budget given in wall-clock time.
 
-    A step budget's horizon is known up front; a time budget's is not. This callback times steps
-    ``skip … skip + calibration_steps`` (the first ones pay one-off allocation costs) and sets the horizon to
-    the steps the remaining time allows at that rate (rank 0's, broadcast), capped by ``max_steps`` when a
-    step or FLOP budget also applies. It is saved in and restored from checkpoints, so
-    a resumed run keeps the horizon it measured (and a longer run can be resumed toward the same horizon:
-    ``pretrain(horizon=...)``). Learners without cosine decay (DDAE, DRL: constant rates) are left alone.
+    A step budget's horizon is known up front; a time budget's is not. This callback starts timing ``skip``
+    steps into the run (the first steps pay one-off allocation costs) and, every ``every`` steps after that,
+    sets the horizon to the current step plus the steps the remaining time allows at the mean step time
+    measured so far (rank 0's figure, broadcast at the same step on every rank so all processes decay alike),
+    capped by ``max_steps`` when a step or FLOP budget also applies. Re-estimating follows a machine whose
+    speed drifts (a single early estimate on a briefly busy machine ended a SimCLR cosine at step 62 of 98).
+    The horizon is saved in and restored from checkpoints, so a resumed run continues the same schedule (and a
+    longer run can be resumed toward the same horizon: ``pretrain(horizon=...)``). Learners without cosine
+    decay (DDAE, DRL: constant rates) are left alone.
 
-    Our choice where the papers give none (they count epochs): the rate is measured once, early; the cosine
-    then ends within a few percent of the time budget on a machine whose speed does not drift."""
+    Our choice where the papers give none (they count epochs, a horizon known in advance)."""
 
-    def __init__(self, seconds: float | None, max_steps: int = -1, calibration_steps: int = 10, skip: int = 2):
-        self.seconds, self.max_steps = seconds, max_steps
-        self.calibration_steps, self.skip = calibration_steps, skip
+    def __init__(self, seconds: float | None, max_steps: int = -1, every: int = 10, skip: int = 2):
+        self.seconds, self.max_steps, self.every, self.skip = seconds, max_steps, every, skip
         self.horizon: int | None = None
         self._begin = 0  # the global step this process started training at (a resumed run's is > 0)
-        self._started: float | None = None  # when the timed steps began
+        self._timed_from: tuple[int, float] | None = None  # (step, time) the timing started at
+        self._last_step = -1
 
     def on_train_start(self, trainer, pl_module):
-        self._begin, self._started = trainer.global_step, None
-        if self.horizon is None and self.seconds is None and self.max_steps > 0:
+        self._begin, self._timed_from, self._last_step = trainer.global_step, None, -1
+        if self.seconds is None and self.max_steps > 0:
             self.horizon = self.max_steps
         self._apply(trainer)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        if self.horizon is not None or self.seconds is None:
-            return
         step = trainer.global_step
-        if step == self._begin + self.skip and self._started is None:
-            self._started = time.perf_counter()
-        if step != self._begin + self.skip + self.calibration_steps or self._started is None:
+        if self.seconds is None or step == self._last_step:  # once per optimisation step (accumulation)
             return
-        per_step = (time.perf_counter() - self._started) / self.calibration_steps
+        self._last_step = step
+        if step == self._begin + self.skip:
+            self._timed_from = (step, time.perf_counter())
+        if self._timed_from is None or step == self._timed_from[0] or (step - self._timed_from[0]) % self.every:
+            return
+        per_step = (time.perf_counter() - self._timed_from[1]) / (step - self._timed_from[0])
         wall = next(c for c in trainer.callbacks if isinstance(c, WallClock)).seconds()
         horizon = step + int(max(0.0, self.seconds - wall) / per_step)
         horizon = min(horizon, self.max_steps) if self.max_steps > 0 else horizon
-        # every process must decay alike (DDP): rank 0's measurement, at the same step on every rank
         self.horizon = int(trainer.strategy.broadcast(horizon, src=0))
         self._apply(trainer)
 
