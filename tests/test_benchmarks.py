@@ -103,3 +103,29 @@ def test_drl_level_of_detail_script_writes_its_pictures(tmp_path):
         assert (tmp_path / f"samples_{sampler}.png").stat().st_size > 0
     assert (tmp_path / "codes.png").stat().st_size > 0
     assert json.loads((tmp_path / "drl_level_of_detail.json").read_text())["args"]["steps"] == 2
+
+
+def test_recipe_search_scores_candidates_on_validation_and_skips_finished_ones(tmp_path, monkeypatch):
+    """Two tiny SimCLR candidates for two steps each: one row per candidate with validation numbers only, the
+    table best first, and a second run that trains nothing."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("recipe_search", BENCHMARKS / "recipe_search.py")
+    search = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(search)
+    tiny = {"backbone_args": {"layers": (1, 1, 1, 1), "channels": (8, 16, 32, 64)}, "projection_dim": 8}
+    grid = {
+        "a": {"batch_size": 16, "method_kwargs": tiny},
+        "b": {"batch_size": 16, "method_kwargs": {**tiny, "lr": 0.3}},
+    }
+    monkeypatch.setitem(search.GRIDS, "simclr", grid)
+    assert search.main(["simclr", "--budget", "2steps", "--out", str(tmp_path)]) == 0
+    rows = [json.loads(line) for line in (tmp_path / "simclr.jsonl").read_text().splitlines()]
+    assert [r["candidate"] for r in rows] == ["a", "b"] and rows[1]["method_kwargs"]["lr"] == 0.3
+    for row in rows:
+        assert row["steps"] == 2 and row["budget"] == "2steps"
+        assert 0 < row["val_linear"] <= 1 and 0 < row["val_knn20"] <= 1 and "test" not in json.dumps(row)
+    table = (tmp_path / "simclr.md").read_text().splitlines()
+    assert len(table) == 4 and float(table[2].split("|")[6]) >= float(table[3].split("|")[6])
+    monkeypatch.setattr(search, "run_candidate", lambda *a, **k: pytest.fail("a finished candidate was rerun"))
+    assert search.main(["simclr", "--budget", "2steps", "--out", str(tmp_path)]) == 0
