@@ -47,7 +47,7 @@ def load_learner(name_or_folder: str, preset, steps: int, work: Path):
         preset.eval.dataset,
         Budget(steps=max(1, steps)),
         work / name_or_folder,
-        batch_size=preset.batch_size,
+        batch_size=preset.batch_for(name_or_folder),
         progress=False,
         resume=False,
         max_images=preset.max_pretrain_images,

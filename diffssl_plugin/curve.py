@@ -139,7 +139,7 @@ def run_curve(
                     eval_cfg.dataset,
                     point,
                     run_dir,
-                    batch_size=cfg.batch_size,
+                    batch_size=cfg.batch_for(method),
                     data_root=data_root,
                     runtime=rt,
                     progress=progress,

@@ -51,7 +51,7 @@ def test_curve_preset_is_the_default_learners_at_1_3_10_minutes():
     cfg, default = PRESETS["curve"], PRESETS["default"]
     assert cfg.curve_points == (Budget(minutes=1), Budget(minutes=3), Budget(minutes=10))
     # the default's learners and settings, whatever its numbers are
-    for name in ("methods", "method_kwargs", "batch_size", "max_pretrain_images", "eval"):
+    for name in ("methods", "method_kwargs", "batch_size", "method_batch_size", "max_pretrain_images", "eval"):
         assert getattr(cfg, name) == getattr(default, name), name
     assert cfg.protocols == ("linear",) and cfg.budget == Budget(minutes=10)
 
