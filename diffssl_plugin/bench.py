@@ -79,7 +79,7 @@ _DEFAULT_EXTRA = {
         "cs": [0.01, 0.1, 1.0],
     },
     "transfer": {"train_images": 1000, "val_images": 300, "test_images": 500},
-    "segmentation": {"train_images": 100, "val_images": 50, "test_images": 100, "head_epochs": 10, "mlp_pixels": 20000},
+    "segmentation": {"train_images": 100, "val_images": 50, "test_images": 100, "head_epochs": 10, "mlp_pixels": 10000},
 }
 _SMOKE_EXTRA = {
     "finetune": {"train_images": 200, "epochs": 1},
