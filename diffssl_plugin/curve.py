@@ -22,10 +22,11 @@ from .eval.records import record_problem
 from .io import atomic_path, file_sha256, write_json
 from .loading import load_backbone, read_pretrain_info
 from .methods.training import Budget, budget_spent, pretrain
+from .presets import raw_pixels_floor
 from .runtime import Runtime, current
 
 if TYPE_CHECKING:
-    from .bench import BenchPreset
+    from .presets import BenchPreset
 
 #: the protocol each point is evaluated with (linear probe and kNN, after the readout sweep)
 CURVE_PROTOCOLS = ("linear",)
@@ -86,10 +87,6 @@ def run_curve(
     Every rank calls this (pretraining is DDP, extraction sharded); rank 0 reads what is done and hands it to
     the others, and alone writes records, table, plot and ``bench.json``.
     """
-    import timm
-
-    from .bench import _channels, _size
-
     rt = (runtime or current()).launch()
     points = curve_points(cfg.curve_points or (), last)
     horizon = points[-1]
@@ -117,7 +114,7 @@ def run_curve(
     if ("raw_pixels", None) in done:
         records.extend(done["raw_pixels", None])
     else:
-        raw = timm.create_model("raw_pixels", in_chans=_channels(eval_cfg), img_size=_size(eval_cfg))
+        raw = raw_pixels_floor(eval_cfg)
         publish(evaluate(raw, "raw_pixels", "raw_pixels", out_dir=out, **common), {"point": None, "index": None})
     for method in cfg.methods:
         run_dir = out / method

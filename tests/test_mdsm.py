@@ -438,7 +438,7 @@ def test_training_loss_decreases_on_fashion_mnist(fmnist_uint8):
     torch.manual_seed(0)
     model = MDSM(width=4, lr=1e-3)
     images = fmnist_uint8.float() / 255.0
-    opt = model.configure_optimizers()
+    opt = model.configure_optimizers()["optimizer"]
 
     def held_out_noise_loss() -> float:
         return sum(model.training_loss(images, torch.Generator().manual_seed(1000 + k)).item() for k in range(2)) / 2
