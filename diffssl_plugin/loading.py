@@ -20,6 +20,7 @@ import os
 import shutil
 from pathlib import Path
 
+from .backbones.memory_format import contiguous_weights
 from .errors import CheckpointError, UnknownNameError
 from .io import load_weights, write_json
 
@@ -157,7 +158,9 @@ def export(model, folder: str | os.PathLike, result=None) -> Path:
     # baselines (no ``architecture``) are named by the learner
     architecture = getattr(backbone, "architecture", None) or model.timm_architecture
     backbone.pretrained_cfg = {**backbone.pretrained_cfg, "architecture": architecture}
-    save_for_hf(backbone, str(staging / "backbone"), model_args=backbone.model_args(), safe_serialization=True)
+    # safetensors stores contiguous tensors only: channels-last weights (memory_format.py) are written as NCHW
+    with contiguous_weights(backbone):
+        save_for_hf(backbone, str(staging / "backbone"), model_args=backbone.model_args(), safe_serialization=True)
     unet = getattr(model, "generative_unet", None)
     if unet is not None:
         from diffusers import DDPMPipeline

@@ -40,6 +40,7 @@ from pytorch_lightning.callbacks import TQDMProgressBar
 from pytorch_lightning.strategies import DDPStrategy
 from torch import nn
 
+from .backbones.memory_format import use_preferred_memory_format
 from .backbones.sdpa import cpu_math_attention
 from .runtime import Runtime, current
 
@@ -311,6 +312,7 @@ def fit(
     """
     rt = resolve_runtime(device, runtime)
     distributed = rt.distributed
+    use_preferred_memory_format(model)
     module = SupervisedModule(
         model,
         plan,

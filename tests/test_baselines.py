@@ -91,6 +91,53 @@ def test_mae_vit_extract_is_a_block_sweep(images01):
         vit.extract(x, [0], ["blocks.7"])
 
 
+def test_mae_sweep_reads_the_output_and_blocks_from_one_forward(images01, monkeypatch):
+    """A sweep over the pooled output and blocks costs one ViT forward per batch, with the same numbers as
+    ``model(x)`` and ``extract``."""
+    from diffssl_plugin.eval.features import OUTPUT, Readout, _forward_batch
+
+    vit = timm.create_model("mae_vit_tiny_p4", depth=3, embed_dim=24, num_heads=2).eval()
+    x = normalise(vit, images01[:3])
+    calls = []
+    inner = MAEViT.forward_intermediates
+    monkeypatch.setattr(MAEViT, "forward_intermediates", lambda self, *a, **k: calls.append(1) or inner(self, *a, **k))
+    readouts = [OUTPUT, Readout(0, "blocks.1", "avg2x2")]
+    with torch.no_grad():
+        feats = _forward_batch(vit, x, readouts, [0], ["blocks.1"])
+        assert len(calls) == 1
+        assert torch.equal(feats[OUTPUT], vit(x))
+        assert torch.equal(feats[readouts[1]], vit.extract(x, [0], ["blocks.1"], pool="avg2x2")[(0, "blocks.1")])
+
+
+@pytest.mark.parametrize(
+    "name, prefers", [("simclr_resnet18_cifar", True), ("mdsm_ebm_fmnist", True), ("ddae_unet_fmnist", False)]
+)
+def test_channels_last_where_a_backbone_runs_faster_in_it(name, prefers, images01):
+    """Convolutional backbones that declare it are converted to channels-last by feature extraction (same
+    features, weights saved contiguous); the GroupNorm U-Nets, slower in it on CPUs, stay NCHW."""
+    from diffssl_plugin.backbones.memory_format import prefers_channels_last
+    from diffssl_plugin.data import ImageSet
+    from diffssl_plugin.eval.features import extract_features
+    from diffssl_plugin.io import state_dict_sha256
+
+    torch.manual_seed(0)
+    model = timm.create_model(name, in_chans=1).eval()
+    assert prefers_channels_last(model) is prefers
+    conv = [
+        m for m in model.modules() if isinstance(m, torch.nn.Conv2d) and m.in_channels > 1 and m.kernel_size != (1, 1)
+    ][-1]
+    images = (images01[:16] * 255).round().to(torch.uint8)
+    data = ImageSet("t", "test", images, torch.zeros(16, dtype=torch.long), tuple("0123456789"))
+    x = normalise(model, images01[:16])
+    with torch.no_grad():
+        before, weights = model(x), state_dict_sha256(model.state_dict())
+    feats = extract_features(model, data, amp=False, progress=False)
+    assert conv.weight.is_contiguous(memory_format=torch.channels_last) is prefers
+    assert not prefers or not conv.weight.is_contiguous()
+    assert torch.allclose(next(iter(feats.values())), before, atol=1e-4, rtol=1e-4)
+    assert state_dict_sha256(model.state_dict()) == weights  # hashes and exports do not see the layout
+
+
 # ---------------------------------------------------------------- augmentations and masking
 def test_simclr_views_are_batched_seeded_and_valid(images01):
     views = simclr_transform(images01, torch.Generator().manual_seed(1))

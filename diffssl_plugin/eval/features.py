@@ -21,6 +21,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..backbones.checks import check_model_inputs
+from ..backbones.memory_format import use_preferred_memory_format
 from ..backbones.pooling import pool_features
 from ..data import ImageSet
 from ..errors import InputError
@@ -207,12 +208,13 @@ def _noise_index(data, start: int, end: int, device: torch.device) -> torch.Tens
     return index.to(device)
 
 
-def _takes_index(model: nn.Module) -> bool:
-    """Whether ``model.extract`` accepts ``index=`` (the dataset positions its seeded noise is drawn for)."""
+def _extract_takes(model: nn.Module, argument: str) -> bool:
+    """Whether ``model.extract`` accepts ``argument=`` (``index``: the dataset positions its seeded noise is
+    drawn for; ``with_output``: it can return the pooled output from the same forward)."""
     import inspect
 
     extract = getattr(model, "extract", None)
-    return extract is not None and "index" in inspect.signature(extract).parameters
+    return extract is not None and argument in inspect.signature(extract).parameters
 
 
 def _forward_batch(
@@ -226,11 +228,15 @@ def _forward_batch(
     """Every missing readout of one batch. ``index``: the images' dataset positions, for backbones whose
     ``extract`` draws per-image seeded noise from them (the same ε for an image whatever the batching)."""
     kwargs = {"index": index} if index is not None else {}
+    # the pooled output from the blocks' forward where ``extract`` can give it (a ViT: one forward, not two)
+    shared_output = bool(blocks) and any(r.block is None for r in missing) and _extract_takes(model, "with_output")
+    if shared_output:
+        kwargs["with_output"] = True
     maps = model.extract(x, timesteps, blocks, pool=None, **kwargs) if blocks else {}
     out = {}
     for r in missing:
         if r.block is None:
-            out[r] = pooled_output(model, x)
+            out[r] = maps["output"] if shared_output else pooled_output(model, x)
         elif r.block == LAST_INTERMEDIATE:
             out[r] = _last_intermediate(model, x, r.pool)
         else:
@@ -286,7 +292,7 @@ def extract_features(
             out[r] = cache.load(cache.path(model_hash, data, r))
     if not missing:
         return out
-    model = model.to(device).eval()
+    model = use_preferred_memory_format(model.to(device).eval())
     # value checks (NaN/inf, range) once per dataset on its first batch, not in every forward (host syncs)
     check_model_inputs(model, normalise(model, data.images[:batch_size].float().div_(255.0)).to(device))
     shard = rt.shard(len(data))
@@ -294,7 +300,7 @@ def extract_features(
     timesteps = sorted({r.timestep for r in missing if r.block not in (None, LAST_INTERMEDIATE)})
     blocks = sorted({r.block for r in missing if r.block not in (None, LAST_INTERMEDIATE)})
     mean_std = None
-    takes_index = _takes_index(model)
+    takes_index = _extract_takes(model, "index")
     if device.type == rt.device_type:
 
         def autocast():

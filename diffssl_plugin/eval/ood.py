@@ -22,6 +22,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..backbones.memory_format import use_preferred_memory_format
 from ..data import ImageSet, load_split
 from ..runtime import Runtime, current
 from .features import OUTPUT, normalise
@@ -46,7 +47,7 @@ def energy_scores(
     normalised with the model's own ``pretrained_cfg`` mean/std, as the harness does for features. Under
     several processes each rank scores its shard and every rank gets all N scores, in order."""
     rt = runtime or current()
-    model = model.to(device).eval()
+    model = use_preferred_memory_format(model.to(device).eval())
     shard = rt.shard(len(images01))
     out = [torch.zeros(0)]
     for start in range(shard.start, shard.stop, batch_size):

@@ -25,6 +25,7 @@ from lightly.utils.benchmarking import OnlineLinearClassifier, knn_predict
 from torch import nn
 from torch.utils.data import Dataset, Sampler
 
+from ..backbones.memory_format import use_preferred_memory_format
 from ..backbones.sdpa import cpu_math_attention
 from ..data.flip import hflip
 from ..errors import InputError
@@ -217,6 +218,11 @@ class SSLMethod(pl.LightningModule):
             yield gen
 
     # -- Lightning plumbing --------------------------------------------------------------------------
+    def setup(self, stage: str) -> None:
+        # before Lightning moves the module, wraps it in DDP and builds the optimiser: DDP's buckets then
+        # match the weights' layout
+        use_preferred_memory_format(self)  # channels-last for backbones that run faster in it
+
     def training_step(self, batch, batch_idx):
         images, views, targets = unpack_batch(batch)
         device = (images if images is not None else first_view(views)).device
