@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -35,12 +36,42 @@ def _cuda_bf16() -> bool:
     return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
 
 
+@functools.cache
+def cpu_has_fast_bf16() -> bool:
+    """Whether this CPU computes bf16 convolutions and matmuls in hardware (oneDNN's check: AVX512-BF16, AMX, or
+    AVX512 cores). Elsewhere, e.g. AVX2-only AMD EPYC and older Intel CPUs, bf16 autocast is emulated: measured on
+    a 2-core AVX2 EPYC, a CIFAR ResNet-18 ran at 5 img/s under bf16 autocast against 107 img/s in fp32."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):  # a torch build without oneDNN or without this check
+        return torch.backends.cpu.get_cpu_capability() not in ("DEFAULT", "AVX2", "NO AVX")
+
+
+def auto_autocast_dtype(device_type: str) -> torch.dtype | None:
+    """The mixed-precision dtype that speeds ``device_type`` up: bf16 on CPUs that compute it in hardware and on
+    GPUs that support it, fp16 on older GPUs, None (fp32) on CPUs that would only emulate bf16."""
+    if device_type == "cuda":
+        return torch.bfloat16 if _cuda_bf16() else torch.float16
+    if device_type == "cpu":
+        return torch.bfloat16 if cpu_has_fast_bf16() else None
+    return torch.bfloat16
+
+
+def mixed_precision(device: torch.device | str, enabled: bool = True) -> contextlib.AbstractContextManager:
+    """Autocast on ``device`` at :func:`auto_autocast_dtype` when ``enabled`` (a no-op context for fp32): what
+    code that runs outside a :class:`Runtime` (``amp=True`` arguments) uses."""
+    device_type = torch.device(device).type
+    dtype = auto_autocast_dtype(device_type) if enabled else None
+    return torch.autocast(device_type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
+
+
 @dataclass(frozen=True)
 class Runtime:
     """Hardware settings of one command (the Lightning ``Trainer`` arguments of the same names).
 
-    ``precision="auto"`` means bf16 autocast where the device supports it (CPUs, Ampere and newer GPUs),
-    else fp16 autocast (older GPUs); it is what evaluation uses by default.
+    ``precision="auto"`` means bf16 autocast where the device computes it in hardware (Ampere and newer GPUs;
+    CPUs with AVX512-BF16/AMX, see :func:`cpu_has_fast_bf16`), fp16 autocast on older GPUs, and fp32 on CPUs that
+    would only emulate bf16; it is what evaluation uses by default.
     """
 
     accelerator: str = "auto"
@@ -95,9 +126,7 @@ class Runtime:
             return torch.float16
         if p in ("bf16-mixed", "bf16"):
             return torch.bfloat16
-        if self.device_type == "cuda" and not _cuda_bf16():
-            return torch.float16
-        return torch.bfloat16
+        return auto_autocast_dtype(self.device_type)
 
     def autocast(self, enabled: bool = True) -> contextlib.AbstractContextManager:
         """``torch.autocast`` on this device at :attr:`autocast_dtype` (a no-op context for fp32)."""

@@ -306,7 +306,8 @@ def fit(
       the weights before training (epoch 0, kept if no epoch beats it). ``snapshot(model)``: the tensors that
       restore an epoch (default: the whole state dict).
     * ``train_mode``: the mode the model trains in (False: BatchNorm statistics and dropout frozen);
-      ``amp``: bf16 autocast (fp16 on GPUs without bf16), else fp32; ``unused_parameters``: the forward leaves the
+      ``amp``: mixed precision where it is fast (``precision="auto"``: bf16; fp16 on GPUs without bf16; fp32
+      on CPUs without bf16 hardware), else fp32; ``unused_parameters``: the forward leaves the
       same trainable parameters out at every step (a backbone read at an inner block; DDP's static graph);
       ``check_loss``: a non-finite epoch loss raises :class:`FloatingPointError`.
     """

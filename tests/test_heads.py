@@ -289,9 +289,13 @@ def test_attention_head_learns_cached_maps(tiny_backbone, real_batch, fmnist_uin
 
 
 @pytest.mark.parametrize("amp", [True, False])
-def test_head_training_and_prediction_use_the_math_attention_backend_under_bf16(sdpa_flash_allowed, amp):
+def test_head_training_and_prediction_use_the_math_attention_backend_under_bf16(sdpa_flash_allowed, amp, monkeypatch):
     """In bf16 the fused CPU attention kernel is ~3× slower for these short token sequences, in fp32 faster
-    (backbones/sdpa.py): the math backend is chosen under bf16 autocast only."""
+    (backbones/sdpa.py): the math backend is chosen under bf16 autocast only (``amp`` means bf16 on a CPU with
+    bf16 hardware; one is assumed here so the test runs the same on every CPU)."""
+    import diffssl_plugin.runtime as runtime
+
+    monkeypatch.setattr(runtime, "cpu_has_fast_bf16", lambda: True)
     head = AttentionHead((8, 7, 7), 10, **SMALL)
     rows = tensor_rows(torch.randn(16, 8, 7, 7), torch.arange(16) % 10)
     train_head(head, rows, rows, HeadTraining(epochs=1, batch_size=8, warmup_epochs=0, amp=amp))

@@ -26,7 +26,7 @@ from ..backbones.pooling import pool_features
 from ..data import ImageSet
 from ..errors import InputError
 from ..io import atomic_path, state_dict_sha256
-from ..runtime import Runtime, current
+from ..runtime import Runtime, current, mixed_precision
 
 
 @dataclass(frozen=True, order=True)
@@ -308,7 +308,7 @@ def extract_features(
     else:  # an explicit device other than the runtime's (e.g. evaluating on the CPU from a GPU job)
 
         def autocast():
-            return torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp)
+            return mixed_precision(device, enabled=amp)
 
     bar = tqdm(
         total=len(shard),

@@ -14,8 +14,9 @@ Recipe (all of it written into each record; override any field with ``EvalConfig
   fine-tuning starts from the ``linear`` column's classifier and sends no random gradients into the
   pretrained weights (with a few CPU epochs, a zero-started head scored far below the probe);
 * AdamW (weight decay 0.05), backbone lr 5e-5, head lr 1e-3, linear warm-up over the first 10% of the steps
-  then cosine to zero, batch 128 (full batches only), bf16 autocast; normalisation statistics and dropout
-  frozen (eval mode), so the features the probe was fit on only change through the weights; no augmentation
+  then cosine to zero, batch 128 (full batches only), bf16 autocast where the device computes bf16 in hardware
+  (else fp32); normalisation statistics and dropout frozen (eval mode), so the features the probe was fit on
+  only change through the weights; no augmentation
   (in two epochs there is little to regularise). These choices come from checks on 2-minute SimCLR and MAE
   backbones (2,000 fine-tuning images): flips (raw pixels, MAE), batch-norm statistics in training mode,
   and backbone lr 1e-4 (MAE) or 3e-5 (SimCLR) each ended further below the probe. On the CPU, attention
@@ -42,7 +43,7 @@ from ..data.flip import flip_coins, hflip
 from ..errors import InputError
 from ..heads.training import Rows, accuracy, image_rows
 from ..optim import warmup_cosine
-from ..runtime import Runtime
+from ..runtime import Runtime, auto_autocast_dtype
 from ..supervised import fit, resolve_runtime, shuffled_batches
 from .features import OUTPUT, Readout, extract_features, normalise, pooled_output
 from .harness import EvalContext, register_protocol
@@ -244,6 +245,12 @@ def head_accuracy(model: Classifier, features: torch.Tensor, labels: torch.Tenso
     return float((preds == labels).float().mean())
 
 
+def _precision_name(device: str | torch.device, amp: bool) -> str:
+    """What ``amp`` meant on ``device`` (:func:`~diffssl_plugin.runtime.auto_autocast_dtype`), for the record."""
+    dtype = auto_autocast_dtype(torch.device(device).type) if amp else None
+    return {torch.bfloat16: "bf16-autocast", torch.float16: "fp16-autocast", None: "fp32"}[dtype]
+
+
 @register_protocol("finetune")
 def finetune_protocol(ctx: EvalContext) -> list[dict]:
     """All weights and a new linear head trained with labels (recipe in :class:`FinetuneRecipe`)."""
@@ -273,7 +280,7 @@ def finetune_protocol(ctx: EvalContext) -> list[dict]:
         "head_init": "linear probe (LP-FT)",
         "selection": "best validation epoch (0: the probe)" if recipe.select_best else "last epoch",
         "augment": "hflip" if recipe.hflip else "none",
-        "precision": "bf16-autocast" if recipe.amp else "fp32",
+        "precision": _precision_name(ctx.device, recipe.amp),
         **asdict(recipe),
         "train_images": res.train_images,
         "best_epoch": res.best_epoch,

@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 from ..data.scenes import SegmentationSet
 from ..errors import InputError
 from ..io import atomic_path
+from ..runtime import mixed_precision
 from .features import data_config, normalise
 from .harness import EvalContext
 
@@ -225,7 +226,7 @@ def cache_dense_features(
             steps, desc=f"dense features {data.name}/{data.split}", disable=not ctx.progress, leave=False
         ):
             x = data.images[start : start + batch_size].float().div_(255.0).to(dev)
-            with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=amp):
+            with mixed_precision(dev, enabled=amp):
                 f = dense_features(model, spec, x)
             f = f.float().clamp_(-65000.0, 65000.0).cpu().numpy().astype(np.float16)
             if array is None:

@@ -43,7 +43,7 @@ from torchmetrics.functional.classification import multiclass_accuracy
 from ..backbones.sdpa import cpu_math_attention
 from ..errors import InputError, check_name
 from ..optim import warmup_cosine
-from ..runtime import Runtime
+from ..runtime import Runtime, mixed_precision
 from ..supervised import fit, shuffled_batches
 
 
@@ -62,7 +62,7 @@ class HeadTraining:
     step_epochs: int = 7  # "step": multiply the lr by gamma every step_epochs epochs
     gamma: float = 0.1
     eval_every: int = 1  # validation every this many epochs (and after the last)
-    amp: bool = False  # bf16 autocast
+    amp: bool = False  # mixed precision where the device computes it fast (runtime.mixed_precision)
     seed: int = 0
     freeze_bn_epoch: int | None = None  # BatchNorm layers run in eval mode from this (0-based) epoch on
 
@@ -325,7 +325,7 @@ def predict(
     preds = []
     for start in range(0, len(data), batch_size):
         idx = torch.arange(start, min(start + batch_size, len(data)))
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp), cpu_math_attention(device):
+        with mixed_precision(device, enabled=amp), cpu_math_attention(device):
             preds.append(model(_to(data.get(idx), device)).argmax(1).cpu())
     return torch.cat(preds)
 
