@@ -1,7 +1,8 @@
 """Training throughput of the SimCLR and MAE baselines: images/s of a full optimisation step (augmentation,
-forward, backward, optimiser) at batch 128 with bf16 autocast, on real Fashion-MNIST images, plus the training
-FLOPs per image counted with ``torch.utils.flop_counter`` and the GFLOP/s they imply (divide by the GEMM
-GFLOP/s of the same run for the fraction of peak). SimCLR's images are pairs: two views per image.
+forward, backward, optimiser) at batch 128 in the package's mixed precision (bf16 autocast on CPUs with bf16
+hardware, else fp32), on real Fashion-MNIST images, plus the training FLOPs per image counted with
+``torch.utils.flop_counter`` and the GFLOP/s they imply (divide by the GEMM GFLOP/s of the same run for the
+fraction of peak). SimCLR's images are pairs: two views per image.
 
 ``benchmarks/throughput.py`` calls :func:`baselines_throughput`; run alone:
 
@@ -18,6 +19,7 @@ from pathlib import Path
 import torch
 
 from diffssl_plugin.backbones.sdpa import cpu_math_attention
+from diffssl_plugin.runtime import auto_autocast_dtype, mixed_precision
 
 
 def _measure(method: str, images: torch.Tensor, steps: int, warmup: int, method_kwargs: dict) -> dict:
@@ -31,7 +33,7 @@ def _measure(method: str, images: torch.Tensor, steps: int, warmup: int, method_
     times = []
     for step in range(warmup + steps):
         start = time.perf_counter()
-        with torch.autocast("cpu", dtype=torch.bfloat16), cpu_math_attention("cpu"):  # as in training_step
+        with mixed_precision("cpu"), cpu_math_attention("cpu"):  # as in training_step
             loss = model.training_loss(images, torch.Generator().manual_seed(step))
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -60,7 +62,7 @@ def baselines_throughput(
     dataset: str = "fashion_mnist",
     method_kwargs: dict[str, dict] | None = None,
 ) -> dict:
-    """Training images/s of each baseline (bf16 autocast, CPU, the threads torch is set to use), from the
+    """Training images/s of each baseline (precision as in training, CPU, the threads torch is set to use), from the
     fastest of ``steps`` timed optimisation steps (the median is reported too).
 
     Returns ``{"batch_size", "torch_threads", "dataset", method: {"images_per_s", "train_flops_per_image",
@@ -75,7 +77,7 @@ def baselines_throughput(
         "batch_size": batch_size,
         "torch_threads": torch.get_num_threads(),
         "dataset": dataset,
-        "precision": "bf16-autocast",
+        "precision": "bf16-autocast" if auto_autocast_dtype("cpu") else "fp32",
         "steps_timed": steps,
     }
     for m in methods:

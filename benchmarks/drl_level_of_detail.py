@@ -53,6 +53,7 @@ def train_drl(
     so the two samplers of one seed see the same init and the same images in the same order."""
     from diffssl_plugin.methods.base import StepBatches
     from diffssl_plugin.methods.drl import DRL
+    from diffssl_plugin.runtime import mixed_precision
 
     torch.manual_seed(seed)
     model = DRL(batch_size_per_device=batch_size, sampler=sampler, seed=seed, **method_kwargs).train()
@@ -62,7 +63,7 @@ def train_drl(
     start, curve, window = time.perf_counter(), [], []
     for step in range(steps):
         x, _ = batches[step]
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with mixed_precision("cpu"):
             loss = model.training_loss(x, torch.Generator().manual_seed(seed * 1_000_003 + step))
         opt.zero_grad(set_to_none=True)
         loss.backward()

@@ -1,15 +1,16 @@
 """Throughput of the DDAE training step and of feature extraction, against this machine's own GEMM speed.
 
 Prints and writes JSON with:
-* fp32 and bf16 GEMM GFLOP/s (2048² matmuls) measured in the same run: the machine's ceiling (the bf16 rate
-  before every timed turn of training steps, so the ratio compares the same moments of the machine);
+* fp32 GEMM GFLOP/s and the GEMM GFLOP/s of the dtype the package computes in here (bf16 on CPUs with bf16
+  hardware, else fp32; ``precision``), 2048² matmuls measured in the same run: the machine's ceiling (measured
+  before every timed turn of training steps too, so the ratio compares the same moments of the machine);
 * DDAE training images/s and achieved GFLOP/s (FLOPs counted once with ``torch.utils.flop_counter``), and its
-  ratio to the bf16 GEMM figure (target ≥ 0.5);
+  ratio to that GEMM figure (target ≥ 0.5);
 * DDAE feature extraction images/s (one U-Net forward per timestep, early exit);
 * the harness's overhead: ``diffssl pretrain`` (Lightning, checkpoints, logging) against a plain PyTorch loop
-  training the same model with the same batch, optimiser, clipping, EMA and bf16 autocast (target ≤ 5%);
+  training the same model with the same batch, optimiser, clipping, EMA and mixed precision (target ≤ 5%);
 * SimCLR and MAE training images/s and achieved GFLOP/s (``benchmarks/baselines_throughput.py``), and their
-  ratio to the same run's bf16 GEMM GFLOP/s.
+  ratio to the same run's GEMM GFLOP/s.
 
     python benchmarks/throughput.py --out runs/throughput.json
 
@@ -40,6 +41,12 @@ from diffssl_plugin.backbones.sdpa import cpu_math_attention
 from diffssl_plugin.data import load_split
 from diffssl_plugin.methods.ddae import DDAE
 from diffssl_plugin.methods.training import Budget, pretrain
+from diffssl_plugin.runtime import auto_autocast_dtype, mixed_precision
+
+#: the dtype the package computes in on this CPU (bf16 where the CPU has bf16 hardware, else fp32): the training
+#: step runs in it and the GEMM ceiling is measured in it
+COMPUTE_DTYPE = auto_autocast_dtype("cpu") or torch.float32
+PRECISION = {torch.bfloat16: "bf16", torch.float32: "fp32"}[COMPUTE_DTYPE]
 
 
 def gemm_gflops(dtype: torch.dtype, n: int = 2048, repeats: int = 10, trials: int = 5) -> float:
@@ -56,7 +63,7 @@ def gemm_gflops(dtype: torch.dtype, n: int = 2048, repeats: int = 10, trials: in
 
 
 class PlainLoop:
-    """The same DDAE step as the Lightning run (batch, optimiser and schedule, clipping, EMA, bf16 autocast,
+    """The same DDAE step as the Lightning run (batch, optimiser and schedule, clipping, EMA, mixed precision,
     CPU attention backend), written as a bare PyTorch loop that can be run a few steps at a time."""
 
     def __init__(self, images: torch.Tensor, batch: int, method_kwargs: dict | None = None):
@@ -73,7 +80,7 @@ class PlainLoop:
             start = time.perf_counter()
             x = self.images[(self.step * self.batch) % (len(self.images) - self.batch) :][: self.batch]
             gen = torch.Generator().manual_seed(self.step)
-            with torch.autocast("cpu", dtype=torch.bfloat16), cpu_math_attention("cpu"):
+            with mixed_precision("cpu"), cpu_math_attention("cpu"):
                 loss = self.model.training_loss(x.float() / 255, gen)
             self.opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -114,10 +121,10 @@ def interleaved_step_seconds(
     both alike. An untimed turn of ``2·skip`` steps each comes first (the first steps of a process are slow:
     allocations, oneDNN kernel set-up), and the first ``skip`` steps of every turn are not timed.
 
-    The bf16 GEMM rate is measured before every timed turn too, so the ratio of the two compares the same
+    The GEMM rate is measured before every timed turn too, so the ratio of the two compares the same
     moments of a machine whose speed drifts (a shared host).
 
-    Returns (plain seconds, Lightning seconds, bf16 GEMM GFLOP/s of each timed turn, FLOPs per image)."""
+    Returns (plain seconds, Lightning seconds, GEMM GFLOP/s of each timed turn, FLOPs per image)."""
     plain_loop, timer = PlainLoop(images, batch, method_kwargs), StepTimer(skip)
     per_round = max(1, steps // rounds)
     plain: list[float] = []
@@ -144,9 +151,9 @@ def interleaved_step_seconds(
         lightning_until(done)
         timer.seconds.clear()
         for _ in range(rounds):
-            gemm.append(gemm_gflops(torch.bfloat16, trials=1))
+            gemm.append(gemm_gflops(COMPUTE_DTYPE, trials=1))
             plain += plain_loop.run(skip + per_round)[skip:]
-            gemm.append(gemm_gflops(torch.bfloat16, trials=1))
+            gemm.append(gemm_gflops(COMPUTE_DTYPE, trials=1))
             done += skip + per_round + 1  # one more batch start closes the turn's last timed step
             lightning_until(done)
     return plain, timer.seconds, gemm, plain_loop.flops_per_image
@@ -159,7 +166,7 @@ def round_medians(seconds: list[float], per_round: int) -> list[float]:
 
 def extraction_images_per_second(backbone, images: torch.Tensor, timesteps, blocks, batch: int = 256) -> float:
     x = images[:batch].float() / 255 * 2 - 1
-    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.no_grad(), mixed_precision("cpu"):
         backbone.extract(x, timesteps, blocks, pool="avg")
         start = time.perf_counter()
         for _ in range(3):
@@ -186,16 +193,16 @@ def main(argv: list[str] | None = None) -> dict:
     args = p.parse_args(argv)
     torch.manual_seed(0)
     images = load_split("fashion_mnist", "trainval").images[:20000]
-    result: dict = {"threads": torch.get_num_threads(), "batch_size": args.batch_size}
+    result: dict = {"threads": torch.get_num_threads(), "batch_size": args.batch_size, "precision": PRECISION}
     result["gemm_fp32_gflops"] = gemm_gflops(torch.float32)
-    result["gemm_bf16_gflops_at_start"] = gemm_gflops(torch.bfloat16)
+    result["gemm_gflops_at_start"] = gemm_gflops(COMPUTE_DTYPE)
 
     plain, lightning, gemm, flops_per_image = interleaved_step_seconds(
         images, args.batch_size, args.steps, args.rounds, args.warmup, args.method_args
     )
     per_round = max(1, args.steps // args.rounds)
-    result["gemm_bf16_gflops"] = statistics.median(gemm)  # measured between the timed turns
-    result["gemm_bf16_gflops_per_turn"] = [round(g, 1) for g in gemm]
+    result["gemm_gflops"] = statistics.median(gemm)  # measured between the timed turns
+    result["gemm_gflops_per_turn"] = [round(g, 1) for g in gemm]
     plain_ips = args.batch_size / statistics.median(plain)
     lightning_ips = args.batch_size / statistics.median(lightning)
     result["flops_per_image_train"] = flops_per_image
@@ -215,19 +222,19 @@ def main(argv: list[str] | None = None) -> dict:
     result["lightning_images_per_s_best"] = args.batch_size / min(lightning)
     result["train_gflops_achieved"] = lightning_ips * flops_per_image / 1e9
     # headline ratio: each Lightning turn's median step against the GEMM rate measured just before that turn
-    result["train_to_bf16_gemm_ratio_per_turn"] = [
+    result["train_to_gemm_ratio_per_turn"] = [
         round(args.batch_size / sec * flops_per_image / 1e9 / g, 3) for sec, g in zip(lightning_rounds, gemm[1::2])
     ]
-    result["train_to_bf16_gemm_ratio"] = statistics.median(result["train_to_bf16_gemm_ratio_per_turn"])
-    result["train_to_bf16_gemm_ratio_overall"] = result["train_gflops_achieved"] / result["gemm_bf16_gflops"]
+    result["train_to_gemm_ratio"] = statistics.median(result["train_to_gemm_ratio_per_turn"])
+    result["train_to_gemm_ratio_overall"] = result["train_gflops_achieved"] / result["gemm_gflops"]
     # headline overhead: each round's Lightning turn against the bare-loop turn right before it
     result["harness_overhead_per_round"] = [round(1 - p / q, 4) for p, q in zip(plain_rounds, lightning_rounds)]
     result["harness_overhead"] = statistics.median(result["harness_overhead_per_round"])
     result["harness_overhead_overall"] = 1 - lightning_ips / plain_ips
     result["harness_overhead_mean"] = 1 - result["lightning_images_per_s_mean"] / result["plain_loop_images_per_s_mean"]
     result["harness_overhead_best"] = 1 - min(plain) / min(lightning)
-    result["train_to_bf16_gemm_ratio_best"] = (
-        result["lightning_images_per_s_best"] * flops_per_image / 1e9 / result["gemm_bf16_gflops"]
+    result["train_to_gemm_ratio_best"] = (
+        result["lightning_images_per_s_best"] * flops_per_image / 1e9 / result["gemm_gflops"]
     )
 
     backbone = DDAE(**args.method_args).feature_backbone
@@ -249,7 +256,7 @@ def main(argv: list[str] | None = None) -> dict:
             r = baselines[m]
             result[f"{m}_images_per_s"] = r["images_per_s"]
             result[f"{m}_train_flops_per_image"] = r["train_flops_per_image"]
-            result[f"{m}_train_to_bf16_gemm_ratio"] = r["achieved_gflops_per_s"] / result["gemm_bf16_gflops"]
+            result[f"{m}_train_to_gemm_ratio"] = r["achieved_gflops_per_s"] / result["gemm_gflops"]
     print(json.dumps(result, indent=2))
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -1,5 +1,6 @@
 """How the `fmnist_small` U-Net preset was chosen: training images/s and achieved GFLOP/s of candidate
-28×28 grey U-Nets (bf16 autocast, batch 128), beside this run's bf16 GEMM GFLOP/s.
+28×28 grey U-Nets (the package's mixed precision: bf16 autocast on CPUs with bf16 hardware, else fp32; batch
+128), beside this run's GEMM GFLOP/s in the same dtype.
 
     python benchmarks/unet_presets.py --out runs/unet_presets.json
 """
@@ -18,9 +19,10 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from diffssl_plugin.backbones.ddae import UNET_PRESETS
 from diffssl_plugin.diffusion import ddpm_scheduler, epsilon_loss
+from diffssl_plugin.runtime import mixed_precision
 
 sys.path.insert(0, str(Path(__file__).parent))
-from throughput import gemm_gflops
+from throughput import COMPUTE_DTYPE, PRECISION, gemm_gflops
 
 BASE = UNET_PRESETS["fmnist_small"]
 CANDIDATES = {
@@ -42,7 +44,7 @@ def measure(config: dict, batch: int, steps: int) -> dict:
     x = torch.rand(batch, 1, 28, 28) * 2 - 1
 
     def step():
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with mixed_precision("cpu"):
             loss = epsilon_loss(lambda a, t: unet(a, t).sample, x, scheduler)
         opt.zero_grad()
         loss.backward()
@@ -69,14 +71,14 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--out", default="runs/unet_presets.json")
     args = p.parse_args()
-    result = {"gemm_bf16_gflops": gemm_gflops(torch.bfloat16), "candidates": {}}
+    result = {"precision": PRECISION, "gemm_gflops": gemm_gflops(COMPUTE_DTYPE), "candidates": {}}
     for name, change in CANDIDATES.items():
         r = measure({**BASE, **change}, args.batch_size, args.steps)
-        r["ratio_to_bf16_gemm"] = r["gflops"] / result["gemm_bf16_gflops"]
+        r["ratio_to_gemm"] = r["gflops"] / result["gemm_gflops"]
         result["candidates"][name] = r
         print(
             f"{name:45s} {r['params_M']:.2f}M  {r['gflop_per_image']:.2f} GFLOP/img  "
-            f"{r['images_per_s']:.0f} img/s  {r['gflops']:.0f} GFLOP/s ({r['ratio_to_bf16_gemm']:.2f} of GEMM)"
+            f"{r['images_per_s']:.0f} img/s  {r['gflops']:.0f} GFLOP/s ({r['ratio_to_gemm']:.2f} of GEMM)"
         )
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
