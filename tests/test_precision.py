@@ -46,3 +46,12 @@ def test_finetune_records_the_precision_it_ran_in(monkeypatch):
     monkeypatch.setattr(runtime, "cpu_has_fast_bf16", lambda: True)
     assert _precision_name("cpu", True) == "bf16-autocast"
     assert _precision_name("cpu", False) == "fp32"
+
+
+def test_records_name_the_cpu_and_its_bf16_hardware():
+    from diffssl_plugin.eval.records import environment
+
+    machine = environment()["machine"]
+    assert machine["cpu_bf16"] is runtime.cpu_has_fast_bf16()
+    assert machine["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+    assert "cpu" in machine

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from ..io import append_jsonl
+from ..runtime import cpu_has_fast_bf16
 
 PACKAGES = (
     "diffssl-plugin",
@@ -31,6 +32,18 @@ PACKAGES = (
 
 
 @lru_cache(maxsize=1)
+@lru_cache(maxsize=1)
+def cpu_name() -> str | None:
+    """The CPU's model name (``/proc/cpuinfo`` on Linux, else ``platform.processor()``), None if unknown."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or None
+
+
 def environment() -> dict:
     """Package versions and a description of the machine."""
     versions = {}
@@ -44,6 +57,10 @@ def environment() -> dict:
         "python": platform.python_version(),
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
+        # time budgets buy very different work on different CPUs (bf16 hardware or not: runtime.cpu_has_fast_bf16)
+        "cpu": cpu_name(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "cpu_bf16": cpu_has_fast_bf16(),
         "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
     }
     return {"versions": versions, "machine": machine}
