@@ -75,8 +75,14 @@ def test_pretrain_respects_step_budget_and_exports(tmp_path):
 
 def test_cpu_training_steps_use_the_math_attention_backend(tmp_path, monkeypatch, sdpa_flash_allowed):
     """The fused CPU attention kernel is slow for short sequences in bf16 (backbones/sdpa.py): bf16 training
-    steps and U-Net feature extraction run with it disabled, and the math backend gives the same outputs."""
+    steps and U-Net feature extraction run with it disabled, and the math backend gives the same outputs. Training
+    runs in bf16 only on CPUs with bf16 hardware (runtime.cpu_has_fast_bf16): one is assumed here, so the test runs
+    the same on every CPU."""
     from diffusers import UNet2DModel
+
+    import diffssl_plugin.runtime as runtime
+
+    monkeypatch.setattr(runtime, "cpu_has_fast_bf16", lambda: True)
 
     from diffssl_plugin.backbones.ddae import DDAEBackbone
     from diffssl_plugin.backbones.sdpa import cpu_math_attention
