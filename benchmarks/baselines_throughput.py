@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from diffssl_plugin.backbones.sdpa import cpu_math_attention
-from diffssl_plugin.runtime import auto_autocast_dtype, mixed_precision
+from diffssl_plugin.runtime import mixed_precision, precision_name
 
 
 def _measure(method: str, images: torch.Tensor, steps: int, warmup: int, method_kwargs: dict) -> dict:
@@ -77,7 +77,7 @@ def baselines_throughput(
         "batch_size": batch_size,
         "torch_threads": torch.get_num_threads(),
         "dataset": dataset,
-        "precision": "bf16-autocast" if auto_autocast_dtype("cpu") else "fp32",
+        "precision": precision_name("cpu"),
         "steps_timed": steps,
     }
     for m in methods:

@@ -41,12 +41,7 @@ from diffssl_plugin.eval.ood import ood_aurocs
 from diffssl_plugin.eval.records import environment
 from diffssl_plugin.io import write_json
 from diffssl_plugin.methods.training import Budget, pretrain
-from diffssl_plugin.runtime import auto_autocast_dtype, mixed_precision
-
-
-def bf16():
-    """bf16 autocast where this CPU computes bf16 in hardware, else fp32 (``runtime.mixed_precision``)."""
-    return mixed_precision("cpu")
+from diffssl_plugin.runtime import mixed_precision, precision_name
 
 
 def psnr(x: torch.Tensor, ref: torch.Tensor) -> float:
@@ -97,7 +92,7 @@ def inpainting(
     results, rows = {}, []
     for k, (name, mask) in enumerate(masks(images.shape[-1]).items()):
         m = mask.expand_as(images)
-        with bf16():
+        with mixed_precision("cpu"):
             out = inpaint(
                 model.energy, images, mask, temperatures, step_size, generator=torch.Generator().manual_seed(seed + k)
             )
@@ -191,7 +186,7 @@ def main(argv=None) -> dict:
     timings["inpainting"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    with bf16():
+    with mixed_precision("cpu"):
         # sampled at the padded 32×32 size (the official order: pad, then noise), the 28×28 centre kept
         side, pad = model.sample_size, (model.sample_size - 28) // 2
         samples = sample(
@@ -215,8 +210,12 @@ def main(argv=None) -> dict:
     report["ood_auroc"] = ood_aurocs(model, inliers, seed=args.seed)
     timings["ood"] = time.perf_counter() - t
 
-    autocast = "bf16" if auto_autocast_dtype("cpu") else "none (fp32)"
-    report["langevin"] = {"schedule": "exp", "steps": args.langevin_steps, "step_size": step_size, "autocast": autocast}
+    report["langevin"] = {
+        "schedule": "exp",
+        "steps": args.langevin_steps,
+        "step_size": step_size,
+        "precision": precision_name("cpu"),
+    }
     report["timings_seconds"] = {
         "training_and_export": trained - started,
         **timings,

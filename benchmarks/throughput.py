@@ -41,12 +41,12 @@ from diffssl_plugin.backbones.sdpa import cpu_math_attention
 from diffssl_plugin.data import load_split
 from diffssl_plugin.methods.ddae import DDAE
 from diffssl_plugin.methods.training import Budget, pretrain
-from diffssl_plugin.runtime import auto_autocast_dtype, mixed_precision
+from diffssl_plugin.runtime import auto_autocast_dtype, mixed_precision, precision_name
 
 #: the dtype the package computes in on this CPU (bf16 where the CPU has bf16 hardware, else fp32): the training
 #: step runs in it and the GEMM ceiling is measured in it
 COMPUTE_DTYPE = auto_autocast_dtype("cpu") or torch.float32
-PRECISION = {torch.bfloat16: "bf16", torch.float32: "fp32"}[COMPUTE_DTYPE]
+PRECISION = precision_name("cpu")
 
 
 def gemm_gflops(dtype: torch.dtype, n: int = 2048, repeats: int = 10, trials: int = 5) -> float:

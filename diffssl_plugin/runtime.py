@@ -65,6 +65,13 @@ def mixed_precision(device: torch.device | str, enabled: bool = True) -> context
     return torch.autocast(device_type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
 
 
+def precision_name(device: torch.device | str, enabled: bool = True) -> str:
+    """What :func:`mixed_precision` runs on ``device``, for records: ``"bf16-autocast"``, ``"fp16-autocast"`` or
+    ``"fp32"``."""
+    dtype = auto_autocast_dtype(torch.device(device).type) if enabled else None
+    return {torch.bfloat16: "bf16-autocast", torch.float16: "fp16-autocast", None: "fp32"}[dtype]
+
+
 @dataclass(frozen=True)
 class Runtime:
     """Hardware settings of one command (the Lightning ``Trainer`` arguments of the same names).

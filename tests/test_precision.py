@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import diffssl_plugin.runtime as runtime
-from diffssl_plugin.runtime import Runtime, mixed_precision
+from diffssl_plugin.runtime import Runtime, mixed_precision, precision_name
 
 
 @pytest.mark.parametrize("fast", [True, False])
@@ -39,18 +39,17 @@ def test_cpu_bf16_check_answers_on_this_machine():
 
 
 def test_finetune_records_the_precision_it_ran_in(monkeypatch):
-    from diffssl_plugin.eval.finetune import _precision_name
-
     monkeypatch.setattr(runtime, "cpu_has_fast_bf16", lambda: False)
-    assert _precision_name("cpu", True) == "fp32"
+    assert precision_name("cpu", True) == "fp32"
     monkeypatch.setattr(runtime, "cpu_has_fast_bf16", lambda: True)
-    assert _precision_name("cpu", True) == "bf16-autocast"
-    assert _precision_name("cpu", False) == "fp32"
+    assert precision_name("cpu", True) == "bf16-autocast"
+    assert precision_name("cpu", False) == "fp32"
 
 
 def test_records_name_the_cpu_and_its_bf16_hardware():
     from diffssl_plugin.eval.records import environment
 
+    environment.cache_clear()  # another test may have filled the cache under a monkeypatched bf16 check
     machine = environment()["machine"]
     assert machine["cpu_bf16"] is runtime.cpu_has_fast_bf16()
     assert machine["cpu_capability"] == torch.backends.cpu.get_cpu_capability()

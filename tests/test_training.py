@@ -81,12 +81,11 @@ def test_cpu_training_steps_use_the_math_attention_backend(tmp_path, monkeypatch
     from diffusers import UNet2DModel
 
     import diffssl_plugin.runtime as runtime
-
-    monkeypatch.setattr(runtime, "cpu_has_fast_bf16", lambda: True)
-
     from diffssl_plugin.backbones.ddae import DDAEBackbone
     from diffssl_plugin.backbones.sdpa import cpu_math_attention
     from diffssl_plugin.methods.ddae import DDAE
+
+    monkeypatch.setattr(runtime, "cpu_has_fast_bf16", lambda: True)
 
     seen = []
     original = DDAE.training_loss

@@ -43,7 +43,7 @@ from ..data.flip import flip_coins, hflip
 from ..errors import InputError
 from ..heads.training import Rows, accuracy, image_rows
 from ..optim import warmup_cosine
-from ..runtime import Runtime, auto_autocast_dtype
+from ..runtime import Runtime, precision_name
 from ..supervised import fit, resolve_runtime, shuffled_batches
 from .features import OUTPUT, Readout, extract_features, normalise, pooled_output
 from .harness import EvalContext, register_protocol
@@ -245,12 +245,6 @@ def head_accuracy(model: Classifier, features: torch.Tensor, labels: torch.Tenso
     return float((preds == labels).float().mean())
 
 
-def _precision_name(device: str | torch.device, amp: bool) -> str:
-    """What ``amp`` meant on ``device`` (:func:`~diffssl_plugin.runtime.auto_autocast_dtype`), for the record."""
-    dtype = auto_autocast_dtype(torch.device(device).type) if amp else None
-    return {torch.bfloat16: "bf16-autocast", torch.float16: "fp16-autocast", None: "fp32"}[dtype]
-
-
 @register_protocol("finetune")
 def finetune_protocol(ctx: EvalContext) -> list[dict]:
     """All weights and a new linear head trained with labels (recipe in :class:`FinetuneRecipe`)."""
@@ -280,7 +274,7 @@ def finetune_protocol(ctx: EvalContext) -> list[dict]:
         "head_init": "linear probe (LP-FT)",
         "selection": "best validation epoch (0: the probe)" if recipe.select_best else "last epoch",
         "augment": "hflip" if recipe.hflip else "none",
-        "precision": _precision_name(ctx.device, recipe.amp),
+        "precision": precision_name(ctx.device, recipe.amp),
         **asdict(recipe),
         "train_images": res.train_images,
         "best_epoch": res.best_epoch,

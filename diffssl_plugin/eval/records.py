@@ -32,7 +32,6 @@ PACKAGES = (
 
 
 @lru_cache(maxsize=1)
-@lru_cache(maxsize=1)
 def cpu_name() -> str | None:
     """The CPU's model name (``/proc/cpuinfo`` on Linux, else ``platform.processor()``), None if unknown."""
     try:
@@ -44,6 +43,7 @@ def cpu_name() -> str | None:
     return platform.processor() or None
 
 
+@lru_cache(maxsize=1)
 def environment() -> dict:
     """Package versions and a description of the machine."""
     versions = {}
