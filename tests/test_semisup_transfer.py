@@ -178,6 +178,24 @@ def test_transfer_raw_pixels_above_chance_random_features_at_chance():
         assert abs(rnd[f"transfer_{target}"]["value"] - p) < 0.08
 
 
+def test_tops_transfer_draws_from_the_evaluation_subsets_and_extracts_nothing_new():
+    """Under a Fashion-MNIST evaluation the tops target's subsets come from the harness's subsets, whose features
+    the linear protocol holds; sizes beyond what those hold fall back to the full splits."""
+    fits = {"targets": [TOPS], "train_images": 80, "val_images": 100, "test_images": 200}  # SMALL holds 80/120/200
+    ctx = EvalContext(raw_pixels(), "m", "m", EvalConfig(**SMALL, extra={"transfer": fits}), progress=False)
+    PROTOCOLS["linear"](ctx)
+    extracted, extract = [], ctx._extract
+    ctx._extract = lambda data, readouts: extracted.append(len(data)) or extract(data, readouts)
+    (rec,) = PROTOCOLS["transfer"](ctx)
+    assert extracted == [] and rec["protocol"]["drawn_from"] == "evaluation subsets"
+    assert rec["target_images"] == {"train": 80, "val": 100, "test": 200} and rec["value"] > 0.5  # chance 0.25
+
+    ctx.config.extra["transfer"] = {**fits, "val_images": 121}
+    (rec,) = PROTOCOLS["transfer"](ctx)
+    assert rec["protocol"]["drawn_from"] == "full splits" and extracted  # new images: extracted
+    assert rec["target_images"]["val"] == 120  # 30 per class
+
+
 def test_fashion_mnist_tops_are_the_four_garments():
     tops = fashion_mnist_tops("val")
     full = load_split("fashion_mnist", "val")

