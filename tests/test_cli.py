@@ -52,8 +52,8 @@ def test_bench_smoke_end_to_end(tmp_path):
         "linear",
         "kNN k=20",
         "fine-tune",
-        "1% linear",
-        "1% fine-tune",
+        "0.2% linear",
+        "0.2% fine-tune",
         "→ MNIST-5k",
         "→ digits",
         "→ FMNIST tops",
@@ -62,7 +62,7 @@ def test_bench_smoke_end_to_end(tmp_path):
     ):
         assert f" {title} |" in header, title
     names = {r["protocol"]["name"] for r in records if r["method"] == "simclr" and r["split"] == "test"}
-    assert {"semisup1_linear", "transfer_digits", "segmentation", "segmentation_mlp"} <= names
+    assert {"semisup0.2_linear", "semisup0.2_ft", "transfer_digits", "segmentation", "segmentation_mlp"} <= names
     # the exported checkpoint evaluates again through `diffssl eval`, from the cached features
     proc = run_cli(
         "eval",

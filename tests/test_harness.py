@@ -276,3 +276,12 @@ def test_analytic_logistic_gradient_is_autograd_s():
     assert float(loss) == pytest.approx(float(ref.detach()), rel=1e-6)
     torch.testing.assert_close(w.grad, w2.grad)
     torch.testing.assert_close(b.grad, b2.grad)
+
+
+def test_semisup_columns_of_any_fraction_are_titled_by_percent():
+    from diffssl_plugin.eval.leaderboard import column_title, columns
+
+    assert column_title("semisup0.2_linear") == "0.2% linear" and column_title("semisup50_ft") == "50% fine-tune"
+    assert column_title("semisup1_linear") == "1% linear" and column_title("custom_protocol") == "custom_protocol"
+    rows = [{"values": {"linear": (0.8, None), "semisup0.2_ft": (0.5, None)}}]
+    assert columns(rows) == [("linear", "linear"), ("semisup0.2_ft", "0.2% fine-tune")]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import os
+import re
 from pathlib import Path
 
 from ..io import atomic_path
@@ -33,11 +34,25 @@ COLUMN_TITLES = {
 }
 
 
+_SEMISUP = re.compile(r"semisup(?P<percent>[0-9.]+)_(?P<sub>linear|ft)")
+
+
+def column_title(protocol: str) -> str:
+    """A protocol's column title: :data:`COLUMN_TITLES`, ``"<p>% linear"``/``"<p>% fine-tune"`` for any
+    semi-supervised fraction, else the protocol's name."""
+    if protocol in COLUMN_TITLES:
+        return COLUMN_TITLES[protocol]
+    m = _SEMISUP.fullmatch(protocol)
+    if m:
+        return f"{m['percent']}% {'linear' if m['sub'] == 'linear' else 'fine-tune'}"
+    return protocol
+
+
 def columns(rows: list[dict]) -> list[tuple[str, str]]:
     """(protocol, title) for every protocol with a test value in ``rows``."""
     seen = {k for row in rows for k in row.get("values", {})}
     known = [(k, t) for k, t in COLUMN_TITLES.items() if k in seen]
-    return known + [(k, k) for k in sorted(seen - set(COLUMN_TITLES))]
+    return known + [(k, column_title(k)) for k in sorted(seen - set(COLUMN_TITLES))]
 
 
 def leaderboard_rows(records: list[dict], dataset: str | None = None) -> list[dict]:
