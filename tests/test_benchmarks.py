@@ -129,3 +129,15 @@ def test_recipe_search_scores_candidates_on_validation_and_skips_finished_ones(t
     assert len(table) == 4 and float(table[2].split("|")[6]) >= float(table[3].split("|")[6])
     monkeypatch.setattr(search, "run_candidate", lambda *a, **k: pytest.fail("a finished candidate was rerun"))
     assert search.main(["simclr", "--budget", "2steps", "--out", str(tmp_path)]) == 0
+
+
+def test_memory_format_script_times_both_layouts(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    import memory_format
+
+    out = tmp_path / "memory_format.json"
+    names = ["ddae_unet_fmnist", "simclr_resnet18_cifar"]  # a swept diffusion backbone and a pooled-output one
+    result = memory_format.main([*names, "--batch-size", "4", "--repeats", "1", "--out", str(out)])
+    assert json.loads(out.read_text()) == result and list(result["backbones"]) == names
+    for rates in result["backbones"].values():
+        assert set(rates) == {"nchw", "channels_last"} and all(v > 0 and math.isfinite(v) for v in rates.values())

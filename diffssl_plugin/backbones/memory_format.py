@@ -10,8 +10,9 @@ Measured on a 2-core Xeon (AMX-bf16) under bf16 autocast, batch 256 of 28×28 im
 has the training step): CIFAR ResNet-18 inference 480 → 722 images/s, training 141 → 159; MDSM's energy
 ResNet inference 303 → 593. The GroupNorm U-Nets went the other way (DDAE 1,505 → 641, the DRL encoder
 1,155 → 670: oneDNN's channels-last GroupNorm is slow on CPUs), so they keep NCHW. On a 2-core AVX2 AMD EPYC in
-fp32 (no bf16 hardware) the U-Nets were about even (DDAE 295 → 304, DRL encoder 735 → 819 images/s) and the ResNets
-gained as on the Xeon (121 → 177, 105 → 135), so the choice holds on both.
+fp32 (no bf16 hardware; ``benchmarks/memory_format.py``, two runs) the U-Nets showed no consistent gain (DDAE
+295 → 304 and 289 → 361 images/s, the DRL encoder 735 → 819 and 820 → 649) and the ResNets gained as on the Xeon
+(121 → 177 and 119 → 196; 105 → 135 and 102 → 137), so the choice holds on both.
 """
 
 from __future__ import annotations
