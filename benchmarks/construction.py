@@ -68,7 +68,7 @@ def extraction(repeats: int, images: int) -> dict:
     torch.manual_seed(0)
     model = timm.create_model("ddae_unet_fmnist").eval()
     readouts = [Readout(t, b, "avg") for t in (0, 10, 50) for b in ("mid", "up0", "up1")]
-    extract_features(model, data.take(torch.arange(256)), readouts, progress=False)  # warm-up
+    extract_features(model, data.take(torch.arange(min(64, len(data)))), readouts, progress=False)  # warm-up
     rates = []
     for _ in range(repeats):
         start = time.perf_counter()

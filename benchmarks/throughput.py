@@ -114,7 +114,13 @@ class StepTimer(pl.Callback):
 
 
 def interleaved_step_seconds(
-    images: torch.Tensor, batch: int, steps: int, rounds: int, skip: int, method_kwargs: dict | None = None
+    images: torch.Tensor,
+    batch: int,
+    steps: int,
+    rounds: int,
+    skip: int,
+    method_kwargs: dict | None = None,
+    gemm_size: int = 2048,
 ) -> tuple[list[float], list[float], list[float], float]:
     """Per-step seconds of the bare loop and of ``diffssl pretrain``, measured in ``rounds`` alternating
     turns (Lightning resumes its own checkpoint each turn), so a drift of the machine's speed weighs on
@@ -151,9 +157,9 @@ def interleaved_step_seconds(
         lightning_until(done)
         timer.seconds.clear()
         for _ in range(rounds):
-            gemm.append(gemm_gflops(COMPUTE_DTYPE, trials=1))
+            gemm.append(gemm_gflops(COMPUTE_DTYPE, n=gemm_size, trials=1))
             plain += plain_loop.run(skip + per_round)[skip:]
-            gemm.append(gemm_gflops(COMPUTE_DTYPE, trials=1))
+            gemm.append(gemm_gflops(COMPUTE_DTYPE, n=gemm_size, trials=1))
             done += skip + per_round + 1  # one more batch start closes the turn's last timed step
             lightning_until(done)
     return plain, timer.seconds, gemm, plain_loop.flops_per_image
@@ -185,6 +191,9 @@ def main(argv: list[str] | None = None) -> dict:
         help="alternating turns of the bare loop and of Lightning the timed steps are split into",
     )
     p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument(
+        "--gemm-size", type=int, default=2048, help="n of the n×n matmuls that measure the GEMM ceiling (tests: small)"
+    )
     p.add_argument("--out", default="runs/throughput.json")
     p.add_argument("--no-baselines", action="store_true", help="skip the SimCLR and MAE measurements")
     p.add_argument(
@@ -194,11 +203,12 @@ def main(argv: list[str] | None = None) -> dict:
     torch.manual_seed(0)
     images = load_split("fashion_mnist", "trainval").images[:20000]
     result: dict = {"threads": torch.get_num_threads(), "batch_size": args.batch_size, "precision": PRECISION}
-    result["gemm_fp32_gflops"] = gemm_gflops(torch.float32)
-    result["gemm_gflops_at_start"] = gemm_gflops(COMPUTE_DTYPE)
+    result["gemm_size"] = args.gemm_size
+    result["gemm_fp32_gflops"] = gemm_gflops(torch.float32, n=args.gemm_size)
+    result["gemm_gflops_at_start"] = gemm_gflops(COMPUTE_DTYPE, n=args.gemm_size)
 
     plain, lightning, gemm, flops_per_image = interleaved_step_seconds(
-        images, args.batch_size, args.steps, args.rounds, args.warmup, args.method_args
+        images, args.batch_size, args.steps, args.rounds, args.warmup, args.method_args, args.gemm_size
     )
     per_round = max(1, args.steps // args.rounds)
     result["gemm_gflops"] = statistics.median(gemm)  # measured between the timed turns

@@ -20,7 +20,7 @@ import contextlib
 import functools
 import os
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -134,6 +134,15 @@ class Runtime:
         if p in ("bf16-mixed", "bf16"):
             return torch.bfloat16
         return auto_autocast_dtype(self.device_type)
+
+    def with_config_precision(self, precision: str) -> Runtime:
+        """This runtime at a paper config's precision (e.g. ``bf16-mixed``, a GPU recipe), except on a CPU that
+        would only emulate bf16 (:func:`cpu_has_fast_bf16`): there the config's bf16 runs in fp32, the same math
+        at about twenty times the speed (a 35.7M-parameter U-Net step of batch 2 took 16 s in emulated bf16 on a
+        2-core AVX2 EPYC)."""
+        if str(precision) in ("bf16-mixed", "bf16") and self.device_type == "cpu" and not cpu_has_fast_bf16():
+            precision = "32-true"
+        return replace(self, precision=precision)
 
     def autocast(self, enabled: bool = True) -> contextlib.AbstractContextManager:
         """``torch.autocast`` on this device at :attr:`autocast_dtype` (a no-op context for fp32)."""

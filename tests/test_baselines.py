@@ -20,6 +20,7 @@ from diffssl_plugin.methods.mae import MAE, random_token_mask
 from diffssl_plugin.methods.reference_configs import load_config, pretrain_from_config
 from diffssl_plugin.methods.simclr import SimCLR, simclr_transform
 from diffssl_plugin.methods.training import Budget, pretrain
+from diffssl_plugin.runtime import cpu_has_fast_bf16
 
 # tiny versions of both learners: same code, CPU-test sizes
 TINY = {
@@ -278,6 +279,8 @@ def test_reference_configs_load_and_run_one_step(name, method, tmp_path):
         progress=False,
     )
     assert res.steps == 1 and res.final_loss is not None and res.final_loss == res.final_loss
+    # the config's bf16-mixed, in fp32 where this CPU would only emulate bf16 (twenty times slower)
+    assert res.precision == ("bf16-mixed" if cpu_has_fast_bf16() else "32-true")
 
 
 def test_reference_config_values_are_lightlys():

@@ -30,6 +30,8 @@ def test_throughput_script_writes_its_figures(tmp_path):
             "1",
             "--batch-size",
             "16",
+            "--gemm-size",
+            "256",
             "--no-baselines",
             "--method-args",
             json.dumps({"unet_config": {**TINY_UNET, "sample_size": 28}}),
@@ -65,7 +67,7 @@ def test_construction_script_writes_its_figures(tmp_path):
             "--repeats",
             "1",
             "--images",
-            "256",
+            "64",
             "--no-adm",
             "--out",
             str(out),
@@ -75,7 +77,7 @@ def test_construction_script_writes_its_figures(tmp_path):
         timeout=600,
     )
     result = json.loads(out.read_text())
-    assert result["extract_images"] == 256 and len(result["extract_readouts"]) == 9
+    assert result["extract_images"] == 64 and len(result["extract_readouts"]) == 9
     assert math.isfinite(result["extract_images_per_s"]) and result["extract_images_per_s"] > 0
 
 

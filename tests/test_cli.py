@@ -26,7 +26,7 @@ def run_cli(*args, cwd=None) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.slow
-def test_bench_smoke_end_to_end(tmp_path):
+def test_bench_smoke_end_to_end(tmp_path, capsys):
     """The main job's code path: pretrain a diffusion learner and a baseline, evaluate them and the raw pixels with
     every protocol, write the leaderboard and pictures (the other learners' training and evaluation are tested in
     test_lightly_tooling, test_resume and their own files; all six here took over two minutes of CI)."""
@@ -63,28 +63,15 @@ def test_bench_smoke_end_to_end(tmp_path):
         assert f" {title} |" in header, title
     names = {r["protocol"]["name"] for r in records if r["method"] == "simclr" and r["split"] == "test"}
     assert {"semisup0.2_linear", "semisup0.2_ft", "transfer_digits", "segmentation", "segmentation_mlp"} <= names
-    # the exported checkpoint evaluates again through `diffssl eval`, from the cached features
-    proc = run_cli(
-        "eval",
-        "--checkpoint",
-        str(out / "ddae" / "export"),
-        "--timesteps",
-        "0",
-        "--blocks",
-        "mid",
-        "--pools",
-        "avg",
-        "--train-images",
-        "300",
-        "--out",
-        str(tmp_path / "eval"),
-        "--no-progress",
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "ddae_unet_fmnist" in proc.stdout
+    # the exported checkpoint evaluates again through `diffssl eval`, from the cached features (in this process:
+    # the command line itself ran above, and each fresh interpreter costs ~10 s of imports)
+    args = ["--timesteps", "0", "--blocks", "mid", "--pools", "avg", "--train-images", "300", "--no-progress"]
+    capsys.readouterr()
+    code = main(["eval", "--checkpoint", str(out / "ddae" / "export"), *args, "--out", str(tmp_path / "eval")])
+    assert code == 0 and "ddae_unet_fmnist" in capsys.readouterr().out
     # leaderboard re-renders from records alone
-    proc = run_cli("leaderboard", str(out / "records.jsonl"), "--out", str(tmp_path / "lb"))
-    assert proc.returncode == 0 and (tmp_path / "lb" / "leaderboard.md").read_text() == proc.stdout.strip() + "\n"
+    assert main(["leaderboard", str(out / "records.jsonl"), "--out", str(tmp_path / "lb")]) == 0
+    assert (tmp_path / "lb" / "leaderboard.md").read_text() == capsys.readouterr().out.strip() + "\n"
 
 
 def test_unknown_method_dataset_and_protocol(capsys, tmp_path):

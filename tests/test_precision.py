@@ -34,6 +34,16 @@ def test_explicit_precisions_are_honoured_whatever_the_cpu(monkeypatch):
     assert Runtime(accelerator="cpu", precision="16-mixed").autocast_dtype is torch.float16
 
 
+@pytest.mark.parametrize("fast", [True, False])
+def test_a_configs_bf16_runs_in_fp32_only_on_a_cpu_that_would_emulate_it(monkeypatch, fast):
+    """Paper configs ask for bf16-mixed (a GPU recipe); a CPU without bf16 hardware runs it in fp32."""
+    monkeypatch.setattr(runtime, "cpu_has_fast_bf16", lambda: fast)
+    cpu = Runtime(accelerator="cpu")
+    assert cpu.with_config_precision("bf16-mixed").lightning_precision == ("bf16-mixed" if fast else "32-true")
+    assert cpu.with_config_precision("16-mixed").autocast_dtype is torch.float16
+    assert cpu.with_config_precision("32-true").autocast_dtype is None
+
+
 def test_cpu_bf16_check_answers_on_this_machine():
     assert isinstance(runtime.cpu_has_fast_bf16(), bool)
 

@@ -13,7 +13,7 @@ import os
 import re
 import time
 import warnings
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import ClassVar
 
@@ -96,6 +96,8 @@ class PretrainResult:
     accumulate_grad_batches: int = 1
     #: the optimisation steps the learning-rate schedule decays over (None: a constant rate, or not measured)
     schedule_horizon: int | None = None
+    #: the Lightning precision the steps ran in (``bf16-mixed``, ``16-mixed``, ``32-true``; None in older records)
+    precision: str | None = None
 
     def as_record(self) -> dict:
         return asdict(self)
@@ -291,7 +293,8 @@ def pretrain(
 
     Hardware comes from ``runtime`` (default :func:`diffssl_plugin.runtime.current`: what the CLI's
     ``--accelerator/--devices/--strategy/--num-nodes/--precision`` set); ``precision`` overrides its
-    precision (a paper config's own choice). ``batch_size`` is the global batch; each of the
+    precision (a paper config's own choice; bf16 runs in fp32 on a CPU that would only emulate it, see
+    :meth:`~diffssl_plugin.runtime.Runtime.with_config_precision`). ``batch_size`` is the global batch; each of the
     ``devices × num_nodes`` processes takes its share. Every rank calls this and gets the result; rank 0 writes
     the export, and every rank returns once it is complete. ``callbacks`` and ``logger`` are passed to
     Lightning (default logger: CSV files under ``out_dir/logs``). ``accumulate_grad_batches`` sums the
@@ -307,7 +310,7 @@ def pretrain(
         raise ValueError(f"accumulate_grad_batches must be at least 1, got {accumulate_grad_batches}")
     rt = runtime or current()
     if precision is not None:
-        rt = replace(rt, precision=precision)
+        rt = rt.with_config_precision(precision)
     rt.launch()
     out = Path(out_dir)
     method_kwargs = dict(method_kwargs or {})
@@ -393,6 +396,7 @@ def pretrain(
         method_kwargs=method_kwargs,
         accumulate_grad_batches=accumulate_grad_batches,
         schedule_horizon=schedule.horizon if model.cosine_decay else None,
+        precision=rt.lightning_precision,
     )
     if trainer.is_global_zero:
         export(model, out / "export", result)
