@@ -103,9 +103,9 @@ _SMOKE_EXTRA = {
 }
 
 PRESETS: dict[str, BenchPreset] = {
-    # MDSM's representation is read from its last map 2×2-average-pooled (2048-d) instead of the flattened map
-    # the energy head reads (8192-d): every probe on 8192-d features took about four times as long (a third
-    # of the bench's evaluation time); the energy itself is unchanged
+    # MDSM's representation is read from its last map 2×2-average-pooled (512-d at the learner's width 16)
+    # instead of the flattened 4×4 map the energy head reads (2,048-d, four times the probes' work; it took a
+    # third of the bench's evaluation time); the energy itself is unchanged
     # CPU recipes chosen on the validation split at this budget (`benchmarks/recipe_search.py`, table in the README):
     # SimCLR at batch 64, SGD 0.3, τ 0.2, crops of at least 20% of the image (lightly's CIFAR-10 recipe, SGD
     # 0.06 / τ 0.5 / 8% crops, is a 200-epoch one: 74.7% validation linear vs 85.8% at 2.5 CPU-minutes)

@@ -143,3 +143,22 @@ def test_memory_format_script_times_both_layouts(tmp_path, monkeypatch):
     assert json.loads(out.read_text()) == result and list(result["backbones"]) == names
     for rates in result["backbones"].values():
         assert set(rates) == {"nchw", "channels_last"} and all(v > 0 and math.isfinite(v) for v in rates.values())
+
+
+def test_feature_geometry_script_reports_shared_direction_and_knn(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    import feature_geometry
+
+    out = tmp_path / "geometry.json"
+    args = ["--model", "raw_pixels", "--train-images", "200", "--test-images", "100", "--out", str(out)]
+    result = feature_geometry.main(args)
+    assert json.loads(out.read_text()) == result and result["dims"] == 784
+    assert 0 < result["cos_to_mean"] < 1 and result["cos_to_mean_min"] <= result["cos_to_mean"]
+    # raw pixels share no dominant direction: float32 and float64 cosines give the same neighbours
+    assert result["knn_raw"] == pytest.approx(result["knn_raw_float32"]) and result["knn_raw"] > 0.5
+    # a shared offset 10,000 times the images' spread: float32 loses the neighbours, the harness's kNN does not
+    gen = torch.Generator().manual_seed(0)
+    y = torch.arange(400) % 10
+    x = 1000.0 + 0.1 * torch.nn.functional.one_hot(y, 64).float() + 0.01 * torch.randn(400, 64, generator=gen)
+    shifted = feature_geometry.geometry(x[:200], y[:200], x[200:], y[200:], k=20)
+    assert shifted["cos_to_mean"] > 0.999999 and shifted["knn_raw"] == 1.0 and shifted["knn_raw_float32"] < 0.6

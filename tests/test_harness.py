@@ -131,6 +131,21 @@ def test_knn_accuracy_on_clusters_and_labels_matter():
     assert knn_accuracy(x[:100], y[:100].roll(1), x[100:], y[100:], k=20, t=0.1) < 0.1
 
 
+def test_knn_resolves_features_that_share_one_large_direction():
+    """Clusters riding on a shared offset 10,000 times their signal, in 64 dimensions (as MDSM's energy features
+    do): the cosines differ below float32's resolution, yet the neighbours are still the right ones."""
+    from lightly.utils.benchmarking import knn_predict
+
+    gen = torch.Generator().manual_seed(0)
+    y = torch.arange(200) % 4
+    signal = torch.nn.functional.one_hot(y, 64).float() * 0.1 + 0.01 * torch.randn(200, 64, generator=gen)
+    x = (1000.0 + signal).float()
+    bank, query = (torch.nn.functional.normalize(t, dim=1) for t in (x[:100], x[100:]))
+    in_float32 = knn_predict(query, bank.t().contiguous(), y[:100], 4, knn_k=20, knn_t=0.1)[:, 0]
+    assert (in_float32 == y[100:]).float().mean() < 0.6  # float32 cosines cannot tell the clusters apart
+    assert knn_accuracy(x[:100], y[:100], x[100:], y[100:], k=20, t=0.1) == 1.0
+
+
 def test_evaluate_raw_pixels_records_carry_the_protocol(tmp_path):
     model = timm.create_model("raw_pixels")
     records = evaluate(

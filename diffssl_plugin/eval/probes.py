@@ -142,16 +142,23 @@ def knn_accuracy(
     batch_size: int = 1024,
     device: str | torch.device = "cpu",
 ) -> float:
-    """Top-1 accuracy of weighted cosine kNN (InstDisc), via ``lightly.utils.benchmarking.knn_predict``."""
+    """Top-1 accuracy of weighted cosine kNN (InstDisc), via ``lightly.utils.benchmarking.knn_predict``.
+
+    Cosine similarities are computed in float64 (float32 on MPS, which has no float64): features that share one
+    large direction differ in their cosines below float32's resolution. MDSM's energy features are such (every
+    row within 1e-8 of the mean row's direction): in float32 all their cosines rounded to 1 and the kNN-20 of a
+    10-minute MDSM was 16.6% (chance: 10%), 65.8% in float64 (``benchmarks/feature_geometry.py``). The bank
+    then takes twice the memory of float32."""
     from lightly.utils.benchmarking import knn_predict
 
     num_classes = num_classes or int(bank_y.max()) + 1
     device = torch.device(device)
-    bank = torch.nn.functional.normalize(bank_x.to(device).float(), dim=1).t().contiguous()
+    dtype = torch.float32 if device.type == "mps" else torch.float64
+    bank = torch.nn.functional.normalize(bank_x.to(device, dtype), dim=1).t().contiguous()
     bank_y, query_y = bank_y.to(device), query_y.to(device)
     correct = torch.zeros((), dtype=torch.long, device=device)  # summed on the device: one sync at the end
     for start in range(0, len(query_x), batch_size):
-        q = torch.nn.functional.normalize(query_x[start : start + batch_size].to(device).float(), dim=1)
+        q = torch.nn.functional.normalize(query_x[start : start + batch_size].to(device, dtype), dim=1)
         pred = knn_predict(q, bank, bank_y, num_classes, knn_k=min(k, bank.shape[1]), knn_t=t)[:, 0]
         correct += (pred == query_y[start : start + batch_size]).sum()
     return int(correct) / len(query_x)
