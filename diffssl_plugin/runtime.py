@@ -65,6 +65,12 @@ def mixed_precision(device: torch.device | str, enabled: bool = True) -> context
     return torch.autocast(device_type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
 
 
+def similarity_dtype(device: torch.device | str) -> torch.dtype:
+    """The dtype kNN cosine similarities are computed in: float64 (float32 on MPS, which has none). Features that
+    share one large direction (MDSM's energy features) have cosines that differ below float32's resolution."""
+    return torch.float32 if torch.device(device).type == "mps" else torch.float64
+
+
 def precision_name(device: torch.device | str, enabled: bool = True) -> str:
     """What :func:`mixed_precision` runs on ``device``, for records: ``"bf16-autocast"``, ``"fp16-autocast"`` or
     ``"fp32"``."""

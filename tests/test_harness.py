@@ -144,6 +144,14 @@ def test_knn_resolves_features_that_share_one_large_direction():
     in_float32 = knn_predict(query, bank.t().contiguous(), y[:100], 4, knn_k=20, knn_t=0.1)[:, 0]
     assert (in_float32 == y[100:]).float().mean() < 0.6  # float32 cosines cannot tell the clusters apart
     assert knn_accuracy(x[:100], y[:100], x[100:], y[100:], k=20, t=0.1) == 1.0
+    # the learners' online kNN monitor (lightly's layout) builds its bank at the same precision
+    from diffssl_plugin.methods.lightly_api import FeatureBank
+
+    monitor = FeatureBank()
+    monitor.add(x[:100], y[:100])
+    bank, labels = monitor.bank(lambda t: t)
+    query = torch.nn.functional.normalize(x[100:].to(bank.dtype), dim=1)
+    assert (knn_predict(query, bank, labels, 4, knn_k=20, knn_t=0.1)[:, 0] == y[100:]).all()
 
 
 def test_evaluate_raw_pixels_records_carry_the_protocol(tmp_path):

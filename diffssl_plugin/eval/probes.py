@@ -10,6 +10,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ..runtime import similarity_dtype
+
 DEFAULT_CS = (1e-3, 1e-2, 1e-1, 1.0, 10.0)
 
 
@@ -153,7 +155,7 @@ def knn_accuracy(
 
     num_classes = num_classes or int(bank_y.max()) + 1
     device = torch.device(device)
-    dtype = torch.float32 if device.type == "mps" else torch.float64
+    dtype = similarity_dtype(device)
     bank = torch.nn.functional.normalize(bank_x.to(device, dtype), dim=1).t().contiguous()
     bank_y, query_y = bank_y.to(device), query_y.to(device)
     correct = torch.zeros((), dtype=torch.long, device=device)  # summed on the device: one sync at the end

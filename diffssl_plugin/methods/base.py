@@ -262,7 +262,7 @@ class SSLMethod(pl.LightningModule):
             self.log_dict(cls_log, prog_bar=True, sync_dist=True, batch_size=len(targets), add_dataloader_idx=False)
         if self.knn_k and two:
             bank, labels = self._knn.bank(self.all_gather)
-            query = nn.functional.normalize(features.float(), dim=1)
+            query = nn.functional.normalize(features.to(bank.dtype), dim=1)
             pred = knn_predict(query, bank, labels, self.num_classes, self.knn_k, self.knn_t)
             top1 = (pred[:, 0] == targets).float().mean()
             self.log(

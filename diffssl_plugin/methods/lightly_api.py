@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from ..errors import InputError
+from ..runtime import similarity_dtype
 
 
 def unpack_batch(batch) -> tuple[torch.Tensor | None, torch.Tensor | list | None, torch.Tensor | None]:
@@ -90,7 +91,8 @@ class eval_mode:
 
 class FeatureBank:
     """lightly's online kNN monitor: features of validation loader 0 (the kNN train set) form the bank, the
-    queries of loader 1 are classified with :func:`lightly.utils.benchmarking.knn_predict`."""
+    queries of loader 1 are classified with :func:`lightly.utils.benchmarking.knn_predict` (cosines in
+    :func:`~diffssl_plugin.runtime.similarity_dtype`, as the harness's kNN)."""
 
     def __init__(self):
         self.features: list[torch.Tensor] = []
@@ -101,7 +103,7 @@ class FeatureBank:
         self.features, self.labels, self._bank = [], [], None
 
     def add(self, features: torch.Tensor, labels: torch.Tensor) -> None:
-        self.features.append(nn.functional.normalize(features.float(), dim=1))
+        self.features.append(nn.functional.normalize(features.to(similarity_dtype(features.device)), dim=1))
         self.labels.append(labels)
 
     def bank(self, gather: Callable[[torch.Tensor], torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
