@@ -477,3 +477,16 @@ def test_pretrain_through_lightning_exports_an_energy_backbone(tmp_path, x28):
     with torch.no_grad():
         assert backbone(x28).shape == (4, backbone.num_features) and backbone.energy(x28).shape == (4,)
     assert not (tmp_path / "run" / "export" / "diffusers").exists()  # no diffusers U-Net to export
+
+
+def test_energy_network_computes_in_fp32_under_autocast():
+    """A trained MDSM's features are a small signal on a large shared offset, below bf16's resolution: its maps,
+    energy and score are fp32 even under bf16 autocast (what extraction and training on bf16 hardware use)."""
+    model = timm.create_model("mdsm_ebm_fmnist", global_pool="avg2x2").eval()
+    x = torch.rand(4, 1, 28, 28)
+    with torch.no_grad():
+        features, energy = model(x), model.energy(x)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            features_amp, energy_amp = model(x), model.energy(x)
+    assert features_amp.dtype == energy_amp.dtype == torch.float32
+    assert torch.equal(features_amp, features) and torch.equal(energy_amp, energy)

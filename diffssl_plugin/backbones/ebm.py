@@ -162,15 +162,23 @@ class EnergyResNet(TimmBackboneMixin, nn.Module):
         return F.pad(x, (self.pad,) * 4) if self.pad and x.shape[-1] == self.img_size else x
 
     def _trunk(self, x: torch.Tensor, last: int = 3) -> list[torch.Tensor]:
-        """Maps after the stem and after each stage, up to level ``last`` (0 = stem, 3 = last stage)."""
-        h = self.stem(self.pad_input(x))
-        maps = [h]
-        for stage in self.stages[:last]:
-            if self.grad_checkpointing and torch.is_grad_enabled():
-                h = checkpoint(stage, h, use_reentrant=False)
-            else:
-                h = stage(h)
-            maps.append(h)
+        """Maps after the stem and after each stage, up to level ``last`` (0 = stem, 3 = last stage).
+
+        Always in the weights' precision (fp32), also under autocast: a trained MDSM's maps are a small
+        image-dependent signal on a large offset shared by all images (the pooled last map of a 10-minute
+        Fashion-MNIST run: every row at cosine 1.0000 with the mean row, per-dimension spread ~0.01 on values
+        up to ~90), below bf16's resolution there. Its features extracted under bf16 autocast scored 60.8% linear
+        against 74.3% in fp32 (600 / 300 / 400 images); so the energy, its score and the features are computed
+        in fp32 on every device (bf16 autocast would have been about twice as fast on bf16 hardware)."""
+        with torch.autocast(x.device.type, enabled=False):
+            h = self.stem(self.pad_input(x.to(self.stem.weight.dtype)))
+            maps = [h]
+            for stage in self.stages[:last]:
+                if self.grad_checkpointing and torch.is_grad_enabled():
+                    h = checkpoint(stage, h, use_reentrant=False)
+                else:
+                    h = stage(h)
+                maps.append(h)
         return maps
 
     def energy(self, x: torch.Tensor) -> torch.Tensor:
