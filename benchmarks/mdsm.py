@@ -1,7 +1,8 @@
 """MDSM on Fashion-MNIST: what one energy network does after a CPU-minutes budget (issue 7, item 6).
 
-Trains MDSM through the package's ``pretrain`` (Lightning; the energy network itself always computes in fp32,
-see ``EnergyResNet._trunk``; the registered ``mdsm`` learner), loads the exported backbone back through timm, then measures
+Trains MDSM through the package's ``pretrain`` (Lightning, the registered ``mdsm`` learner; its energy network
+always computes in fp32, see ``EnergyResNet._trunk``), loads the exported backbone back through timm, then
+measures
 
 * **denoising**: PSNR of one-step denoising ``x̃ − σ0²∇E(x̃)`` against the noisy input at σ ∈ {0.1, 0.3, 0.5};
 * **inpainting**: mean squared error on the masked region (lower half; centre square) after masked annealed
