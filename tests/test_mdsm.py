@@ -490,3 +490,15 @@ def test_energy_network_computes_in_fp32_under_autocast():
             features_amp, energy_amp = model(x), model.energy(x)
     assert features_amp.dtype == energy_amp.dtype == torch.float32
     assert torch.equal(features_amp, features) and torch.equal(energy_amp, energy)
+
+
+def test_records_say_mdsm_computes_in_fp32(tmp_path):
+    """Whatever the runtime's autocast, MDSM's evaluation records name the precision its network computes in."""
+    from diffssl_plugin.eval import evaluate
+    from diffssl_plugin.runtime import Runtime
+
+    model = timm.create_model("mdsm_ebm_fmnist", global_pool="avg2x2").eval()
+    config = EvalConfig(train_images=100, val_images=50, test_images=100, final_cs=(1.0,), knn_ks=(20,))
+    runtime = Runtime(accelerator="cpu", precision="bf16-mixed")
+    records = evaluate(model, "mdsm", "mdsm_ebm_fmnist", config, cache_dir=tmp_path, progress=False, runtime=runtime)
+    assert records and {r["runtime"]["precision"] for r in records} == {"32-true"}

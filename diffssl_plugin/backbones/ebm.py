@@ -97,6 +97,8 @@ class EnergyResNet(TimmBackboneMixin, nn.Module):
     """
 
     input_range = (0.0, 1.0)  # the paper's ToTensor images (check_inputs)
+    #: computes in fp32 under autocast too (see ``_trunk``); evaluation records say so
+    computes_in_fp32 = True
     #: runs ~2× faster in channels-last on CPUs (``backbones/memory_format.py``)
     prefers_channels_last = True
     timm_family = "mdsm_ebm"

@@ -228,7 +228,10 @@ class EvalContext:
             runtime={
                 "device": self.device,
                 "world_size": self.runtime.world_size,
-                "precision": self.runtime.lightning_precision,
+                # a backbone that opts out of autocast (MDSM's energy network) computes in fp32 whatever the runtime
+                "precision": "32-true"
+                if any(getattr(m, "computes_in_fp32", False) for m in self.model.modules())
+                else self.runtime.lightning_precision,
             },
             **extra,
         )

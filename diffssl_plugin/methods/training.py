@@ -396,7 +396,9 @@ def pretrain(
         method_kwargs=method_kwargs,
         accumulate_grad_batches=accumulate_grad_batches,
         schedule_horizon=schedule.horizon if model.cosine_decay else None,
-        precision=rt.lightning_precision,
+        precision="32-true"
+        if any(getattr(m, "computes_in_fp32", False) for m in model.modules())  # opts out of autocast (MDSM)
+        else rt.lightning_precision,
     )
     if trainer.is_global_zero:
         export(model, out / "export", result)
