@@ -42,19 +42,30 @@ EXTRA = {
 }
 
 
-def _cli(args: list[str], cwd: Path, timeout: int = 600) -> subprocess.CompletedProcess:
+def _start(args: list[str], cwd: Path) -> subprocess.Popen:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.run(
+    return subprocess.Popen(
         [sys.executable, "-m", "diffssl_plugin.cli", *args],
-        capture_output=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
         text=True,
-        timeout=timeout,
         env=env,
         cwd=cwd,
-        check=False,
     )
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return proc
+
+
+def _finish(proc: subprocess.Popen, timeout: int = 600) -> subprocess.CompletedProcess:
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        raise
+    assert proc.returncode == 0, err[-4000:]
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+def _cli(args: list[str], cwd: Path, timeout: int = 600) -> subprocess.CompletedProcess:
+    return _finish(_start(args, cwd), timeout)
 
 
 def _records(path: Path) -> list[dict]:
@@ -121,8 +132,13 @@ def test_eval_on_two_processes_matches_one(tiny_export, tmp_path):
         "cpu",
         "--no-progress",
     ]
-    _cli([*common, "--out", str(tmp_path / "one")], tmp_path)
-    two = _cli([*common, "--out", str(tmp_path / "two"), "--devices", "2", "--strategy", "ddp"], tmp_path)
+    # both runs at once (each process single-threaded): their records do not depend on timing
+    one_proc = _start([*common, "--out", str(tmp_path / "one")], tmp_path)
+    try:
+        two = _cli([*common, "--out", str(tmp_path / "two"), "--devices", "2", "--strategy", "ddp"], tmp_path)
+        _finish(one_proc)
+    finally:
+        one_proc.kill()  # no-op once it has finished; never left running after a failure
     assert two.stdout.count("| method") <= 1  # one leaderboard printed, by rank 0
     one, both = _records(tmp_path / "one" / "records.jsonl"), _records(tmp_path / "two" / "records.jsonl")
     keys_one, keys_two = Counter(map(_key, one)), Counter(map(_key, both))
