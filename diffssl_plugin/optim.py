@@ -4,7 +4,7 @@ Every optimiser here (the learners, the fine-tuning protocol, the heads, the seg
 schedule from :func:`warmup_cosine`, which is lightly's ``CosineWarmupScheduler`` (the schedule of lightly's
 benchmark modules). Its horizon may be set after the optimiser is built (:meth:`CosineWarmup.set_horizon`):
 a wall-clock budget has no step count until the step time is measured (see
-:class:`~diffssl_plugin.methods.training.ScheduleHorizon`). Until a horizon is known the rate stays constant
+:class:`~diffssl_plugin.methods.training_callbacks.ScheduleHorizon`). Until a horizon is known the rate stays constant
 after the warm-up.
 """
 

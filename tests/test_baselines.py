@@ -279,7 +279,7 @@ def test_reference_configs_load_and_run_one_step(name, method, tmp_path):
         progress=False,
     )
     assert res.steps == 1 and res.final_loss is not None and res.final_loss == res.final_loss
-    # the config's bf16-mixed, in fp32 where this CPU would only emulate bf16 (twenty times slower)
+    # the config's bf16-mixed, in fp32 where this CPU would only emulate bf16 (see Runtime.with_config_precision)
     assert res.precision == ("bf16-mixed" if cpu_has_fast_bf16() else "32-true")
 
 

@@ -228,10 +228,7 @@ class EvalContext:
             runtime={
                 "device": self.device,
                 "world_size": self.runtime.world_size,
-                # a backbone that opts out of autocast (MDSM's energy network) computes in fp32 whatever the runtime
-                "precision": "32-true"
-                if any(getattr(m, "computes_in_fp32", False) for m in self.model.modules())
-                else self.runtime.lightning_precision,
+                "precision": self.runtime.precision_of(self.model),
             },
             **extra,
         )

@@ -148,7 +148,7 @@ def knn_accuracy(
 
     Cosine similarities are computed in float64 (float32 on MPS, which has no float64): features that share one
     large direction differ in their cosines below float32's resolution. MDSM's energy features are such (every
-    row within 1e-8 of the mean row's direction): in float32 all their cosines rounded to 1 and the kNN-20 of a
+    row at cosine 1.0000 with the mean row): in float32 their cosines rounded alike and the kNN-20 of a
     10-minute MDSM was 16.6% (chance: 10%), 65.8% in float64 (``benchmarks/feature_geometry.py``). The bank
     then takes twice the memory of float32."""
     from lightly.utils.benchmarking import knn_predict

@@ -121,7 +121,7 @@ class SSLMethod(pl.LightningModule):
     #: gradient-norm clip of the learner's parameters (None: none), applied by ``configure_gradient_clipping``
     gradient_clip_val: float | None = None
     #: cosine decay over the step budget after the warm-up (False: constant after warm-up); for a wall-clock
-    #: budget the horizon is set once the step time is measured (``training.ScheduleHorizon``)
+    #: budget the horizon is set once the step time is measured (``training_callbacks.ScheduleHorizon``)
     cosine_decay: bool = True
 
     def __init__(
