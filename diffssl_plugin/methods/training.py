@@ -244,7 +244,7 @@ def pretrain(
             WallClock(),
             schedule,
             *timer,
-            *([BudgetProgressBar(budget)] if progress else []),
+            *([BudgetProgressBar(str(budget))] if progress else []),
             *(callbacks or []),
         ],
         enable_progress_bar=progress,

@@ -5,14 +5,10 @@ from __future__ import annotations
 
 import os
 import time
-from typing import TYPE_CHECKING
 
 import pytorch_lightning as pl
 from pytorch_lightning.callbacks import Callback, TQDMProgressBar
 from pytorch_lightning.plugins import TorchCheckpointIO
-
-if TYPE_CHECKING:
-    from .training import Budget
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -109,9 +105,9 @@ class ScheduleHorizon(Callback):
 
 class BudgetProgressBar(TQDMProgressBar):
     """Lightning's bar, with the step budget as its total (an open count for time budgets: the data stream
-    itself is unbounded) and the budget in its description."""
+    itself is unbounded) and the budget (its text, e.g. ``"2.5min"``) in its description."""
 
-    def __init__(self, budget: Budget):
+    def __init__(self, budget: str):
         super().__init__()
         self.budget = budget
 
