@@ -92,6 +92,21 @@ def test_features_are_cached_and_not_recomputed(tmp_path, tiny_fmnist_backbone, 
     assert not list(tmp_path.rglob("*.tmp"))
 
 
+def test_extraction_batch_follows_the_device_and_does_not_change_features(tiny_fmnist_backbone):
+    from diffssl_plugin.runtime import inference_batch_size
+
+    assert inference_batch_size("cpu") == 64 and inference_batch_size("cuda:0") == 256
+    assert inference_batch_size("cpu", 200) == 200  # an explicit batch is honoured
+    data = load_split("fashion_mnist", "train").balanced_subset(total=150, seed=2)
+    r = Readout(10, "mid", "avg2x2")
+    calls, handle = _count_forwards(tiny_fmnist_backbone)
+    by_default = extract_features(tiny_fmnist_backbone, data, [r], progress=False)[r]
+    assert len(calls) == 3  # 150 images in CPU batches of 64
+    whole = extract_features(tiny_fmnist_backbone, data, [r], batch_size=150, progress=False)[r]
+    handle.remove()
+    torch.testing.assert_close(by_default, whole, rtol=1e-4, atol=1e-5)  # per-image noise: batching changes nothing
+
+
 def test_damaged_cache_entry_is_recomputed(tmp_path, tiny_fmnist_backbone, fmnist_small):
     r = Readout(0, "mid", "avg")
     good = extract_features(tiny_fmnist_backbone, fmnist_small, [r], cache_dir=tmp_path, progress=False)[r]
@@ -252,6 +267,7 @@ def test_sweep_rows_are_shared_and_choices_match_extracting_every_set_alone(tiny
 
     from diffssl_plugin.eval import EvalContext
     from diffssl_plugin.eval.harness import linear_and_knn, load_eval_splits
+    from diffssl_plugin.runtime import inference_batch_size
 
     model = tiny_fmnist_backbone
     config = replace(SMALL, sweep_train_images=100, sweep_val_images=50)
@@ -263,8 +279,9 @@ def test_sweep_rows_are_shared_and_choices_match_extracting_every_set_alone(tiny
     s_train, s_val = train.balanced_subset(total=100, seed=0), val.balanced_subset(total=50, seed=0)
     readouts = config.readouts(model)
     timesteps = len(config.timesteps)
-    batches = sum(-(-len(d) // config.batch_size) for d in (s_train, s_val))
-    rest = sum(-(-n // config.batch_size) for n in (len(train) - 100, len(val) - 50, len(test)))
+    batch = inference_batch_size("cpu", config.batch_size)
+    batches = sum(-(-len(d) // batch) for d in (s_train, s_val))
+    rest = sum(-(-n // batch) for n in (len(train) - 100, len(val) - 50, len(test)))
     assert len(calls) == timesteps * batches + rest  # one forward per (batch, timestep); sweep images not again
 
     def alone(data, rs):

@@ -26,7 +26,7 @@ from ..backbones.pooling import pool_features
 from ..data import ImageSet
 from ..errors import InputError
 from ..io import atomic_path, state_dict_sha256
-from ..runtime import Runtime, current, mixed_precision
+from ..runtime import Runtime, current, inference_batch_size, mixed_precision
 
 
 @dataclass(frozen=True, order=True)
@@ -253,7 +253,7 @@ def extract_features(
     model: nn.Module,
     data: ImageSet,
     readouts: Sequence[Readout] = (OUTPUT,),
-    batch_size: int = 256,
+    batch_size: int | None = None,
     cache_dir: str | os.PathLike | None = None,
     model_hash: str | None = None,
     device: str | torch.device | None = None,
@@ -293,6 +293,7 @@ def extract_features(
     if not missing:
         return out
     model = use_preferred_memory_format(model.to(device).eval())
+    batch_size = inference_batch_size(device, batch_size)
     # value checks (NaN/inf, range) once per dataset on its first batch, not in every forward (host syncs)
     check_model_inputs(model, normalise(model, data.images[:batch_size].float().div_(255.0)).to(device))
     shard = rt.shard(len(data))

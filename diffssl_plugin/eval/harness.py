@@ -47,7 +47,8 @@ class EvalConfig:
     final_cs: Sequence[float] = DEFAULT_CS
     knn_ks: Sequence[int] = (20, 200)
     knn_t: float = 0.1
-    batch_size: int = 256
+    #: images per extraction forward (None: the device's, :func:`~diffssl_plugin.runtime.inference_batch_size`)
+    batch_size: int | None = None
     seed: int = 0
     data_root: str | None = None
     extra: dict = field(default_factory=dict)

@@ -24,7 +24,7 @@ from torch import nn
 
 from ..backbones.memory_format import use_preferred_memory_format
 from ..data import ImageSet, load_split
-from ..runtime import Runtime, current
+from ..runtime import Runtime, current, inference_batch_size
 from .features import OUTPUT, normalise
 from .harness import EvalContext, register_protocol
 
@@ -39,7 +39,7 @@ def has_energy(model: nn.Module) -> bool:
 def energy_scores(
     model: nn.Module,
     images01: torch.Tensor,
-    batch_size: int = 512,
+    batch_size: int | None = None,
     device: str | torch.device = "cpu",
     runtime: Runtime | None = None,
 ) -> torch.Tensor:
@@ -48,6 +48,7 @@ def energy_scores(
     several processes each rank scores its shard and every rank gets all N scores, in order."""
     rt = runtime or current()
     model = use_preferred_memory_format(model.to(device).eval())
+    batch_size = inference_batch_size(device, batch_size)
     shard = rt.shard(len(images01))
     out = [torch.zeros(0)]
     for start in range(shard.start, shard.stop, batch_size):
@@ -102,7 +103,7 @@ def ood_aurocs(
     inliers: ImageSet,
     seed: int = 0,
     data_root: str | None = None,
-    batch_size: int = 512,
+    batch_size: int | None = None,
     device: str | torch.device = "cpu",
     names: tuple[str, ...] = OUTLIER_SETS,
     runtime: Runtime | None = None,

@@ -43,7 +43,7 @@ from torchmetrics.functional.classification import multiclass_accuracy
 from ..backbones.sdpa import cpu_math_attention
 from ..errors import InputError, check_name
 from ..optim import warmup_cosine
-from ..runtime import Runtime, mixed_precision
+from ..runtime import Runtime, inference_batch_size, mixed_precision
 from ..supervised import fit, shuffled_batches
 
 
@@ -317,10 +317,16 @@ def train_head(
 
 @torch.no_grad()
 def predict(
-    model: nn.Module, data: Rows, batch_size: int = 256, device: str | torch.device | None = None, amp: bool = False
+    model: nn.Module,
+    data: Rows,
+    batch_size: int | None = None,
+    device: str | torch.device | None = None,
+    amp: bool = False,
 ) -> torch.Tensor:
-    """Predicted classes for every row of ``data`` (eval mode), on ``device`` (default: the model's)."""
+    """Predicted classes for every row of ``data`` (eval mode), on ``device`` (default: the model's), in batches of
+    ``batch_size`` rows (default: the device's :func:`~diffssl_plugin.runtime.inference_batch_size`)."""
     device = torch.device(device) if device is not None else next(model.parameters()).device
+    batch_size = inference_batch_size(device, batch_size)
     model.eval()
     preds = []
     for start in range(0, len(data), batch_size):
@@ -331,7 +337,11 @@ def predict(
 
 
 def accuracy(
-    model: nn.Module, data: Rows, batch_size: int = 256, device: str | torch.device | None = None, amp: bool = False
+    model: nn.Module,
+    data: Rows,
+    batch_size: int | None = None,
+    device: str | torch.device | None = None,
+    amp: bool = False,
 ) -> float:
     """Top-1 accuracy of ``model`` on ``data`` (torchmetrics' micro-averaged multiclass accuracy)."""
     preds = predict(model, data, batch_size, device, amp)
