@@ -308,13 +308,13 @@ def test_analytic_logistic_gradient_is_autograd_s():
     from diffssl_plugin.eval.probes import logistic_loss_closure
 
     x, y = torch.randn(120, 7), torch.randint(0, 4, (120,))
-    w, b = torch.randn(7, 4), torch.randn(4)
-    loss = logistic_loss_closure(x, y, w, b, 0.05)()
-    w2, b2 = w.clone().requires_grad_(True), b.clone().requires_grad_(True)
+    w_t, b = torch.randn(4, 7), torch.randn(4)  # class-major weights
+    loss = logistic_loss_closure(x, y, w_t, b, 0.05)()
+    w2, b2 = w_t.t().clone().requires_grad_(True), b.clone().requires_grad_(True)
     ref = nn.functional.cross_entropy(x @ w2 + b2, y) + 0.05 * w2.pow(2).sum()
     ref.backward()
     assert float(loss) == pytest.approx(float(ref.detach()), rel=1e-6)
-    torch.testing.assert_close(w.grad, w2.grad)
+    torch.testing.assert_close(w_t.grad, w2.grad.t())
     torch.testing.assert_close(b.grad, b2.grad)
 
 
@@ -325,3 +325,26 @@ def test_semisup_columns_of_any_fraction_are_titled_by_percent():
     assert column_title("semisup1_linear") == "1% linear" and column_title("custom_protocol") == "custom_protocol"
     rows = [{"values": {"linear": (0.8, None), "semisup0.2_ft": (0.5, None)}}]
     assert columns(rows) == [("linear", "linear"), ("semisup0.2_ft", "0.2% fine-tune")]
+
+
+def test_torch_logistic_regression_finds_sklearns_solution():
+    """The probe's solver (class-major L-BFGS in torch) minimises sklearn's objective ``C·Σ CE + ½‖W‖²``: the same
+    objective value, weights and predictions as ``sklearn.linear_model.LogisticRegression``."""
+    from sklearn.linear_model import LogisticRegression
+
+    from diffssl_plugin.eval.probes import fit_logistic_regression
+
+    digits = load_split("digits", "train")
+    x = digits.images[:400].flatten(1).double() / 255.0
+    x = (x - x.mean(0)) / x.std(0).clamp_min(1e-6)
+    y = digits.labels[:400]
+
+    def objective(w, b):
+        return 0.05 * nn.functional.cross_entropy(x @ w + b, y, reduction="sum") + 0.5 * w.pow(2).sum()
+
+    w, b = fit_logistic_regression(x, y, 0.05, 10, max_iter=1000, tol=1e-8)
+    ref = LogisticRegression(C=0.05, tol=1e-10, max_iter=5000).fit(x.numpy(), y.numpy())
+    ref_w, ref_b = torch.from_numpy(ref.coef_).t(), torch.from_numpy(ref.intercept_)
+    assert float(objective(w, b)) == pytest.approx(float(objective(ref_w, ref_b)), rel=1e-6)
+    torch.testing.assert_close(w, ref_w, atol=2e-4, rtol=0)
+    assert torch.equal((x @ w + b).argmax(1), torch.from_numpy(ref.predict(x.numpy())))

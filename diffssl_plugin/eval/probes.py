@@ -51,11 +51,16 @@ def fit_logistic_regression(
     default: when the largest gradient component is at most ``tol = 1e-4`` (sklearn's default tolerance, on the
     same per-sample-mean objective), or after ``max_iter`` iterations.
     """
-    w = torch.zeros(x.shape[1], num_classes, device=x.device) if init is None else init[0].clone()
-    b = torch.zeros(num_classes, device=x.device) if init is None else init[1].clone()
+    # solved for the class-major weights Wᵀ (C, D): the GEMMs are then (C, D)·(D, N) and (C, N)·(N, D), 3–4× faster
+    # on the CPU than the (N, D)·(D, C) and (D, N)·(N, C) of the (D, C) layout (C ≈ 10 output columns)
+    if init is None:
+        w_t = torch.zeros(num_classes, x.shape[1], device=x.device, dtype=x.dtype)
+        b = torch.zeros(num_classes, device=x.device, dtype=x.dtype)
+    else:
+        w_t, b = init[0].t().contiguous(), init[1].clone()
     lam = 1.0 / (2.0 * c * x.shape[0])  # the objective divided by C·N: same minimiser
     opt = torch.optim.LBFGS(
-        [w, b],
+        [w_t, b],
         lr=1.0,
         max_iter=max_iter,
         tolerance_grad=tol,
@@ -63,25 +68,27 @@ def fit_logistic_regression(
         history_size=20,
         line_search_fn="strong_wolfe",
     )
-    closure = logistic_loss_closure(x, y, w, b, lam)
+    closure = logistic_loss_closure(x, y, w_t, b, lam)
     opt.step(closure)
-    return w.detach(), b.detach()
+    return w_t.detach().t().contiguous(), b.detach()
 
 
-def logistic_loss_closure(x: torch.Tensor, y: torch.Tensor, w: torch.Tensor, b: torch.Tensor, lam: float):
-    """An L-BFGS closure for ``cross_entropy(x @ w + b, y) + lam·‖w‖²`` that writes the exact gradient into
-    ``w.grad``/``b.grad`` by hand (``Xᵀ(softmax − onehot)/N + 2λW``): the same objective and gradient as
-    autograd, at about half the cost per evaluation (no graph; this closure runs a few hundred times per fit)."""
+def logistic_loss_closure(x: torch.Tensor, y: torch.Tensor, w_t: torch.Tensor, b: torch.Tensor, lam: float):
+    """An L-BFGS closure for ``cross_entropy(x @ w_tᵀ + b, y) + lam·‖w_t‖²`` (``w_t``: the (C, D) class-major
+    weights) that writes the exact gradient into ``w_t.grad``/``b.grad`` by hand (``(softmax − onehot)ᵀX/N +
+    2λWᵀ``): the same objective and gradient as autograd, at about half the cost per evaluation (no graph; this
+    closure runs a few hundred times per fit). Logits are held class-major, (C, N)."""
     n = x.shape[0]
-    onehot = torch.nn.functional.one_hot(y.long(), w.shape[1]).to(x.dtype)
+    x_t = x.t().contiguous()
+    onehot_t = torch.nn.functional.one_hot(y.long(), w_t.shape[0]).t().to(x.dtype)
 
     def closure() -> torch.Tensor:
-        logits = torch.addmm(b, x, w)
-        lse = logits.logsumexp(1, keepdim=True)
-        loss = (lse - (logits * onehot).sum(1, keepdim=True)).mean() + lam * w.pow(2).sum()
-        residual = (logits - lse).exp_().sub_(onehot).div_(n)  # softmax − onehot, over N
-        w.grad = torch.addmm(w, x.t(), residual, beta=2.0 * lam)
-        b.grad = residual.sum(0)
+        logits = torch.addmm(b[:, None], w_t, x_t)  # (C, N)
+        lse = logits.logsumexp(0, keepdim=True)
+        loss = (lse - (logits * onehot_t).sum(0, keepdim=True)).mean() + lam * w_t.pow(2).sum()
+        residual = (logits - lse).exp_().sub_(onehot_t).div_(n)  # softmax − onehot, over N
+        w_t.grad = torch.addmm(w_t, residual, x, beta=2.0 * lam)
+        b.grad = residual.sum(1)
         return loss
 
     return closure
