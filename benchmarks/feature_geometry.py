@@ -10,9 +10,15 @@ Fashion-MNIST, for an export or a registered model:
 * ``row_norm_rel_std``: standard deviation of the rows' norms over their mean;
 * kNN top-1 on the test subset with the training rows as the bank: ``knn_raw`` (the harness's protocol, float64
   cosines), ``knn_raw_float32`` (the same in float32, as the harness computed it before), centred on the
-  training mean, and standardised with the training statistics (the probe's normalisation).
+  training mean, and standardised with the training statistics (the probe's normalisation);
+* ``linear``: the harness's linear probe (C chosen on a validation subset, ``--val-images``) on the same rows.
+
+``--precision`` sets what the features are extracted in (``auto``: as the harness does on this machine; ``fp32``;
+``bf16``: bf16 autocast even where the CPU only emulates it, slow), so the cost of reading a backbone in bf16 can
+be measured: run it twice and compare ``linear`` and the kNN columns.
 
     python benchmarks/feature_geometry.py --checkpoint runs/bench/mdsm/export --out runs/feature_geometry.json
+    python benchmarks/feature_geometry.py --checkpoint runs/bench/mdsm/export --precision bf16 --out bf16.json
     python benchmarks/feature_geometry.py --model raw_pixels
 
 Measured on the MDSM export of the learning-curve run (10 CPU-minutes, 876 steps, 512-d pooled output; 3,000
@@ -32,8 +38,12 @@ import torch
 import diffssl_plugin  # noqa: F401  (registers the backbones)
 from diffssl_plugin.data import load_split
 from diffssl_plugin.eval.features import OUTPUT, Readout, extract_features
-from diffssl_plugin.eval.probes import knn_accuracy
+from diffssl_plugin.eval.probes import knn_accuracy, linear_probe
 from diffssl_plugin.loading import load_backbone
+from diffssl_plugin.runtime import Runtime
+
+#: ``--precision`` → the :class:`Runtime` precision the features are extracted at
+PRECISIONS = {"auto": "auto", "fp32": "32-true", "bf16": "bf16-mixed"}
 
 
 def knn_float32(train: torch.Tensor, train_y: torch.Tensor, test: torch.Tensor, test_y: torch.Tensor, k: int) -> float:
@@ -75,24 +85,35 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--block", default=None, help="diffusion readout: block (default: the pooled output)")
     p.add_argument("--pool", default="avg2x2", help="diffusion readout: pooling")
     p.add_argument("--train-images", type=int, default=3000)
+    p.add_argument("--val-images", type=int, default=1000, help="validation subset the linear probe's C is chosen on")
     p.add_argument("--test-images", type=int, default=1000)
     p.add_argument("--k", type=int, default=20)
+    p.add_argument("--precision", choices=sorted(PRECISIONS), default="auto", help="what features are extracted in")
     p.add_argument("--out", default="runs/feature_geometry.json")
     args = p.parse_args(argv)
     torch.manual_seed(0)
     model = load_backbone(checkpoint=args.checkpoint, model=args.model).eval()
     readout = OUTPUT if args.block is None else Readout(args.timestep or 0, args.block, args.pool)
     train = load_split("fashion_mnist", "train").balanced_subset(total=args.train_images, seed=0)
+    val = load_split("fashion_mnist", "val").balanced_subset(total=args.val_images, seed=0)
     test = load_split("fashion_mnist", "test").balanced_subset(total=args.test_images, seed=0)
-    f_train = extract_features(model, train, [readout], progress=False)[readout]
-    f_test = extract_features(model, test, [readout], progress=False)[readout]
+    runtime = Runtime(accelerator="cpu", precision=PRECISIONS[args.precision])
+    f_train, f_val, f_test = (
+        extract_features(model, d, [readout], device="cpu", progress=False, runtime=runtime)[readout]
+        for d in (train, val, test)
+    )
+    probe = linear_probe(f_train, train.labels, f_val, val.labels, f_test, test.labels, cs=(1e-2, 1e-1, 1.0))
     result = {
         "source": args.checkpoint or args.model,
         "readout": readout.label(),
+        "precision": runtime.precision_of(model),
         "train_images": len(train),
+        "val_images": len(val),
         "test_images": len(test),
         "k": args.k,
         **geometry(f_train, train.labels, f_test, test.labels, args.k),
+        "linear": probe.test_acc,
+        "linear_C": probe.params["C"],
     }
     for key, value in result.items():
         print(f"{key}: {value:.4f}" if isinstance(value, float) else f"{key}: {value}")

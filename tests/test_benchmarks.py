@@ -150,9 +150,13 @@ def test_feature_geometry_script_reports_shared_direction_and_knn(tmp_path, monk
     import feature_geometry
 
     out = tmp_path / "geometry.json"
-    args = ["--model", "raw_pixels", "--train-images", "200", "--test-images", "100", "--out", str(out)]
-    result = feature_geometry.main(args)
+    args = ["--model", "raw_pixels", "--train-images", "200", "--val-images", "100", "--test-images", "100"]
+    result = feature_geometry.main([*args, "--precision", "fp32", "--out", str(out)])
     assert json.loads(out.read_text()) == result and result["dims"] == 784
+    assert result["precision"] == "32-true" and 0.5 < result["linear"] <= 1 and result["linear_C"] in (0.01, 0.1, 1.0)
+    in_bf16 = feature_geometry.main([*args, "--precision", "bf16", "--out", str(tmp_path / "bf16.json")])
+    assert in_bf16["precision"] == "bf16-mixed"  # raw pixels have no layer autocast could round
+    assert (in_bf16["linear"], in_bf16["knn_raw"]) == (result["linear"], result["knn_raw"])
     assert 0 < result["cos_to_mean"] < 1 and result["cos_to_mean_min"] <= result["cos_to_mean"]
     # raw pixels share no dominant direction: float32 and float64 cosines give the same neighbours
     assert result["knn_raw"] == pytest.approx(result["knn_raw_float32"]) and result["knn_raw"] > 0.5
