@@ -266,33 +266,42 @@ class Runtime:
         dist.broadcast_object_list(box, src=src)
         return box[0]
 
-    def shard(self, n: int) -> range:
-        """This rank's contiguous part of ``range(n)`` (parts differ in length by at most one)."""
+    def shard(self, n: int, multiple: int = 1) -> range:
+        """This rank's contiguous part of ``range(n)`` (see :func:`shard_range`; boundaries on multiples of
+        ``multiple``)."""
         if not self.distributed:
             return range(n)
-        per, extra = divmod(n, self.world_size)
-        start = self.rank * per + min(self.rank, extra)
-        return range(start, start + per + (self.rank < extra))
+        return shard_range(n, self.rank, self.world_size, multiple)
 
-    def gather_shards(self, local: torch.Tensor, n: int) -> torch.Tensor:
-        """Concatenate every rank's :meth:`shard` rows (``local`` holds this rank's) into the (n, …) tensor, in
-        order, on every rank; each row was computed by exactly one rank."""
+    def gather_shards(self, local: torch.Tensor, n: int, multiple: int = 1) -> torch.Tensor:
+        """Concatenate every rank's :meth:`shard` rows (``local`` holds this rank's; the same ``multiple``) into the
+        (n, …) tensor, in order, on every rank; each row was computed by exactly one rank."""
         if not self.distributed:
             return local
-        size = len(self.shard(n)) if n else 0
-        longest = -(-n // self.world_size)
-        if size != local.shape[0]:
-            raise InputError(f"rank {self.rank} holds {local.shape[0]} rows, its shard has {size}")
+        sizes = [len(shard_range(n, r, self.world_size, multiple)) for r in range(self.world_size)]
+        if sizes[self.rank] != local.shape[0]:
+            raise InputError(f"rank {self.rank} holds {local.shape[0]} rows, its shard has {sizes[self.rank]}")
         comm_device = self.device if dist.get_backend() == "nccl" else torch.device("cpu")
-        padded = torch.zeros((longest, *local.shape[1:]), dtype=local.dtype, device=comm_device)
-        padded[:size] = local.to(comm_device)
+        padded = torch.zeros((max(sizes), *local.shape[1:]), dtype=local.dtype, device=comm_device)
+        padded[: sizes[self.rank]] = local.to(comm_device)
         parts = [torch.empty_like(padded) for _ in range(self.world_size)]
         dist.all_gather(parts, padded)
-        rows = []
-        for r, part in enumerate(parts):
-            per, extra = divmod(n, self.world_size)
-            rows.append(part[: per + (r < extra)])
-        return torch.cat(rows).to(local.device)
+        return torch.cat([part[:size] for part, size in zip(parts, sizes)]).to(local.device)
+
+
+def shard_range(n: int, rank: int, world_size: int, multiple: int = 1) -> range:
+    """Rank ``rank``'s contiguous part of ``range(n)`` among ``world_size`` ranks: whole blocks of ``multiple``
+    items (the last block may be shorter), spread so that the ranks' block counts differ by at most one.
+
+    With ``multiple`` = the batch size, every rank's batches are exactly the batches one process would run
+    (``[0, b)``, ``[b, 2b)``, …), so per-batch kernels see the same inputs and features do not depend on the
+    number of processes, bit for bit (with shards cut mid-batch, the odd-sized batches picked other convolution
+    kernels, features moved by ~1e-7, and the linear probes fit on them by up to their tolerance)."""
+    blocks = -(-n // multiple)
+    per, extra = divmod(blocks, world_size)
+    first = rank * per + min(rank, extra)
+    last = first + per + (rank < extra)
+    return range(min(n, first * multiple), min(n, last * multiple))
 
 
 #: the runtime of the running command (set by :func:`use`; a one-process CPU/auto runtime otherwise)

@@ -197,6 +197,21 @@ def test_shards_cover_every_row_once():
     torch.testing.assert_close(rt.gather_shards(torch.ones(5, 2), 5), torch.ones(5, 2))
 
 
+@pytest.mark.parametrize("n", [0, 1, 7, 64, 200, 257, 1000])
+@pytest.mark.parametrize("world_size", [1, 2, 3, 8])
+@pytest.mark.parametrize("multiple", [1, 64])
+def test_shards_are_contiguous_cover_every_row_once_and_cut_on_batch_boundaries(n, world_size, multiple):
+    from diffssl_plugin.runtime import shard_range
+
+    parts = [shard_range(n, r, world_size, multiple) for r in range(world_size)]
+    assert [i for p in parts for i in p] == list(range(n))  # in order, each row once
+    assert all(p.start % multiple == 0 for p in parts if len(p))  # one process's batch grid
+    blocks = [-(-len(p) // multiple) for p in parts]
+    assert max(blocks) - min(blocks) <= 1  # balanced to within one batch
+    if multiple == 1:  # the old split: lengths differ by at most one
+        assert max(map(len, parts)) - min(map(len, parts)) <= 1
+
+
 @pytest.mark.parametrize("name", ["ddae", "simclr", "mae", "drl", "vdrl", "mdsm"])
 def test_every_trainable_parameter_gets_a_gradient(name):
     """DDP (without find_unused_parameters) needs a gradient for every trainable parameter at every step."""

@@ -296,7 +296,8 @@ def extract_features(
     batch_size = inference_batch_size(device, batch_size)
     # value checks (NaN/inf, range) once per dataset on its first batch, not in every forward (host syncs)
     check_model_inputs(model, normalise(model, data.images[:batch_size].float().div_(255.0)).to(device))
-    shard = rt.shard(len(data))
+    shard_multiple = batch_size  # shards hold one process's batches, whatever the world size (bit-equal features)
+    shard = rt.shard(len(data), multiple=shard_multiple)
     chunks: dict[Readout, list[torch.Tensor]] = {r: [] for r in missing}
     timesteps = sorted({r.timestep for r in missing if r.block not in (None, LAST_INTERMEDIATE)})
     blocks = sorted({r.block for r in missing if r.block not in (None, LAST_INTERMEDIATE)})
@@ -347,7 +348,7 @@ def extract_features(
         # a rank whose shard is empty (more ranks than images) learns the feature width from rank 0
         width = rt.broadcast(tuple(local.shape[1:]) if local is not None else None)
         local = local if local is not None else torch.empty((0, *width))
-        out[r] = rt.gather_shards(local, len(data))
+        out[r] = rt.gather_shards(local, len(data), multiple=shard_multiple)
         if rt.is_global_zero:
             cache.save(cache.path(model_hash, data, r), out[r])
     rt.barrier()  # new cache entries are complete before any rank reads them

@@ -49,13 +49,13 @@ def energy_scores(
     rt = runtime or current()
     model = use_preferred_memory_format(model.to(device).eval())
     batch_size = inference_batch_size(device, batch_size)
-    shard = rt.shard(len(images01))
+    shard = rt.shard(len(images01), multiple=batch_size)
     out = [torch.zeros(0)]
     for start in range(shard.start, shard.stop, batch_size):
         x = images01[start : min(shard.stop, start + batch_size)].to(device)
         x = x.float().div(255.0) if not x.is_floating_point() else x.float()
         out.append(model.energy(normalise(model, x)).float().cpu())
-    return rt.gather_shards(torch.cat(out), len(images01))
+    return rt.gather_shards(torch.cat(out), len(images01), multiple=batch_size)
 
 
 def brightness_scores(images01: torch.Tensor) -> torch.Tensor:
