@@ -11,7 +11,8 @@ Fashion-MNIST, for an export or a registered model:
 * kNN top-1 on the test subset with the training rows as the bank: ``knn_raw`` (the harness's protocol, float64
   cosines), ``knn_raw_float32`` (the same in float32, as the harness computed it before), centred on the
   training mean, and standardised with the training statistics (the probe's normalisation);
-* ``linear``: the harness's linear probe (C chosen on a validation subset, ``--val-images``) on the same rows.
+* ``linear``: the harness's linear probe on the same rows (the main job's C grid, C chosen on a validation
+  subset, ``--val-images``).
 
 ``--precision`` sets what the features are extracted in (``auto``: as the harness does on this machine; ``fp32``;
 ``bf16``: bf16 autocast even where the CPU only emulates it, slow), so the cost of reading a backbone in bf16 can
@@ -40,21 +41,11 @@ from diffssl_plugin.data import load_split
 from diffssl_plugin.eval.features import OUTPUT, Readout, extract_features
 from diffssl_plugin.eval.probes import knn_accuracy, linear_probe
 from diffssl_plugin.loading import load_backbone
+from diffssl_plugin.presets import PRESETS
 from diffssl_plugin.runtime import Runtime
 
 #: ``--precision`` → the :class:`Runtime` precision the features are extracted at
 PRECISIONS = {"auto": "auto", "fp32": "32-true", "bf16": "bf16-mixed"}
-
-
-def knn_float32(train: torch.Tensor, train_y: torch.Tensor, test: torch.Tensor, test_y: torch.Tensor, k: int) -> float:
-    """The harness's kNN (T = 0.1) with its cosines in float32."""
-    from lightly.utils.benchmarking import knn_predict
-
-    bank = torch.nn.functional.normalize(train.float(), dim=1).t().contiguous()
-    query = torch.nn.functional.normalize(test.float(), dim=1)
-    num_classes = int(max(train_y.max(), test_y.max())) + 1
-    pred = knn_predict(query, bank, train_y, num_classes, knn_k=min(k, bank.shape[1]), knn_t=0.1)[:, 0]
-    return float((pred == test_y).float().mean())
 
 
 def geometry(train: torch.Tensor, train_y: torch.Tensor, test: torch.Tensor, test_y: torch.Tensor, k: int) -> dict:
@@ -70,7 +61,7 @@ def geometry(train: torch.Tensor, train_y: torch.Tensor, test: torch.Tensor, tes
         "row_norm_mean": float(norms.mean()),
         "row_norm_rel_std": float(norms.std() / norms.mean().clamp_min(1e-12)),
         "knn_raw": knn_accuracy(train, train_y, test, test_y, k=k),
-        "knn_raw_float32": knn_float32(train, train_y, test, test_y, k=k),
+        "knn_raw_float32": knn_accuracy(train, train_y, test, test_y, k=k, dtype=torch.float32),
         "knn_centred": knn_accuracy(train - mean, train_y, test - mean, test_y, k=k),
         "knn_standardised": knn_accuracy((train - mean) / std, train_y, (test - mean) / std, test_y, k=k),
     }
@@ -102,7 +93,8 @@ def main(argv: list[str] | None = None) -> dict:
         extract_features(model, d, [readout], device="cpu", progress=False, runtime=runtime)[readout]
         for d in (train, val, test)
     )
-    probe = linear_probe(f_train, train.labels, f_val, val.labels, f_test, test.labels, cs=(1e-2, 1e-1, 1.0))
+    cs = PRESETS["default"].eval.final_cs  # the main job's C grid
+    probe = linear_probe(f_train, train.labels, f_val, val.labels, f_test, test.labels, cs=cs)
     result = {
         "source": args.checkpoint or args.model,
         "readout": readout.label(),

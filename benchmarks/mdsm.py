@@ -43,7 +43,7 @@ from diffssl_plugin.eval.ood import ood_aurocs
 from diffssl_plugin.eval.records import environment
 from diffssl_plugin.io import write_json
 from diffssl_plugin.methods.training import Budget, pretrain
-from diffssl_plugin.runtime import mixed_precision
+from diffssl_plugin.runtime import current, mixed_precision
 
 
 def psnr(x: torch.Tensor, ref: torch.Tensor) -> float:
@@ -216,7 +216,7 @@ def main(argv=None) -> dict:
         "schedule": "exp",
         "steps": args.langevin_steps,
         "step_size": step_size,
-        "precision": "fp32",  # the energy network opts out of autocast (EnergyResNet._trunk)
+        "precision": current().precision_of(model),  # 32-true: the energy network opts out of autocast
     }
     report["timings_seconds"] = {
         "training_and_export": trained - started,

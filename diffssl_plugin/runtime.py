@@ -74,8 +74,9 @@ def similarity_dtype(device: torch.device | str) -> torch.dtype:
 #: images per forward where a frozen model is only read (feature extraction, scoring), by device type. On the CPU
 #: a batch of 256 28×28 images gives U-Net and ResNet maps of 51 MB (256 × 64 × 28 × 28 floats); glibc serves
 #: every allocation above 32 MB with a fresh mmap, so each such map is page-faulted in and unmapped again, batch
-#: after batch. At 64 images extraction ran 25–60% faster on the 2-core AMD EPYC (fp32; DDAE sweep 120–137 →
-#: 131–177 img/s, DRL 133 → 207–229, MAE 156–184 → 203–222, SimCLR 155–161 → 174–178, MDSM unchanged).
+#: after batch. At 64 images extraction ran 10–60% faster on the 2-core AMD EPYC (fp32, 1,536 images, runs
+#: alternated; DDAE sweep 107–137 → 131–162 img/s, DRL 133–136 → 207–229, MAE 156–184 → 203–222, SimCLR
+#: 155–161 → 174–178, MDSM unchanged).
 INFERENCE_BATCH = {"cpu": 64}
 DEFAULT_INFERENCE_BATCH = 256
 

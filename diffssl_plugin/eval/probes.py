@@ -150,6 +150,7 @@ def knn_accuracy(
     num_classes: int | None = None,
     batch_size: int = 1024,
     device: str | torch.device = "cpu",
+    dtype: torch.dtype | None = None,
 ) -> float:
     """Top-1 accuracy of weighted cosine kNN (InstDisc), via ``lightly.utils.benchmarking.knn_predict``.
 
@@ -157,12 +158,13 @@ def knn_accuracy(
     large direction differ in their cosines below float32's resolution. MDSM's energy features are such (every
     row at cosine 1.0000 with the mean row): in float32 their cosines rounded alike and the kNN-20 of a
     10-minute MDSM was 16.6% (chance: 10%), 65.8% in float64 (``benchmarks/feature_geometry.py``). The bank
-    then takes twice the memory of float32."""
+    then takes twice the memory of float32. ``dtype`` overrides it (``benchmarks/feature_geometry.py`` compares
+    float32)."""
     from lightly.utils.benchmarking import knn_predict
 
     num_classes = num_classes or int(bank_y.max()) + 1
     device = torch.device(device)
-    dtype = similarity_dtype(device)
+    dtype = dtype or similarity_dtype(device)
     bank = torch.nn.functional.normalize(bank_x.to(device, dtype), dim=1).t().contiguous()
     bank_y, query_y = bank_y.to(device), query_y.to(device)
     correct = torch.zeros((), dtype=torch.long, device=device)  # summed on the device: one sync at the end
