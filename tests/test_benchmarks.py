@@ -166,3 +166,38 @@ def test_feature_geometry_script_reports_shared_direction_and_knn(tmp_path, monk
     x = 1000.0 + 0.1 * torch.nn.functional.one_hot(y, 64).float() + 0.01 * torch.randn(400, 64, generator=gen)
     shifted = feature_geometry.geometry(x[:200], y[:200], x[200:], y[200:], k=20)
     assert shifted["cos_to_mean"] > 0.999999 and shifted["knn_raw"] == 1.0 and shifted["knn_raw_float32"] < 0.6
+
+
+def test_readout_pooling_script_compares_trained_and_random_weights_per_pooling(tmp_path, monkeypatch):
+    """One row per (weights, pooling) plus raw pixels: the random-init copy has the export's architecture but
+    not its weights, each sweep picks a readout of its own pooling, and one pick per weights is marked."""
+    from diffssl_plugin.loading import export
+    from diffssl_plugin.methods.ddae import DDAE
+
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    import readout_pooling
+
+    torch.manual_seed(1)
+    learner = DDAE(unet_config={**TINY_UNET, "sample_size": 28, "add_attention": False}, in_chans=1).eval()
+    with torch.no_grad():  # weights no initialisation draws, so "random" cannot be the export by accident
+        for p in learner.parameters():
+            p.add_(0.05)
+    folder = export(learner, tmp_path / "export")
+    out = tmp_path / "pooling.json"
+    args = [str(folder), "--preset", "smoke", "--pools", "avg,avg2x2", "--work", str(tmp_path / "w"), "--out", str(out)]
+    rows = readout_pooling.main(args)
+    assert json.loads(out.read_text())["rows"] == rows
+    assert [(r["init"], r["pool"]) for r in rows] == [
+        ("-", "-"),
+        ("trained", "avg"),
+        ("trained", "avg2x2"),
+        ("random (seed 0)", "avg"),
+        ("random (seed 0)", "avg2x2"),
+    ]
+    assert rows[0]["backbone"] == "raw_pixels" and rows[0]["readout"] == "pooled output"
+    for row in rows[1:]:
+        assert row["readout"].endswith(f"({row['pool']})") and 0 < row["linear"] <= 100 and row["sweep_val"] > 0
+    assert sum(bool(r.get("main job's pick")) for r in rows[1:3]) == 1
+    assert sum(bool(r.get("main job's pick")) for r in rows[3:]) == 1
+    trained, random = (rows[1], rows[3])
+    assert (trained["linear"], trained["knn20"]) != (random["linear"], random["knn20"])
