@@ -9,7 +9,7 @@ timesteps, blocks and C grids but that one pooling: the sweep picks block × tim
 linear probe and kNN-20 are scored on test. The same is done on a freshly initialised copy of the architecture
 (``timm.create_model("local-dir:EXPORT", pretrained=False)``, seed 0) — the floor that shows what training added
 at each pooling — and once on raw pixels. The main job sweeps all the poolings together, so its choice is the
-pooling whose best sweep validation accuracy is highest (shown as ``main job's pick``). Prints a Markdown table
+pooling whose best sweep validation accuracy is highest (``main_job_pick``). Prints a Markdown table
 and writes JSON; features are cached under ``--work``.
 """
 
@@ -53,16 +53,16 @@ def compare(export: str, pools: list[str], cfg, work: Path, seed: int = 0) -> li
     folder = Path(export) / "backbone" if (Path(export) / "backbone").is_dir() else Path(export)
     trained = load_backbone(checkpoint=export)
     torch.manual_seed(seed)
-    random = timm.create_model(f"local-dir:{folder}", pretrained=False).eval()
+    untrained = timm.create_model(f"local-dir:{folder}", pretrained=False).eval()
     arch = trained.pretrained_cfg.get("architecture", folder.parent.name)
     rows = []
-    for init, model in (("trained", trained), (f"random (seed {seed})", random)):
+    for init, model in (("trained", trained), (f"random (seed {seed})", untrained)):
         for pool in pools:
             row = linear_row(model, arch, replace(cfg, pools=(pool,)), work / init.split()[0] / arch)
             rows.append({"export": str(export), "backbone": arch, "init": init, "pool": pool, **row})
         candidates = [r for r in rows if r["init"] == init and r["sweep_val"] is not None]
         if candidates:
-            max(candidates, key=lambda r: r["sweep_val"])["main job's pick"] = True
+            max(candidates, key=lambda r: r["sweep_val"])["main_job_pick"] = True
     return rows
 
 
@@ -72,10 +72,11 @@ def markdown(rows: list[dict]) -> str:
         "|---|---|---|---|---:|---:|---:|",
     ]
     for r in rows:
-        pick = " ← main job's pick" if r.get("main job's pick") else ""
+        pick = " ← main job's pick" if r.get("main_job_pick") else ""
+        knn = "-" if r["knn20"] is None else f"{r['knn20']:.1f}"
         lines.append(
             f"| {r['backbone']} | {r['init']} | {r['pool']}{pick} | {r['readout']} | {r['sweep_val'] or '-'} "
-            f"| {r['linear']:.1f} | {r['knn20']:.1f} |"
+            f"| {r['linear']:.1f} | {knn} |"
         )
     return "\n".join(lines)
 

@@ -179,7 +179,7 @@ def test_readout_pooling_script_compares_trained_and_random_weights_per_pooling(
 
     torch.manual_seed(1)
     learner = DDAE(unet_config={**TINY_UNET, "sample_size": 28, "add_attention": False}, in_chans=1).eval()
-    with torch.no_grad():  # weights no initialisation draws, so "random" cannot be the export by accident
+    with torch.no_grad():  # weights that no initialisation draws: the random-init row cannot be the export
         for p in learner.parameters():
             p.add_(0.05)
     folder = export(learner, tmp_path / "export")
@@ -197,7 +197,7 @@ def test_readout_pooling_script_compares_trained_and_random_weights_per_pooling(
     assert rows[0]["backbone"] == "raw_pixels" and rows[0]["readout"] == "pooled output"
     for row in rows[1:]:
         assert row["readout"].endswith(f"({row['pool']})") and 0 < row["linear"] <= 100 and row["sweep_val"] > 0
-    assert sum(bool(r.get("main job's pick")) for r in rows[1:3]) == 1
-    assert sum(bool(r.get("main job's pick")) for r in rows[3:]) == 1
+    assert sum(bool(r.get("main_job_pick")) for r in rows[1:3]) == 1
+    assert sum(bool(r.get("main_job_pick")) for r in rows[3:]) == 1
     trained, random = (rows[1], rows[3])
     assert (trained["linear"], trained["knn20"]) != (random["linear"], random["knn20"])
