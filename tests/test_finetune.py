@@ -131,3 +131,38 @@ def test_kept_start_is_scored_on_the_frozen_test_features(splits):
     shared = finetune(model, train, val, test, recipe=recipe, frozen=tuple(frozen[:2]), frozen_test=frozen[2])
     assert plain.best_epoch == shared.best_epoch == 0
     assert shared.test_acc == pytest.approx(plain.test_acc, abs=0.01)  # bf16 forward vs the cached rows
+
+
+def test_lp_ft_start_is_the_linear_columns_classifier(monkeypatch):
+    """After ``linear``, fine-tuning starts from the probe the ``linear`` record came from: not fit a second
+    time (a refit would fail here), epoch 0 of its validation curve is that record's validation accuracy."""
+    import diffssl_plugin.eval.finetune as ft_module
+
+    def refit(*args, **kwargs):
+        raise AssertionError("the LP-FT start was fit again")
+
+    monkeypatch.setattr(ft_module, "linear_probe", refit)
+    cfg = EvalConfig(**SMALL, final_cs=(0.01, 0.1), knn_ks=(20,), extra={"finetune": {"epochs": 1, "batch_size": 50}})
+    records = evaluate(timm.create_model("raw_pixels"), "raw", "raw", cfg, ("linear", "finetune"), progress=False)
+    linear, ft = (next(r for r in records if r["protocol"]["name"] == n) for n in ("linear", "finetune"))
+    assert ft["protocol"]["head_init"] == "linear probe (LP-FT): the linear column's classifier"
+    assert ft["protocol"]["val_curve"][0] == linear["val_acc"]
+
+
+def test_start_from_gives_the_probes_logits(splits):
+    """The head started from a probe computes that probe's logits (BatchNorm's eps made up for in the weights),
+    also for a constant feature (std floored)."""
+    from diffssl_plugin.eval.finetune import Classifier
+    from diffssl_plugin.eval.probes import linear_probe
+
+    train, val, _ = splits
+    f_train, f_val = (d.images.flatten(1).float() / 255 for d in (train, val))  # corner pixels: constant
+    assert bool((f_train.std(0) == 0).any())
+    probe = linear_probe(f_train, train.labels, f_val, val.labels, cs=(0.1,))
+    model = Classifier(torch.nn.Identity(), Readout(), f_train.shape[1], 10).eval()
+    model.start_from(probe)
+    (w, b), (mean, std) = probe.weights, probe.standardisation
+    expected = (f_val - mean) / std @ w + b
+    got = model.head(model.norm(f_val))
+    assert torch.allclose(got, expected, atol=1e-4)
+    assert float((got.argmax(1) == val.labels).float().mean()) == pytest.approx(probe.val_acc)

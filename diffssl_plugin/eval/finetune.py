@@ -12,7 +12,9 @@ Recipe (all of it written into each record; override any field with ``EvalConfig
   evaluation train subset (the normalisation set to their mean and variance, the weights to the
   L2-regularised logistic regression, C chosen on validation from the ``linear`` protocol's grid), so
   fine-tuning starts from the ``linear`` column's classifier and sends no random gradients into the
-  pretrained weights (with a few CPU epochs, a zero-started head scored far below the probe);
+  pretrained weights (with a few CPU epochs, a zero-started head scored far below the probe). When the
+  ``linear`` protocol ran first, its fitted probe *is* the start (not fit a second time: at 3,072-d that fit
+  is ~20 s on 2 cores), so epoch 0 of the validation curve is the ``linear`` record's validation accuracy;
 * AdamW (weight decay 0.05), backbone lr 5e-5, head lr 1e-3, linear warm-up over the first 10% of the steps
   then cosine to zero, batch 128 (full batches only), bf16 autocast where the device computes bf16 in hardware
   (else fp32); normalisation statistics and dropout frozen (eval mode), so the features the probe was fit on
@@ -47,7 +49,7 @@ from ..runtime import Runtime, precision_name
 from ..supervised import fit, resolve_runtime, shuffled_batches
 from .features import OUTPUT, Readout, extract_features, normalise, pooled_output
 from .harness import EvalContext, register_protocol
-from .probes import DEFAULT_CS, fit_logistic_regression
+from .probes import DEFAULT_CS, ProbeResult, linear_probe
 
 
 @dataclass(frozen=True)
@@ -114,32 +116,19 @@ class Classifier(nn.Module):
         return self.head(self.norm(read_features(self.backbone, self.readout, x).float()))
 
     @torch.no_grad()
-    def init_from_probe(
-        self,
-        f_train: torch.Tensor,
-        y_train: torch.Tensor,
-        f_val: torch.Tensor,
-        y_val: torch.Tensor,
-        cs: tuple[float, ...],
-    ) -> float:
-        """LP step of LP-FT: the normalisation takes the frozen train features' mean and variance, the linear
-        layer the logistic regression on them with C chosen on validation. Returns that validation
-        accuracy. Features and labels are CPU tensors."""
-        mean, var = f_train.float().mean(0), f_train.float().var(0)
+    def start_from(self, probe: ProbeResult) -> None:
+        """LP step of LP-FT: the normalisation and head become ``probe``'s classifier (a :func:`linear_probe`
+        result on this backbone's frozen features at this readout), so the start's logits are the probe's.
+        The probe divides by the train features' std, ``BatchNorm1d`` by ``sqrt(var + eps)``: the weights are
+        scaled by ``sqrt(std² + eps) / std`` to make up for the eps."""
+        (w, b), (mean, std) = probe.weights, probe.standardisation
+        dev = self.head.weight.device
+        mean, var = mean.to(dev), std.to(dev).pow(2)
         self.norm.running_mean.copy_(mean)
         self.norm.running_var.copy_(var)
-        std = (var + self.norm.eps).sqrt()
-        x_train, x_val = (f_train.float() - mean) / std, (f_val.float() - mean) / std
-        best, params = None, None
-        for c in sorted(cs):
-            params = fit_logistic_regression(x_train, y_train, c, self.head.out_features, init=params)
-            acc = float(((x_val @ params[0] + params[1]).argmax(1) == y_val).float().mean())
-            if best is None or acc > best[0]:
-                best = (acc, params)
-        acc, (w, b) = best
-        self.head.weight.copy_(w.t())
-        self.head.bias.copy_(b)
-        return acc
+        scale = (var + self.norm.eps).sqrt() / std.to(dev)
+        self.head.weight.copy_((w.to(dev) * scale[:, None]).t())
+        self.head.bias.copy_(b.to(dev))
 
 
 def image_set_rows(model: Classifier, data: ImageSet) -> Rows:
@@ -159,13 +148,16 @@ def finetune(
     frozen: tuple[torch.Tensor, torch.Tensor] | None = None,
     runtime: Runtime | None = None,
     frozen_test: torch.Tensor | None = None,
+    probe: ProbeResult | None = None,
 ) -> FinetuneResult:
     """Start a deep copy of ``backbone`` plus a linear head from the linear probe on ``train``, fine-tune it
     on ``train`` (or ``recipe.train_images`` of it), choose the epoch on ``val``, score it on ``test``.
     ``backbone`` itself is left untouched. ``frozen``: the backbone's features of ``train`` and ``val`` at
     ``readout``, if already computed (else they are extracted here); ``frozen_test``: the same of ``test``, so
     that when validation keeps the start (epoch 0: the probe, the backbone unchanged) the test split is scored
-    on them instead of running the backbone again. Trains with
+    on them instead of running the backbone again; ``probe``: the linear probe already fit on ``frozen`` with
+    C chosen on ``val`` (the ``linear`` protocol's), which the head then starts from instead of fitting it
+    again (else it is fit here with ``recipe.probe_cs``). Trains with
     :func:`~diffssl_plugin.supervised.fit` on ``runtime`` (default: the command's), or alone on ``device`` if
     that names another kind of device; validation and test run on every rank."""
     rt = resolve_runtime(device, runtime)
@@ -174,15 +166,18 @@ def finetune(
     for p in net.parameters():
         p.requires_grad_(True)
     num_classes = max(train.num_classes, int(train.labels.max()) + 1)
-    if frozen is None:
-        frozen = tuple(
-            extract_features(net, d, [readout], device=dev, amp=recipe.amp, progress=False)[readout]
-            for d in (train, val)
-        )
-    model = Classifier(net, readout, frozen[0].shape[1], num_classes).to(dev)
-    probe_acc = model.init_from_probe(
-        frozen[0].cpu(), train.labels, frozen[1].cpu(), val.labels, recipe.probe_cs or DEFAULT_CS
-    )
+    if probe is None:
+        if frozen is None:
+            frozen = tuple(
+                extract_features(net, d, [readout], device=dev, amp=recipe.amp, progress=False)[readout]
+                for d in (train, val)
+            )
+        cs = recipe.probe_cs or DEFAULT_CS
+        f_train, f_val = frozen
+        probe = linear_probe(f_train, train.labels, f_val, val.labels, cs=cs, device=dev, num_classes=num_classes)
+    model = Classifier(net, readout, probe.weights[0].shape[0], num_classes).to(dev)
+    model.start_from(probe)
+    probe_acc = probe.val_acc
     if recipe.train_images:
         train = train.balanced_subset(total=recipe.train_images, seed=recipe.seed)
 
@@ -254,6 +249,7 @@ def finetune_protocol(ctx: EvalContext) -> list[dict]:
     readout = ctx.readout()
     # held by the linear protocol
     f_train, f_val, f_test = (ctx.features(d, [readout])[readout] for d in (train, val, test))
+    start = _linear_column_probe(ctx, readout, recipe.probe_cs, max(train.num_classes, int(train.labels.max()) + 1))
     res = finetune(
         ctx.model,
         train,
@@ -265,13 +261,14 @@ def finetune_protocol(ctx: EvalContext) -> list[dict]:
         progress=ctx.progress,
         frozen=(f_train, f_val),
         frozen_test=f_test,
+        probe=start,
     )
     protocol = {
         "name": "finetune",
         "optimizer": "AdamW",
         "schedule": "warmup_cosine",
         "head": "batchnorm1d(affine=False)+linear",
-        "head_init": "linear probe (LP-FT)",
+        "head_init": "linear probe (LP-FT)" + (": the linear column's classifier" if start is not None else ""),
         "selection": "best validation epoch (0: the probe)" if recipe.select_best else "last epoch",
         "augment": "hflip" if recipe.hflip else "none",
         "precision": precision_name(ctx.device, recipe.amp),
@@ -281,3 +278,16 @@ def finetune_protocol(ctx: EvalContext) -> list[dict]:
         "val_curve": res.val_curve,
     }
     return [ctx.record(split="test", protocol=protocol, value=res.test_acc, val_acc=res.val_acc, readout=readout)]
+
+
+def _linear_column_probe(
+    ctx: EvalContext, readout: Readout, cs: tuple[float, ...], num_classes: int
+) -> ProbeResult | None:
+    """The ``linear`` protocol's final probe if it ran on these features with this C grid (the same fit the
+    LP-FT start would make: same features, labels, validation split and selection), else None."""
+    probe = ctx.final_probe
+    if probe is None or ctx.best_readout != readout or probe.weights is None:
+        return None
+    if tuple(probe.params.get("C_grid", ())) != tuple(sorted(cs)) or probe.weights[0].shape[1] != num_classes:
+        return None
+    return probe

@@ -23,7 +23,7 @@ from ..data import load_split
 from ..errors import check_name
 from ..runtime import Runtime, current
 from .features import OUTPUT, Readout, extract_features, model_fingerprint
-from .probes import DEFAULT_CS, knn_probe, linear_probe
+from .probes import DEFAULT_CS, ProbeResult, knn_probe, linear_probe
 from .records import make_record
 from .sweep_plot import plot_sweep
 
@@ -102,6 +102,8 @@ class EvalContext:
     runtime: Runtime = field(default_factory=current)
     #: the readout the linear sweep chose on validation (other protocols reuse it); None until it ran
     best_readout: Readout | None = None
+    #: the ``linear`` protocol's final probe at ``best_readout`` (its classifier: fine-tuning's LP-FT start)
+    final_probe: ProbeResult | None = None
     _splits: tuple | None = field(default=None, repr=False)
     _hash: str | None = field(default=None, repr=False)
     #: features already extracted, by (dataset, split, readout): (source indices, rows); see :meth:`features`
@@ -291,6 +293,7 @@ def linear_and_knn(ctx: EvalContext) -> list[dict]:
     # the sweep's images are parts of the final train/val subsets: only the others are extracted here
     feats = [ctx.features(d, [best]) for d in (train, val, test)]
     lin = _probe(ctx, linear_probe, feats, (train, val, test), best, cs=config.final_cs, seed=config.seed)
+    ctx.final_probe = lin
     records.append(
         ctx.record(split="test", protocol={"name": "linear", **lin.params}, value=lin.test_acc, val_acc=lin.val_acc)
     )

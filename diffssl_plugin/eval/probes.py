@@ -17,20 +17,29 @@ DEFAULT_CS = (1e-3, 1e-2, 1e-1, 1.0, 10.0)
 
 @dataclass
 class ProbeResult:
+    """A probe's validation and test accuracy and its settings (``params``, written into records). A linear
+    probe also returns its chosen classifier: ``weights`` (W of shape (D, classes), b) on the features
+    standardised with ``standardisation`` (the train features' mean and std, each (D,)), so that another
+    protocol (fine-tuning's LP-FT start) can begin from exactly this classifier instead of fitting it again."""
+
     val_acc: float
     test_acc: float | None
     params: dict
+    weights: tuple[torch.Tensor, torch.Tensor] | None = None
+    standardisation: tuple[torch.Tensor, torch.Tensor] | None = None
 
 
-def _standardise(train: torch.Tensor, *others: torch.Tensor) -> list[torch.Tensor]:
+def _standardise(train: torch.Tensor, *others: torch.Tensor) -> tuple[list[torch.Tensor], tuple]:
+    """The features standardised with the train features' mean and std (floored at 1e-6: constant features),
+    and that (mean, std), each (D,)."""
     for t in (train, *others):  # a NaN row would otherwise surface as an L-BFGS overflow far from its cause
         bad = int((~torch.isfinite(t)).flatten(1).any(1).sum())
         if bad:
             raise FloatingPointError(
                 f"{bad} of {len(t)} feature rows hold NaN or inf; the backbone's features are broken"
             )
-    mean, std = train.mean(0, keepdim=True), train.std(0, keepdim=True).clamp_min(1e-6)
-    return [(t.float() - mean) / std for t in (train, *others)]
+    mean, std = train.float().mean(0), train.float().std(0).clamp_min(1e-6)
+    return [(t.float() - mean) / std for t in (train, *others)], (mean, std)
 
 
 def fit_logistic_regression(
@@ -109,13 +118,15 @@ def linear_probe(
     max_iter: int = 200,
     seed: int = 0,
     device: str | torch.device = "cpu",
+    num_classes: int | None = None,
 ) -> ProbeResult:
     """Multinomial logistic regression on standardised features (statistics from the train split); the
     inverse regularisation ``C`` is chosen by validation accuracy (the path is warm-started from the
     strongest regularisation), and the chosen model is scored once on the test split. Runs on ``device``
-    (the features are moved there)."""
-    num_classes = int(max(train_y.max(), val_y.max())) + 1
-    xs = _standardise(*(t.to(device) for t in (train_x, val_x, *([test_x] if test_x is not None else []))))
+    (the features are moved there); the chosen classifier and the standardisation come back on the CPU.
+    ``num_classes``: the classifier's outputs (default: one past the largest label seen)."""
+    num_classes = num_classes or int(max(train_y.max(), val_y.max())) + 1
+    xs, (mean, std) = _standardise(*(t.to(device) for t in (train_x, val_x, *([test_x] if test_x is not None else []))))
     train_y = train_y.to(device)
     best, params = None, None
     for c in sorted(cs):
@@ -136,6 +147,8 @@ def linear_probe(
             "standardise": True,
             "max_iter": max_iter,
         },
+        weights=(params[0].cpu(), params[1].cpu()),
+        standardisation=(mean.cpu(), std.cpu()),
     )
 
 
