@@ -42,6 +42,39 @@ def _standardise(train: torch.Tensor, *others: torch.Tensor) -> tuple[list[torch
     return [(t.float() - mean) / std for t in (train, *others)], (mean, std)
 
 
+#: train-feature Gram matrices up to this size get the eigenbasis preconditioner (its ``eigh`` takes ~2 s at
+#: 3,072 on 2 CPU cores); larger ones are solved in the features' own coordinates
+MAX_PRECONDITIONED_DIM = 4096
+
+
+@dataclass(frozen=True)
+class Eigenbasis:
+    """Orthonormal directions ``vectors`` (D, R) of a probe's standardised train features ``x`` (N, D) and
+    ``values`` (R,) = ‖x·v‖² along each: the eigendecomposition of ``xᵀx`` (all D directions when D ≤ N, else
+    the R ≤ N directions of x's row space, where the solution lies: the gradient never leaves it)."""
+
+    vectors: torch.Tensor
+    values: torch.Tensor
+
+
+def eigenbasis(x: torch.Tensor) -> Eigenbasis | None:
+    """The :class:`Eigenbasis` of ``x`` (float), or None when its Gram matrix is larger than
+    :data:`MAX_PRECONDITIONED_DIM` or the device has no eigensolver (MPS)."""
+    n, d = x.shape
+    if min(n, d) > MAX_PRECONDITIONED_DIM:
+        return None
+    try:
+        if d <= n:
+            values, vectors = torch.linalg.eigh(x.t() @ x)
+        else:  # the row space, through the smaller (N, N) Gram matrix
+            values, u = torch.linalg.eigh(x @ x.t())
+            keep = values > values.max() * n * torch.finfo(x.dtype).eps  # the rest: the Gram's rounding
+            vectors, values = torch.linalg.qr(x.t() @ u[:, keep])[0], values[keep]
+    except (RuntimeError, NotImplementedError):  # LinAlgError is a RuntimeError
+        return None
+    return Eigenbasis(vectors, values.clamp_min(0))
+
+
 def fit_logistic_regression(
     x: torch.Tensor,
     y: torch.Tensor,
@@ -50,24 +83,41 @@ def fit_logistic_regression(
     init: tuple[torch.Tensor, torch.Tensor] | None = None,
     max_iter: int = 200,
     tol: float = 1e-4,
+    basis: Eigenbasis | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Multinomial logistic regression with sklearn's objective ``C·Σ CE + ½‖W‖²`` (bias unpenalised),
-    solved by full-batch L-BFGS in torch.
+    solved by full-batch L-BFGS in torch; returns (W (D, classes), b).
 
     We solve it in torch rather than with ``sklearn.linear_model.LogisticRegression``: on this project's
     2-core machines sklearn's lbfgs took 5–20 s per fit on 2,000×256 features (numpy's BLAS settings here),
     torch takes a fraction of a second, and the same code runs on a GPU. It stops as sklearn's lbfgs does by
     default: when the largest gradient component is at most ``tol = 1e-4`` (sklearn's default tolerance, on the
     same per-sample-mean objective), or after ``max_iter`` iterations.
+
+    ``basis`` (:func:`eigenbasis` of ``x``): solve the same objective in preconditioned coordinates
+    ``W = V·diag(s)·z``, with ``s = (¼·‖xv‖²/N + 2λ)^-½`` per direction v (¼ bounds the softmax's curvature, 2λ
+    is the penalty's), and map the solution back. Network features are strongly correlated (a 2.5-minute MAE's
+    3,072-d readout: one direction holds 65% of the variance), and in their own coordinates L-BFGS stopped at
+    ``max_iter`` far from the minimum (objective 0.237 at C = 1 after 200 iterations, 0.2157 after 1,000);
+    preconditioned it meets ``tol`` (here on z's gradient) within 80–120 evaluations at 0.2163.
     """
+    n = x.shape[0]
+    lam = 1.0 / (2.0 * c * n)  # the objective divided by C·N: same minimiser
+    if basis is None:
+        feats, penalty, to_w = x, lam, None
+    else:
+        scale = (0.25 * basis.values / n + 2.0 * lam).rsqrt()  # (R,)
+        to_w = basis.vectors * scale  # (D, R): W = to_w·z; ‖W‖² = Σ scale²·z² (orthonormal directions)
+        feats, penalty = x @ to_w, lam * scale.pow(2)
     # solved for the class-major weights Wᵀ (C, D): the GEMMs are then (C, D)·(D, N) and (C, N)·(N, D), 3–4× faster
     # on the CPU than the (N, D)·(D, C) and (D, N)·(N, C) of the (D, C) layout (C ≈ 10 output columns)
     if init is None:
-        w_t = torch.zeros(num_classes, x.shape[1], device=x.device, dtype=x.dtype)
+        w_t = torch.zeros(num_classes, feats.shape[1], device=x.device, dtype=x.dtype)
         b = torch.zeros(num_classes, device=x.device, dtype=x.dtype)
     else:
         w_t, b = init[0].t().contiguous(), init[1].clone()
-    lam = 1.0 / (2.0 * c * x.shape[0])  # the objective divided by C·N: same minimiser
+        if to_w is not None:
+            w_t = (w_t @ basis.vectors) / scale
     opt = torch.optim.LBFGS(
         [w_t, b],
         lr=1.0,
@@ -77,16 +127,20 @@ def fit_logistic_regression(
         history_size=20,
         line_search_fn="strong_wolfe",
     )
-    closure = logistic_loss_closure(x, y, w_t, b, lam)
+    closure = logistic_loss_closure(feats, y, w_t, b, penalty)
     opt.step(closure)
-    return w_t.detach().t().contiguous(), b.detach()
+    w_t = w_t.detach() if to_w is None else w_t.detach() @ to_w.t()
+    return w_t.t().contiguous(), b.detach()
 
 
-def logistic_loss_closure(x: torch.Tensor, y: torch.Tensor, w_t: torch.Tensor, b: torch.Tensor, lam: float):
-    """An L-BFGS closure for ``cross_entropy(x @ w_tᵀ + b, y) + lam·‖w_t‖²`` (``w_t``: the (C, D) class-major
-    weights) that writes the exact gradient into ``w_t.grad``/``b.grad`` by hand (``(softmax − onehot)ᵀX/N +
-    2λWᵀ``): the same objective and gradient as autograd, at about half the cost per evaluation (no graph; this
-    closure runs a few hundred times per fit). Logits are held class-major, (C, N)."""
+def logistic_loss_closure(
+    x: torch.Tensor, y: torch.Tensor, w_t: torch.Tensor, b: torch.Tensor, lam: float | torch.Tensor
+):
+    """An L-BFGS closure for ``cross_entropy(x @ w_tᵀ + b, y) + Σ lam·w_t²`` (``w_t``: the (C, D) class-major
+    weights; ``lam`` a number or one per feature, (D,)) that writes the exact gradient into ``w_t.grad``/``b.grad``
+    by hand (``(softmax − onehot)ᵀX/N + 2λWᵀ``): the same objective and gradient as autograd, at about half the
+    cost per evaluation (no graph; this closure runs a few hundred times per fit). Logits are held
+    class-major, (C, N)."""
     n = x.shape[0]
     x_t = x.t().contiguous()
     onehot_t = torch.nn.functional.one_hot(y.long(), w_t.shape[0]).t().to(x.dtype)
@@ -94,9 +148,9 @@ def logistic_loss_closure(x: torch.Tensor, y: torch.Tensor, w_t: torch.Tensor, b
     def closure() -> torch.Tensor:
         logits = torch.addmm(b[:, None], w_t, x_t)  # (C, N)
         lse = logits.logsumexp(0, keepdim=True)
-        loss = (lse - (logits * onehot_t).sum(0, keepdim=True)).mean() + lam * w_t.pow(2).sum()
+        loss = (lse - (logits * onehot_t).sum(0, keepdim=True)).mean() + (lam * w_t.pow(2)).sum()
         residual = (logits - lse).exp_().sub_(onehot_t).div_(n)  # softmax − onehot, over N
-        w_t.grad = torch.addmm(w_t, residual, x, beta=2.0 * lam)
+        w_t.grad = torch.addmm(w_t * (2.0 * lam), residual, x)
         b.grad = residual.sum(1)
         return loss
 
@@ -128,9 +182,10 @@ def linear_probe(
     num_classes = num_classes or int(max(train_y.max(), val_y.max())) + 1
     xs, (mean, std) = _standardise(*(t.to(device) for t in (train_x, val_x, *([test_x] if test_x is not None else []))))
     train_y = train_y.to(device)
+    basis = eigenbasis(xs[0])
     best, params = None, None
     for c in sorted(cs):
-        params = fit_logistic_regression(xs[0], train_y, c, num_classes, init=params, max_iter=max_iter)
+        params = fit_logistic_regression(xs[0], train_y, c, num_classes, params, max_iter, basis=basis)
         acc = _accuracy(xs[1], val_y, *params)
         if best is None or acc > best[0]:
             best = (acc, c, params)
@@ -146,6 +201,7 @@ def linear_probe(
             "C_grid": sorted(cs),
             "standardise": True,
             "max_iter": max_iter,
+            "preconditioner": "train-feature eigenbasis" if basis is not None else "none",
         },
         weights=(params[0].cpu(), params[1].cpu()),
         standardisation=(mean.cpu(), std.cpu()),
