@@ -356,16 +356,18 @@ def test_torch_logistic_regression_finds_sklearns_solution():
         assert torch.equal((x @ w + b).argmax(1), torch.from_numpy(ref.predict(x.numpy())))
 
 
-def test_preconditioned_probe_reaches_the_minimum_where_plain_lbfgs_stops_short():
+@pytest.mark.parametrize("images, dtype", [(1000, torch.float64), (300, torch.float32)])
+def test_preconditioned_probe_reaches_the_minimum_where_plain_lbfgs_stops_short(images, dtype):
     """Features that share one dominant direction (as network features do: a 2.5-minute MAE's readout holds 65%
     of its variance in one) make plain L-BFGS stop at ``max_iter`` short of the minimum; in the features'
     eigenbasis it meets the tolerance in far fewer evaluations, at the minimum. Real Fashion-MNIST pixels plus
-    one per-image factor shared by every pixel."""
+    one per-image factor shared by every pixel; with fewer images than features (the row-space basis, whose
+    weak directions float32 cannot resolve but which the probe must keep) in float32."""
     from diffssl_plugin.eval import probes
 
-    data = load_split("fashion_mnist", "train").balanced_subset(total=1000, seed=0)
+    data = load_split("fashion_mnist", "train").balanced_subset(total=images, seed=0)
     gen = torch.Generator().manual_seed(0)
-    x, y = data.images.flatten(1).double() / 255.0, data.labels
+    x, y = data.images.flatten(1).to(dtype) / 255.0, data.labels
     shared = 5 * torch.randn(len(x), 1, generator=gen, dtype=x.dtype)
     x = x + shared * (0.5 + torch.rand(1, x.shape[1], generator=gen, dtype=x.dtype))
     x = (x - x.mean(0)) / x.std(0).clamp_min(1e-6)
@@ -388,5 +390,6 @@ def test_preconditioned_probe_reaches_the_minimum_where_plain_lbfgs_stops_short(
             mp.setattr(probes, "logistic_loss_closure", counted)
             w, b = probes.fit_logistic_regression(x, y, 1.0, 10, max_iter=200, basis=basis)
         result[name] = (len(calls), (objective(w, b) - minimum) / minimum)
-    assert result["plain"][0] >= 200 and result["plain"][1] > 1e-3  # stopped by max_iter, 0.6% above
+    if images > x.shape[1]:
+        assert result["plain"][0] >= 200 and result["plain"][1] > 1e-3  # stopped by max_iter, 0.6% above
     assert result["eigenbasis"][0] < 100 and result["eigenbasis"][1] < 1e-4

@@ -50,8 +50,8 @@ MAX_PRECONDITIONED_DIM = 4096
 @dataclass(frozen=True)
 class Eigenbasis:
     """Orthonormal directions ``vectors`` (D, R) of a probe's standardised train features ``x`` (N, D) and
-    ``values`` (R,) = ‖x·v‖² along each: the eigendecomposition of ``xᵀx`` (all D directions when D ≤ N, else
-    the R ≤ N directions of x's row space, where the solution lies: the gradient never leaves it)."""
+    ``values`` (R,) = ‖x·v‖² along each: the eigendecomposition of ``xᵀx`` (all R = D directions when D ≤ N,
+    else an orthonormal basis of x's row space, R = N, where the solution lies: the gradient never leaves it)."""
 
     vectors: torch.Tensor
     values: torch.Tensor
@@ -68,8 +68,11 @@ def eigenbasis(x: torch.Tensor) -> Eigenbasis | None:
             values, vectors = torch.linalg.eigh(x.t() @ x)
         else:  # the row space, through the smaller (N, N) Gram matrix
             values, u = torch.linalg.eigh(x @ x.t())
-            keep = values > values.max() * n * torch.finfo(x.dtype).eps  # the rest: the Gram's rounding
-            vectors, values = torch.linalg.qr(x.t() @ u[:, keep])[0], values[keep]
+            values, u = values.flip(0), u.flip(1)  # strongest first: QR makes the weak directions orthogonal to them
+            # all N directions: in float32 the weak ones' eigenvalues are rounding noise, but dropping them
+            # (e.g. below N·eps of the largest: 2,955 of 3,000 for the MAE's 3,072-d features) left the probe in
+            # a 45-d subspace, validation accuracy 77.6% instead of 80.9%
+            vectors = torch.linalg.qr(x.t() @ u)[0]
     except (RuntimeError, NotImplementedError):  # LinAlgError is a RuntimeError
         return None
     return Eigenbasis(vectors, values.clamp_min(0))
