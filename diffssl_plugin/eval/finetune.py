@@ -131,6 +131,11 @@ class Classifier(nn.Module):
         self.head.bias.copy_(b.to(dev))
 
 
+def head_classes(train: ImageSet) -> int:
+    """Outputs of the fine-tuning head: the dataset's classes, or more if a label lies beyond them."""
+    return max(train.num_classes, int(train.labels.max()) + 1)
+
+
 def image_set_rows(model: Classifier, data: ImageSet) -> Rows:
     """``data``'s images normalised for ``model``'s backbone, as rows to score (:func:`~..heads.training.accuracy`)."""
     return image_rows(data.images, data.labels, lambda x: normalise(model.backbone, x))
@@ -165,7 +170,7 @@ def finetune(
     net = copy.deepcopy(backbone).to(dev)
     for p in net.parameters():
         p.requires_grad_(True)
-    num_classes = max(train.num_classes, int(train.labels.max()) + 1)
+    num_classes = head_classes(train)
     if probe is None:
         if frozen is None:
             frozen = tuple(
@@ -249,7 +254,7 @@ def finetune_protocol(ctx: EvalContext) -> list[dict]:
     readout = ctx.readout()
     # held by the linear protocol
     f_train, f_val, f_test = (ctx.features(d, [readout])[readout] for d in (train, val, test))
-    start = _linear_column_probe(ctx, readout, recipe.probe_cs, max(train.num_classes, int(train.labels.max()) + 1))
+    start = _linear_column_probe(ctx, readout, recipe.probe_cs, head_classes(train))
     res = finetune(
         ctx.model,
         train,
@@ -286,7 +291,7 @@ def _linear_column_probe(
     """The ``linear`` protocol's final probe if it ran on these features with this C grid (the same fit the
     LP-FT start would make: same features, labels, validation split and selection), else None."""
     probe = ctx.final_probe
-    if probe is None or ctx.best_readout != readout or probe.weights is None:
+    if probe is None or ctx.best_readout != readout:
         return None
     if tuple(probe.params.get("C_grid", ())) != tuple(sorted(cs)) or probe.weights[0].shape[1] != num_classes:
         return None

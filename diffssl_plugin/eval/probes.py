@@ -38,7 +38,8 @@ def _standardise(train: torch.Tensor, *others: torch.Tensor) -> tuple[list[torch
             raise FloatingPointError(
                 f"{bad} of {len(t)} feature rows hold NaN or inf; the backbone's features are broken"
             )
-    mean, std = train.float().mean(0), train.float().std(0).clamp_min(1e-6)
+    train = train.float()
+    mean, std = train.mean(0), train.std(0).clamp_min(1e-6)
     return [(t.float() - mean) / std for t in (train, *others)], (mean, std)
 
 
