@@ -22,9 +22,11 @@ CIFAR images, where a blur removes most of the little detail there is; 28-pixel 
 
 Our choice where lightly gives none: both views go through the backbone in one batch (one forward of 2B
 images: larger matrix products on the CPU; batch norm then normalises over both views together, as SimCLR's
-global batch norm does). Width: lightly's full ResNet-18 (5.5 training GFLOP per image pair at 28 px). On
-2 CPU cores with bf16 autocast it trains at about 64 pairs/s (``benchmarks/baselines_throughput.py``), about
-11k pairs in a 3-minute budget, so no narrower CPU variant was needed; ``backbone_args`` can set one.
+global batch norm does). Width: lightly's full ResNet-18 by default (5.5 training GFLOP per image pair at
+28 px; on 2 CPU cores with bf16 autocast about 64 pairs/s, ``benchmarks/baselines_throughput.py``).
+``backbone_args`` sets another: the bench's CPU presets use half width (channels 32-256, 1.5 GFLOP per pair),
+because on a 2-core CPU without bf16 hardware the full width makes ~50 steps in 2.5 minutes (see
+:mod:`diffssl_plugin.presets`).
 """
 
 from __future__ import annotations
