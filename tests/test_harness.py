@@ -393,3 +393,62 @@ def test_preconditioned_probe_reaches_the_minimum_where_plain_lbfgs_stops_short(
     if images > x.shape[1]:
         assert result["plain"][0] >= 200 and result["plain"][1] > 1e-3  # stopped by max_iter, 0.6% above
     assert result["eigenbasis"][0] < 100 and result["eigenbasis"][1] < 1e-4
+
+
+def test_probe_started_from_an_earlier_probe_reaches_the_same_minimum_in_fewer_evaluations():
+    """``linear_probe(start=...)`` (the final probe from the sweep's, a label fraction's from the linear column's):
+    each C's fit starts from the earlier probe's solution, re-expressed for this subset's standardisation (same
+    logits), in its shared eigenbasis; the objective is unchanged, so the solution, C and accuracies are the cold
+    start's to the solver's tolerance, reached with fewer loss evaluations. Real Fashion-MNIST pixels plus a
+    shared per-image factor (network-like conditioning); the later probe sees 90% of the earlier one's images."""
+    from diffssl_plugin.eval import probes
+
+    data = load_split("fashion_mnist", "train").balanced_subset(total=1500, seed=0)
+    gen = torch.Generator().manual_seed(0)
+    x = data.images.flatten(1).float()[:, ::2] / 255.0  # 392 features: D < N, the basis is full-rank
+    x = x + 5 * torch.randn(len(x), 1, generator=gen, dtype=x.dtype) * (0.5 + torch.rand(1, x.shape[1], generator=gen))
+    y = data.labels
+    train, val, sub = slice(0, 1000), slice(1000, 1500), slice(0, 900)
+    cs = (0.01, 0.1, 1.0)
+    earlier = probes.linear_probe(x[train], y[train], x[val], y[val], cs=cs)
+    assert earlier.basis_vectors is not None and set(earlier.path) == set(cs)
+
+    # re-expressed for another standardisation, the earlier classifiers give the same logits
+    (mean0, std0), sub_x = earlier.standardisation, x[sub]
+    mean1, std1 = sub_x.mean(0), sub_x.std(0).clamp_min(1e-6)
+    moved = probes._start_path(earlier, (mean1, std1), 10, len(sub_x))
+    for c in cs:
+        w0, b0 = earlier.path[c]
+        torch.testing.assert_close(
+            ((sub_x - mean1) / std1) @ moved[c][0] + moved[c][1],
+            ((sub_x - mean0) / std0) @ w0 + b0,
+            atol=1e-4,
+            rtol=1e-4,
+        )  # float32 rounding of logits up to ~10
+
+    calls = []
+    closure = probes.logistic_loss_closure
+
+    def counted(*args):
+        inner = closure(*args)
+        return lambda: (calls.append(1), inner())[1]
+
+    results = {}
+    for name, start in (("cold", None), ("started", earlier)):
+        calls.clear()
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(probes, "logistic_loss_closure", counted)
+            results[name] = (probes.linear_probe(sub_x, y[sub], x[val], y[val], cs=cs, start=start), len(calls))
+    (cold, cold_calls), (started, started_calls) = results["cold"], results["started"]
+    assert (
+        started.params["preconditioner"] == "shared eigenbasis"
+        and started.params["warm_start"] == "earlier probe's path"
+    )
+    assert cold.params["C"] == started.params["C"] and cold.val_acc == pytest.approx(started.val_acc, abs=0.005)
+    for c in cs:
+        w_cold, w_started = cold.path[c][0], started.path[c][0]
+        assert float((w_cold - w_started).norm() / w_cold.norm()) < 0.02
+    assert started_calls < 0.8 * cold_calls, (started_calls, cold_calls)
+    # a train set of another scale (200 of the earlier 1,000 images) starts cold: at the same C its solution is far
+    small = probes.linear_probe(x[:200], y[:200], x[val], y[val], cs=cs, start=earlier)
+    assert small.params["warm_start"] == "previous C" and small.params["preconditioner"] == "train-feature eigenbasis"

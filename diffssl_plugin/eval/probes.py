@@ -20,13 +20,17 @@ class ProbeResult:
     """A probe's validation and test accuracy and its settings (``params``, written into records). A linear
     probe also returns its chosen classifier: ``weights`` (W of shape (D, classes), b) on the features
     standardised with ``standardisation`` (the train features' mean and std, each (D,)), so that another
-    protocol (fine-tuning's LP-FT start) can begin from exactly this classifier instead of fitting it again."""
+    protocol (fine-tuning's LP-FT start) can begin from exactly this classifier instead of fitting it again.
+    ``path`` holds the solution at every C of the grid, ``basis_vectors`` the full-rank (D, D) eigenbasis it
+    was solved in (None when D > N): what a later probe on mostly the same images starts from (``start=``)."""
 
     val_acc: float
     test_acc: float | None
     params: dict
     weights: tuple[torch.Tensor, torch.Tensor] | None = None
     standardisation: tuple[torch.Tensor, torch.Tensor] | None = None
+    path: dict[float, tuple[torch.Tensor, torch.Tensor]] | None = None
+    basis_vectors: torch.Tensor | None = None
 
 
 def _standardise(train: torch.Tensor, *others: torch.Tensor) -> tuple[list[torch.Tensor], tuple]:
@@ -60,10 +64,19 @@ class Eigenbasis:
     coordinates: torch.Tensor
 
 
-def eigenbasis(x: torch.Tensor) -> Eigenbasis | None:
+def eigenbasis(x: torch.Tensor, vectors: torch.Tensor | None = None) -> Eigenbasis | None:
     """The :class:`Eigenbasis` of ``x`` (float), or None when its Gram matrix is larger than
-    :data:`MAX_PRECONDITIONED_DIM` or the device has no eigensolver (MPS)."""
+    :data:`MAX_PRECONDITIONED_DIM` or the device has no eigensolver (MPS).
+
+    ``vectors``: an orthonormal (D, D) basis to use instead of decomposing ``xᵀx`` (the basis of a probe on mostly
+    the same images: a preconditioner nearly as good, without the O(D³) ``eigh``); the values are ``x``'s own.
+    Only a full basis can be shared: a row-space basis (D > N) of other images need not hold ``x``'s solution."""
     n, d = x.shape
+    if vectors is not None:
+        if vectors.shape != (d, d):
+            raise ValueError(f"a shared eigenbasis must be a full ({d}, {d}) basis, got {tuple(vectors.shape)}")
+        coordinates = x @ vectors.to(x.device, x.dtype)
+        return Eigenbasis(vectors.to(x.device, x.dtype), coordinates.pow(2).sum(0), coordinates)
     if min(n, d) > MAX_PRECONDITIONED_DIM:
         return None
     try:
@@ -181,24 +194,37 @@ def linear_probe(
     seed: int = 0,
     device: str | torch.device = "cpu",
     num_classes: int | None = None,
+    start: ProbeResult | None = None,
 ) -> ProbeResult:
     """Multinomial logistic regression on standardised features (statistics from the train split); the
     inverse regularisation ``C`` is chosen by validation accuracy (the path is warm-started from the
     strongest regularisation), and the chosen model is scored once on the test split. Runs on ``device``
     (the features are moved there); the chosen classifier and the standardisation come back on the CPU.
-    ``num_classes``: the classifier's outputs (default: one past the largest label seen)."""
+    ``num_classes``: the classifier's outputs (default: one past the largest label seen).
+
+    ``start``: an earlier probe on the same features of mostly the same images (the sweep's at the chosen
+    readout, the linear column's for a label fraction): each C's fit starts from its solution at that C
+    (re-expressed for this standardisation: the same logits) and is preconditioned in its eigenbasis when that
+    is full-rank. Only where L-BFGS starts changes, not the objective: it still stops at the same tolerance."""
     num_classes = num_classes or int(max(train_y.max(), val_y.max())) + 1
     xs, (mean, std) = _standardise(*(t.to(device) for t in (train_x, val_x, *([test_x] if test_x is not None else []))))
     train_y = train_y.to(device)
-    basis = eigenbasis(xs[0])
-    best, params = None, None
+    starts = _start_path(start, (mean, std), num_classes, len(xs[0]))
+    # a shared basis replaces the (D, D) eigh only where this probe would decompose xᵀx too (D ≤ N); for D > N
+    # its own row-space basis comes from the small (N, N) Gram matrix
+    shared = start.basis_vectors if start is not None and starts and xs[0].shape[1] <= xs[0].shape[0] else None
+    basis = eigenbasis(xs[0], shared)
+    best, params, path = None, None, {}
     for c in sorted(cs):
-        params = fit_logistic_regression(xs[0], train_y, c, num_classes, params, max_iter, basis=basis)
+        init = starts.get(c, params)
+        params = fit_logistic_regression(xs[0], train_y, c, num_classes, init, max_iter, basis=basis)
+        path[c] = (params[0].cpu(), params[1].cpu())
         acc = _accuracy(xs[1], val_y, *params)
         if best is None or acc > best[0]:
             best = (acc, c, params)
     val_acc, c, params = best
     test_acc = _accuracy(xs[2], test_y, *params) if test_x is not None else None
+    full_rank = basis is not None and basis.vectors.shape[0] == basis.vectors.shape[1]
     return ProbeResult(
         val_acc,
         test_acc,
@@ -209,11 +235,47 @@ def linear_probe(
             "C_grid": sorted(cs),
             "standardise": True,
             "max_iter": max_iter,
-            "preconditioner": "train-feature eigenbasis" if basis is not None else "none",
+            "train_images": len(xs[0]),
+            "preconditioner": _preconditioner_name(basis, shared),
+            "warm_start": "earlier probe's path" if starts else "previous C",
         },
         weights=(params[0].cpu(), params[1].cpu()),
         standardisation=(mean.cpu(), std.cpu()),
+        path=path,
+        basis_vectors=basis.vectors.cpu() if full_rank else None,
     )
+
+
+def _preconditioner_name(basis: Eigenbasis | None, shared: torch.Tensor | None) -> str:
+    if basis is None:
+        return "none"
+    return "shared eigenbasis" if shared is not None else "train-feature eigenbasis"
+
+
+def _start_path(
+    start: ProbeResult | None, standardisation: tuple[torch.Tensor, torch.Tensor], num_classes: int, images: int
+) -> dict[float, tuple[torch.Tensor, torch.Tensor]]:
+    """``start``'s solutions by C, re-expressed for features standardised with ``standardisation`` (the same
+    logits for every input: W' = diag(σ₁/σ₀)·W, b' = b + ((μ₁ − μ₀)/σ₀)·W); empty when there is nothing usable:
+    no start, another feature size or class count, or a train set of another scale (``images`` outside half to
+    twice the start's: C weighs the data term by the image count, so at the same C the solution on 540 of the
+    start's 6,000 images is far from the start's, and starting there took longer than the cold path)."""
+    if start is None or not start.path or start.standardisation is None:
+        return {}
+    start_images = start.params.get("train_images")
+    if start_images is None or not 0.5 * start_images <= images <= 2 * start_images:
+        return {}
+    mean, std = standardisation
+    mean0, std0 = (t.to(mean.device, mean.dtype) for t in start.standardisation)
+    if mean0.shape != mean.shape:
+        return {}
+    out = {}
+    for c, (w, b) in start.path.items():
+        w, b = w.to(mean.device, mean.dtype), b.to(mean.device, mean.dtype)
+        if w.shape != (mean.shape[0], num_classes):
+            return {}
+        out[c] = (w * (std / std0)[:, None], b + ((mean - mean0) / std0) @ w)
+    return out
 
 
 @torch.no_grad()

@@ -228,6 +228,8 @@ def semisup_protocol(ctx: EvalContext) -> list[dict]:
         return f_bank[positions_of(bank.indices, data.indices)]
 
     common = {"pool": s.pool, "pool_images": len(pool), "seeds": list(s.seeds), "settings": asdict(s)}
+    # the linear column's probe at this readout: where each fraction's probes start (its path, its eigenbasis)
+    start = ctx.final_probe if ctx.best_readout == readout else None
     records = []
     for fraction in s.fractions:
         label = fraction_label(fraction)
@@ -249,6 +251,7 @@ def semisup_protocol(ctx: EvalContext) -> list[dict]:
                         cs=cs,
                         seed=seed,
                         device=ctx.device,
+                        start=start,
                     )
                     params, test_acc, val_acc, test_images = res.params, res.test_acc, res.val_acc, len(test)
                 else:
