@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 
 import pytest
@@ -331,6 +332,22 @@ def test_semisup_columns_of_any_fraction_are_titled_by_percent():
     assert columns(rows) == [("linear", "linear"), ("semisup0.2_ft", "0.2% fine-tune")]
 
 
+@contextlib.contextmanager
+def counted_loss_evaluations():
+    """A list that gains one entry per evaluation of the probes' L-BFGS loss while the block runs."""
+    from diffssl_plugin.eval import probes
+
+    calls, closure = [], probes.logistic_loss_closure
+
+    def counted(*args):
+        inner = closure(*args)
+        return lambda: (calls.append(1), inner())[1]
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(probes, "logistic_loss_closure", counted)
+        yield calls
+
+
 def test_torch_logistic_regression_finds_sklearns_solution():
     """The probe's solver (class-major L-BFGS in torch) minimises sklearn's objective ``C·Σ CE + ½‖W‖²``: the same
     objective value, weights and predictions as ``sklearn.linear_model.LogisticRegression``."""
@@ -376,18 +393,9 @@ def test_preconditioned_probe_reaches_the_minimum_where_plain_lbfgs_stops_short(
         return float(nn.functional.cross_entropy(x @ w + b, y) + w.pow(2).sum() / (2 * len(x)))
 
     minimum = objective(*probes.fit_logistic_regression(x, y, 1.0, 10, max_iter=5000, tol=1e-8))
-    calls = []
-    closure = probes.logistic_loss_closure
-
-    def counted(*args):
-        inner = closure(*args)
-        return lambda: (calls.append(1), inner())[1]
-
     result = {}
     for name, basis in (("plain", None), ("eigenbasis", probes.eigenbasis(x))):
-        calls.clear()
-        with pytest.MonkeyPatch.context() as mp:
-            mp.setattr(probes, "logistic_loss_closure", counted)
+        with counted_loss_evaluations() as calls:
             w, b = probes.fit_logistic_regression(x, y, 1.0, 10, max_iter=200, basis=basis)
         result[name] = (len(calls), (objective(w, b) - minimum) / minimum)
     if images > x.shape[1]:
@@ -426,19 +434,11 @@ def test_probe_started_from_an_earlier_probe_reaches_the_same_minimum_in_fewer_e
             rtol=1e-4,
         )  # float32 rounding of logits up to ~10
 
-    calls = []
-    closure = probes.logistic_loss_closure
-
-    def counted(*args):
-        inner = closure(*args)
-        return lambda: (calls.append(1), inner())[1]
-
     results = {}
     for name, start in (("cold", None), ("started", earlier)):
-        calls.clear()
-        with pytest.MonkeyPatch.context() as mp:
-            mp.setattr(probes, "logistic_loss_closure", counted)
-            results[name] = (probes.linear_probe(sub_x, y[sub], x[val], y[val], cs=cs, start=start), len(calls))
+        with counted_loss_evaluations() as calls:
+            result = probes.linear_probe(sub_x, y[sub], x[val], y[val], cs=cs, start=start)
+        results[name] = (result, len(calls))
     (cold, cold_calls), (started, started_calls) = results["cold"], results["started"]
     assert (
         started.params["preconditioner"] == "shared eigenbasis"
