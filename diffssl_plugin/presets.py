@@ -113,8 +113,8 @@ PRESETS: dict[str, BenchPreset] = {
     # 0.06 / τ 0.5 / 8% crops, is a 200-epoch one: 74.7% validation linear vs 85.8% at 2.5 CPU-minutes), on a
     # half-width ResNet-18 (channels 32-256, 1.48 training GFLOP per image pair against 5.47): on a 2-core CPU
     # without bf16 hardware the full width makes ~50 steps in 2.5 minutes (half width ~190, +1.1 points of
-    # validation linear there; -1.4 on a Xeon with bf16, where full width made 206), and its evaluation took a
-    # third of the main job's; one recipe for every host, so the leaderboard compares
+    # validation linear there; -1.4 on a Xeon with bf16, where full width made 206), and its evaluation took ~186
+    # of the main job's ~640 s of evaluation there; one recipe for every host, so the leaderboard compares
     "default": BenchPreset(
         method_kwargs={
             "mdsm": {"global_pool": "avg2x2"},

@@ -274,13 +274,13 @@ def linear_and_knn(ctx: EvalContext) -> list[dict]:
             res = _probe(
                 ctx, linear_probe, (s_f_train, s_f_val), (s_train, s_val), r, cs=config.sweep_cs, seed=config.seed
             )
-            if not sweep or res.val_acc > max(sweep.values()):  # the first best wins ties, as below
-                sweep_best = res
+            if not sweep or res.val_acc > sweep[ctx.best_readout]:  # the best on validation; the first wins ties
+                # its probe is kept (only the best one's: bases are up to D × D) for the final probe to start from
+                ctx.best_readout, sweep_best = r, res
             sweep[r] = res.val_acc
             records.append(
                 ctx.record(split="val", protocol={"name": "sweep_linear", **res.params}, value=res.val_acc, readout=r)
             )
-        ctx.best_readout = max(readouts, key=lambda r: (sweep[r], -readouts.index(r)))
         del s_f_train, s_f_val
         ctx.keep_features([ctx.best_readout])  # the final subsets reuse the sweep's rows of the chosen readout
         if ctx.writes_files:

@@ -75,8 +75,9 @@ def eigenbasis(x: torch.Tensor, vectors: torch.Tensor | None = None) -> Eigenbas
     if vectors is not None:
         if vectors.shape != (d, d):
             raise ValueError(f"a shared eigenbasis must be a full ({d}, {d}) basis, got {tuple(vectors.shape)}")
-        coordinates = x @ vectors.to(x.device, x.dtype)
-        return Eigenbasis(vectors.to(x.device, x.dtype), coordinates.pow(2).sum(0), coordinates)
+        vectors = vectors.to(x.device, x.dtype)
+        coordinates = x @ vectors
+        return Eigenbasis(vectors, coordinates.pow(2).sum(0), coordinates)
     if min(n, d) > MAX_PRECONDITIONED_DIM:
         return None
     try:
