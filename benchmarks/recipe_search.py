@@ -60,9 +60,9 @@ GRIDS: dict[str, dict[str, dict]] = {
         "lr3e-3": {"method_kwargs": {"lr": 3e-3}},
         "b64": {"batch_size": 64},
         "mask0.5": {"method_kwargs": {"mask_ratio": 0.5}},
-        # half the encoder's depth (6 blocks, 0.28 GFLOP per image): twice the steps in the budget, half the
-        # evaluation's backbone compute; the sweep then reads blocks 3, 4, 5 and the output (2026-12-08, EPYC:
-        # 345 steps against 217, but 83.5 against 84.4 validation linear, so not chosen)
+        # half the encoder's depth (6 blocks; 0.34 training GFLOP per image against 0.55): more steps in the
+        # budget, less evaluation compute; the sweep then reads blocks 3, 4, 5 and the output (2026-12-08, EPYC:
+        # 345 steps against 217, evaluation 66 against 80 s, but 83.5 against 84.4 validation linear: not chosen)
         "depth6": {"method_kwargs": {"backbone_args": {"depth": 6}}},
     },
     "ddae": {
